@@ -1,0 +1,1 @@
+"""Data: folder layouts, preparation to TFRecords, augmentation and the tf.data pipeline."""

@@ -1,0 +1,1 @@
+"""Networks: the VGG19 encoder and DoubleU-Net."""

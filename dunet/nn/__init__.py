@@ -1,0 +1,1 @@
+"""Network building blocks: small tf.Modules over tf.nn ops."""

@@ -1,0 +1,20 @@
+"""Test-session set-up shared by every test module.
+
+Several tests simulate a multi-device machine: TensorFlow must split the one physical CPU into
+logical devices before anything initialises the runtime, so this happens here, at collection time.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPUs: enough for MirroredStrategy tests; single-device code is unaffected (it places
+# ops on CPU:0).
+NUM_LOGICAL_CPUS = 2
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+if tf.config.get_logical_device_configuration(_cpu) is None:
+  tf.config.set_logical_device_configuration(
+      _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)

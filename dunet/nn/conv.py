@@ -1,0 +1,70 @@
+"""2-D convolution over NHWC tensors with float32 weights and a chosen compute dtype."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from dunet.nn import initializers
+
+Initializer = Callable[..., tf.Tensor]
+
+
+class Conv2D(tf.Module):
+  """A 'same'-padded 2-D convolution, optionally dilated, with an optional bias.
+
+  Variables are float32 and created in the constructor; inputs and weights are cast to
+  `compute_dtype` for the convolution (float16/bfloat16 mixed precision keeps master weights in
+  float32).
+  """
+
+  def __init__(self,
+               input_channels: int,
+               output_channels: int,
+               kernel_size: int = 3,
+               dilation_rate: int = 1,
+               with_bias: bool = True,
+               kernel_init: Initializer = initializers.glorot_uniform,
+               compute_dtype: tf.DType = tf.float32,
+               name: Optional[str] = None):
+    """Creates the kernel [k, k, input_channels, output_channels] and bias [output_channels].
+
+    Args:
+      input_channels: channels of the input (weights are built eagerly, so this is needed up front).
+      output_channels: number of filters.
+      kernel_size: spatial size of the square kernel.
+      dilation_rate: atrous rate; 1 is an ordinary convolution.
+      with_bias: whether to add a bias (convolutions followed by BatchNorm have none).
+      kernel_init: initialiser for the kernel (Keras default: Glorot uniform).
+      compute_dtype: dtype of the arithmetic and of the output.
+      name: module name.
+    """
+    super().__init__(name=name)
+    self.input_channels = input_channels
+    self.output_channels = output_channels
+    self.kernel_size = kernel_size
+    self.dilation_rate = dilation_rate
+    self.with_bias = with_bias
+    self.compute_dtype = tf.as_dtype(compute_dtype)
+    shape = [kernel_size, kernel_size, input_channels, output_channels]
+    with self.name_scope:
+      self.kernel = tf.Variable(kernel_init(shape), name="kernel")
+      self.bias = (tf.Variable(initializers.zeros([output_channels]), name="bias")
+                   if with_bias else None)
+
+  def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
+    """Applies the convolution.
+
+    Args:
+      inputs: [B, H, W, input_channels] tensor of any float dtype.
+
+    Returns:
+      [B, H, W, output_channels] tensor in `compute_dtype`.
+    """
+    inputs = tf.cast(inputs, self.compute_dtype)
+    outputs = tf.nn.conv2d(inputs, tf.cast(self.kernel, self.compute_dtype), strides=1,
+                           padding="SAME", dilations=self.dilation_rate)
+    if self.bias is not None:
+      outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, self.compute_dtype))
+    return outputs

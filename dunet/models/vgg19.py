@@ -196,3 +196,21 @@ def load_imagenet_weights(encoder_or_model: tf.Module, path: str) -> int:
     loaded += kernel.size + bias.size
   logging.info("Loaded ImageNet VGG19 weights (%d scalars) from %s", loaded, path)
   return loaded
+
+
+def maybe_load_imagenet_weights(encoder_or_model: tf.Module, path: Optional[str]) -> int:
+  """Loads the ImageNet weights if `path` is given; otherwise logs that the encoder starts random.
+
+  Args:
+    encoder_or_model: as for `load_imagenet_weights`.
+    path: the h5 file, or None/"" to keep the initialisers.
+
+  Returns:
+    The number of scalars loaded (0 without a file).
+  """
+  if not path:
+    logging.info("No VGG19 weight file given: network 1's encoder starts from the Glorot-uniform "
+                 "initialisers, not ImageNet (pass --vgg19_weights=%s to start from ImageNet).",
+                 IMAGENET_NOTOP_FILENAME)
+    return 0
+  return load_imagenet_weights(encoder_or_model, path)

@@ -1,0 +1,57 @@
+"""Conv2D against a direct numpy convolution."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet.nn.conv import Conv2D
+
+
+def numpy_conv_same(x, kernel, bias, dilation):
+  """Direct 'same' convolution: out[b,i,j,o] = sum x[b, i+d*(p-c), j+d*(q-c), :] k[p,q,:,o]."""
+  batch, height, width, _ = x.shape
+  size = kernel.shape[0]
+  centre = size // 2
+  out = np.zeros((batch, height, width, kernel.shape[-1]), np.float64)
+  for p in range(size):
+    for q in range(size):
+      di, dj = dilation * (p - centre), dilation * (q - centre)
+      shifted = np.zeros_like(x, dtype=np.float64)
+      src_i = slice(max(0, di), min(height, height + di))
+      dst_i = slice(max(0, -di), min(height, height - di))
+      src_j = slice(max(0, dj), min(width, width + dj))
+      dst_j = slice(max(0, -dj), min(width, width - dj))
+      shifted[:, dst_i, dst_j, :] = x[:, src_i, src_j, :]
+      out += shifted @ kernel[p, q]
+  return out + (0 if bias is None else bias)
+
+
+@pytest.mark.parametrize("kernel_size,dilation,with_bias", [(3, 1, True), (3, 6, False),
+                                                            (1, 1, True)])
+def test_matches_numpy(kernel_size, dilation, with_bias):
+  conv = Conv2D(3, 5, kernel_size, dilation_rate=dilation, with_bias=with_bias)
+  if with_bias:
+    conv.bias.assign(np.arange(5, dtype=np.float32))
+  x = np.random.default_rng(0).normal(size=(2, 9, 11, 3)).astype(np.float32)
+  expected = numpy_conv_same(x, conv.kernel.numpy(), conv.bias.numpy() if with_bias else None,
+                             dilation)
+  np.testing.assert_allclose(conv(x).numpy(), expected, atol=1e-4)
+
+
+def test_variables_and_shapes():
+  conv = Conv2D(4, 8, 3, with_bias=False, name="c")
+  assert [v.shape.as_list() for v in conv.trainable_variables] == [[3, 3, 4, 8]]
+  assert conv.kernel.dtype == tf.float32
+  assert conv.kernel.name.startswith("c/")
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_low_precision_compute_keeps_float32_weights(dtype):
+  conv = Conv2D(3, 4, 3, compute_dtype=dtype)
+  x = tf.random.normal([1, 8, 8, 3])
+  y = conv(x)
+  assert y.dtype == dtype and conv.kernel.dtype == tf.float32
+  reference = Conv2D(3, 4, 3)
+  for source, target in zip(conv.variables, reference.variables):
+    target.assign(source)
+  np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), reference(x).numpy(), atol=5e-2)

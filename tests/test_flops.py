@@ -1,0 +1,29 @@
+import tensorflow as tf
+
+from dunet import flops
+from dunet.models import DoubleUNet
+from dunet.nn.conv import Conv2D
+
+
+class _TwoConvs(tf.Module):
+  def __init__(self):
+    super().__init__()
+    self.a = Conv2D(3, 8, 3)
+    self.b = Conv2D(8, 4, 1)
+
+  def __call__(self, images, is_training=False):
+    return self.b(tf.nn.max_pool2d(self.a(images), 2, 2, "VALID"))
+
+
+def test_counts_each_convolution_by_hand():
+  counted = flops.forward_flops(_TwoConvs(), 16, 16, batch_size=2)
+  expected = 2 * (2 * 16 * 16 * 8 * 3 * 3 * 3) + 2 * (2 * 8 * 8 * 4 * 8)
+  assert counted == {"conv": expected, "matmul": 0, "total": expected}
+
+
+def test_doubleunet_cost_matches_the_design_figure():
+  # DESIGN.md measured 26.8 GFLOP per 128x128 image for the reference Keras model.
+  total = flops.forward_flops(DoubleUNet(), 128, 128)["total"]
+  assert abs(total / 1e9 - 26.8) < 0.2, total
+  # Convolutions scale with pixels: 384x512 is 12x the pixels of 128x128.
+  assert abs(flops.forward_flops(DoubleUNet(), 384, 512)["total"] / total - 12) < 0.01

@@ -140,8 +140,7 @@ def test_mirrored_step_skips_together_and_updates_every_copy():
   One replica's gradient overflows; after the all-reduce both replicas see it, skip the
   optimizer, and halve the scale; a finite step then applies everywhere.
   """
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
-  strategy = tf.distribute.MirroredStrategy(devices)
+  strategy = distribute.make_strategy("mirrored")  # over the two logical CPUs
   with strategy.scope():
     weight = tf.Variable([1.0, 2.0])
     optimizer = optim.Adam(0.1, [weight])

@@ -118,7 +118,8 @@ def check_tf_config(tf_config: Optional[str]) -> Dict[str, Any]:
     raise ValueError(f"TF_CONFIG must be a JSON object like {example}, got {tf_config!r}")
   cluster = config.get("cluster")
   if not isinstance(cluster, dict) or not cluster:
-    raise ValueError(f"TF_CONFIG has no \"cluster\" (job name -> list of host:port), e.g. {example}")
+    raise ValueError(f"TF_CONFIG has no \"cluster\" (job name -> list of host:port), e.g. "
+                     f"{example}")
   for job, addresses in cluster.items():
     if (not isinstance(addresses, list) or not addresses
         or not all(isinstance(a, str) and ":" in a for a in addresses)):

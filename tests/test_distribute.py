@@ -22,7 +22,7 @@ RESULT_MARKER = "RESULT "
 
 
 def _run_python(scripts, env_per_process=None, timeout=60):
-  """Runs python scripts concurrently; returns their (returncode, stdout, stderr); kills on timeout."""
+  """Runs scripts concurrently; returns each (returncode, stdout, stderr); kills on timeout."""
   env_per_process = env_per_process or [{} for _ in scripts]
   processes = []
   try:

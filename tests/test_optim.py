@@ -1,4 +1,4 @@
-"""Optimizers against Keras 3 as an oracle; gating, distribution, checkpoints; schedules; monitors."""
+"""Optimizers against Keras 3 as oracle; gating, distribution, checkpoints; schedules; monitors."""
 
 import math
 
@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from dunet import distribute
 from dunet import optim
+from tests import testing_utils
 
 distribute.configure_logical_cpus(2)
 
@@ -46,15 +47,16 @@ def _assert_values(variables, expected, atol=1e-6):
 
 
 @pytest.mark.parametrize("name", ["adam", "nadam"])
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf_function"])
-def test_matches_keras_over_several_steps(name, compiled):
+@pytest.mark.parametrize("mode", ["eager", "tf_function", "xla"])
+def test_matches_keras_over_several_steps(name, mode):
   gradients = _gradients(6)
   # The learning rate changes half-way, as a schedule would change it.
   learning_rates = [LEARNING_RATE] * 3 + [LEARNING_RATE / 3] * 3
   expected = _keras_trajectory(name, gradients, learning_rates)
   variables = [tf.Variable(v) for v in _initial_values()]
   optimizer = optim.make_optimizer(name, LEARNING_RATE, variables)
-  apply = tf.function(optimizer.apply) if compiled else optimizer.apply
+  apply = {"eager": optimizer.apply, "tf_function": tf.function(optimizer.apply),
+           "xla": tf.function(optimizer.apply, jit_compile=True)}[mode]
   for grads, learning_rate, values in zip(gradients, learning_rates, expected):
     optimizer.learning_rate.assign(learning_rate)
     apply([tf.constant(g) for g in grads], variables)
@@ -83,13 +85,14 @@ def test_state_exists_before_the_first_step():
 
 
 @pytest.mark.parametrize("name", ["adam", "nadam"])
-def test_should_apply_false_changes_nothing(name):
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["tf_function", "xla"])
+def test_should_apply_false_changes_nothing(name, jit_compile):
   """A skipped step leaves everything as it was: later steps follow Keras without that step."""
   gradients = _gradients(3)
   expected = _keras_trajectory(name, gradients, [LEARNING_RATE] * 3)
   variables = [tf.Variable(v) for v in _initial_values()]
   optimizer = optim.make_optimizer(name, LEARNING_RATE, variables)
-  apply = tf.function(optimizer.apply)
+  apply = tf.function(optimizer.apply, jit_compile=jit_compile)
   apply(gradients[0], variables, should_apply=tf.constant(True))
   state_before = [v.numpy() for v in list(optimizer.variables) + variables]
   apply([g * 1e3 for g in gradients[1]], variables, should_apply=tf.constant(False))
@@ -158,6 +161,36 @@ def test_mirrored_replica_context_matches_one_device(name):
     assert len(copies) == 2
     np.testing.assert_array_equal(copies[0], copies[1])
   assert [int(c) for c in strategy.experimental_local_results(optimizer.iterations)] == [4, 4]
+
+
+def test_mirrored_without_merge_call(monkeypatch):
+  """The path MirroredStrategy takes in an XLA-compiled step on GPUs: updates in replica context.
+
+  There `strategy.extended._use_merge_call()` is False, so the optimizer updates each replica's
+  copies directly instead of through merge_call; this simulates it on the logical CPUs.
+  """
+  strategy = testing_utils.mirrored_strategy_without_merge_call(monkeypatch)
+  with strategy.scope():
+    variables = [tf.Variable(v) for v in _initial_values()]
+    optimizer = optim.Nadam(LEARNING_RATE, variables)
+
+  @tf.function
+  def step(grads, should_apply):
+    def replica_fn():
+      reduced = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, [g / 2.0 for g in grads])
+      optimizer.apply(reduced, variables, should_apply=should_apply)
+    strategy.run(replica_fn)
+
+  gradients = _gradients(2)
+  step(gradients[0], tf.constant(True))
+  step(gradients[1], tf.constant(False))
+  step(gradients[1], tf.constant(True))
+  expected = _keras_trajectory("nadam", gradients, [LEARNING_RATE] * 2)[-1]
+  for variable, value in zip(variables, expected):
+    for copy in strategy.experimental_local_results(variable):
+      np.testing.assert_allclose(copy.numpy(), value, atol=1e-6)
+  assert [int(c) for c in strategy.experimental_local_results(optimizer.iterations)] == [2, 2]
 
 
 def test_mirrored_cross_replica_context():

@@ -7,6 +7,7 @@ import tensorflow as tf
 from dunet import distribute
 from dunet import optim
 from dunet import precision
+from tests import testing_utils
 
 distribute.configure_logical_cpus(2)
 
@@ -84,9 +85,10 @@ def test_overflow_halves_the_scale_and_restarts_the_count():
   assert _state(loss_scale) == (512.0, 0)
 
 
-def test_growth_after_the_interval():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["tf_function", "xla"])
+def test_growth_after_the_interval(jit_compile):
   loss_scale = precision.DynamicLossScale(initial_scale=4.0, growth_interval=3)
-  update = tf.function(loss_scale.update)
+  update = tf.function(loss_scale.update, jit_compile=jit_compile)
   states = []
   for _ in range(7):
     update(tf.constant(True))
@@ -134,13 +136,18 @@ def test_checkpoint_round_trip(tmp_path):
   assert _state(restored) == (32.0, 1)
 
 
-def test_mirrored_step_skips_together_and_updates_every_copy():
+@pytest.mark.parametrize("merge_call", [True, False], ids=["merge_call", "no_merge_call"])
+def test_mirrored_step_skips_together_and_updates_every_copy(monkeypatch, merge_call):
   """The step's sequence inside strategy.run: reduce, unscale, check, gated apply, update.
 
   One replica's gradient overflows; after the all-reduce both replicas see it, skip the
-  optimizer, and halve the scale; a finite step then applies everywhere.
+  optimizer, and halve the scale; a finite step then applies everywhere. Without merge_call is
+  how MirroredStrategy runs an XLA-compiled step on GPUs (simulated here on logical CPUs).
   """
-  strategy = distribute.make_strategy("mirrored")  # over the two logical CPUs
+  if merge_call:
+    strategy = distribute.make_strategy("mirrored")  # over the two logical CPUs
+  else:
+    strategy = testing_utils.mirrored_strategy_without_merge_call(monkeypatch)
   with strategy.scope():
     weight = tf.Variable([1.0, 2.0])
     optimizer = optim.Adam(0.1, [weight])

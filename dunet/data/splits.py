@@ -8,7 +8,7 @@ with numpy alone (RandomState's stream is frozen by numpy's compatibility policy
 sorted names it gives the reference code's split; CVC-ClinicDB's 612 images give 490/61/61.
 
 Split file (`split.json`):
-  {"format": "dunet-split", "version": 1, "seed": 42, "rule": "...",
+  {"format": "dunet-split", "version": 1, "seed": 42, "rule": "...", "separate_test": false,
    "train": [stems], "valid": [stems], "test": [stems]}
 """
 
@@ -72,20 +72,25 @@ def _draw(names: List[str], count: int, seed: int):
   return [names[i] for i in order[:count]], [names[i] for i in order[count:]]
 
 
-def split_document(split: Dict[str, List[str]], seed: Optional[int] = None,
-                   rule: str = RULE) -> dict:
+def split_document(split: Dict[str, List[str]], seed: Optional[int] = None, rule: str = RULE,
+                   separate_test: bool = False) -> dict:
   """The JSON document written for `split` (with the seed and rule that produced it)."""
-  document = {"format": SPLIT_FORMAT, "version": SPLIT_VERSION, "seed": seed, "rule": rule}
+  document = {"format": SPLIT_FORMAT, "version": SPLIT_VERSION, "seed": seed, "rule": rule,
+              "separate_test": separate_test}
   document.update({name: list(split.get(name, [])) for name in SPLITS})
   return document
 
 
 def write_split(path: PathLike, split: Dict[str, List[str]], seed: Optional[int] = None,
-                rule: str = RULE) -> None:
-  """Writes a split file (validated first, so a bad split is never written)."""
-  validate_split(split, path)
+                rule: str = RULE, separate_test: bool = False) -> None:
+  """Writes a split file (validated first, so a bad split is never written).
+
+  `separate_test` records that the test names come from another data set (see
+  `validate_split`); reading the file then allows them to coincide with training names.
+  """
+  validate_split(split, path, allow_shared_test=separate_test)
   with open(path, "w", encoding="utf-8") as handle:
-    json.dump(split_document(split, seed, rule), handle, indent=1)
+    json.dump(split_document(split, seed, rule, separate_test), handle, indent=1)
     handle.write("\n")
 
 
@@ -98,7 +103,7 @@ def read_split(path: PathLike, *, allow_shared_test: bool = False) -> Dict[str, 
 
   Args:
     path: the JSON file.
-    allow_shared_test: see `validate_split`.
+    allow_shared_test: see `validate_split` (also allowed when the file says "separate_test").
 
   Returns:
     {"train", "valid", "test"} lists of stems.
@@ -116,7 +121,8 @@ def read_split(path: PathLike, *, allow_shared_test: bool = False) -> Dict[str, 
   if not isinstance(document, dict) or "train" not in document:
     raise DataError(path, "split file must be a JSON object with a 'train' list (and 'valid', "
                     "'test' lists)")
-  unknown = sorted(set(document) - set(SPLITS) - {"format", "version", "seed", "rule"})
+  unknown = sorted(set(document) - set(SPLITS) - {"format", "version", "seed", "rule",
+                                                   "separate_test"})
   if unknown:
     raise DataError(path, f"split file has unknown keys {unknown}; expected {list(SPLITS)}")
   split = {}
@@ -125,7 +131,8 @@ def read_split(path: PathLike, *, allow_shared_test: bool = False) -> Dict[str, 
     if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
       raise DataError(path, f"'{name}' must be a list of non-empty strings")
     split[name] = [_stem(entry) for entry in entries]
-  validate_split(split, path, allow_shared_test=allow_shared_test)
+  validate_split(split, path, allow_shared_test=allow_shared_test or bool(
+      document.get("separate_test", False)))
   return split
 
 

@@ -1,0 +1,404 @@
+"""Preparation: a raw data set read once, checked, resized and written as sharded TFRecords.
+
+`prepare_dataset` writes into a temporary folder next to `out_dir` and renames it at the end, so an
+interrupted run leaves no usable-looking output. The prepared folder holds
+
+  {train,valid,test}-SSSSS-of-NNNNN.tfrecord   records (see `dunet.data.records`)
+  split.json                                   the split used (see `dunet.data.splits`)
+  summary.json                                 sizes, counts, foreground fractions, shards, skipped
+                                               files, notes, and a fingerprint of the raw files
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from dunet import progress as progress_lib
+from dunet.data import layouts, readers, records, splits
+from dunet.data.errors import DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SUMMARY_FILE = "summary.json"
+SPLIT_FILE = "split.json"
+SUMMARY_FORMAT = "dunet-prepared"
+SUMMARY_VERSION = 1
+# Default shard size: a few shards per split let tf.data read files in parallel and shard across
+# workers, without thousands of small files.
+EXAMPLES_PER_SHARD = 256
+# How many notes (conversions) and skips summary.json lists by name; all are counted.
+_LISTED = 50
+
+
+def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width: int,
+                    layout: str = "auto", split_file: Optional[PathLike] = None, seed: int = 42,
+                    valid_fraction: float = 0.1, test_fraction: float = 0.1,
+                    test_raw_dir: Optional[PathLike] = None, test_layout: str = "auto",
+                    on_error: str = "raise", num_shards: Optional[int] = None,
+                    progress: bool = True, overwrite: bool = False,
+                    workers: Optional[int] = None) -> dict:
+  """Prepares a raw data set for training and evaluation.
+
+  Args:
+    raw_dir: the data set folder as downloaded.
+    out_dir: the prepared folder to create.
+    height: prepared image height (DoubleU-Net needs a multiple of 16).
+    width: prepared image width.
+    layout: a name from `dunet.data.layouts.LAYOUTS`, or "auto".
+    split_file: a split JSON to use instead of drawing one.
+    seed: the split seed (the paper: 42).
+    valid_fraction: share of the examples for validation (rounded down).
+    test_fraction: share for testing (ignored with `test_raw_dir`).
+    test_raw_dir: a separate data set used whole as the test split (e.g. ETIS-Larib for a model
+      trained on CVC-ClinicDB); `raw_dir` is then split into train and valid only.
+    test_layout: the layout of `test_raw_dir`.
+    on_error: "raise" stops at the first bad file; "skip" logs, counts and lists it, and goes on.
+    num_shards: shards per split (fewer for small splits); None: one per 256 examples.
+    progress: show a progress line on stderr.
+    overwrite: replace an existing prepared `out_dir` (only once the new one is complete).
+    workers: threads that decode and resize (default: the CPU count).
+
+  Returns:
+    The summary (also written to `out_dir/summary.json`).
+
+  Raises:
+    DataError: naming the offending file or folder.
+  """
+  if height <= 0 or width <= 0:
+    raise ValueError(f"height and width must be positive, got {height}x{width}")
+  if on_error not in layouts.ON_ERROR:
+    raise ValueError(f"on_error must be one of {layouts.ON_ERROR}, got {on_error!r}")
+  if num_shards is not None and num_shards <= 0:
+    raise ValueError(f"num_shards must be positive, got {num_shards}")
+  out_dir = Path(out_dir)
+  _check_out_dir(out_dir, overwrite)
+
+  skipped: List[dict] = []
+  main_scan = _scan(raw_dir, layout, on_error, skipped)
+  test_scan = _scan(test_raw_dir, test_layout, on_error, skipped) if test_raw_dir else None
+  split, unassigned, split_rule = _choose_split(main_scan, test_scan, split_file, seed,
+                                                valid_fraction, test_fraction)
+  by_stem = {pair.stem: (pair, main_scan.raw_dir) for pair in main_scan.pairs}
+  test_by_stem = ({pair.stem: (pair, test_scan.raw_dir) for pair in test_scan.pairs}
+                  if test_scan else by_stem)
+
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+  try:
+    notes: List[str] = []
+    split_stats = {}
+    total = sum(len(split[name]) for name in splits.SPLITS)
+    bar = (progress_lib.ProgressLine(total, 1, every=max(1, total // 20), unit="img")
+           if progress and total else None)
+    done = [0]
+
+    def advance() -> None:
+      done[0] += 1
+      if bar is not None:
+        bar.update(done[0], {})
+
+    for name in splits.SPLITS:
+      source = test_by_stem if name == "test" else by_stem
+      split_stats[name] = _write_split(
+          staging, name, [source[stem] for stem in split[name]], height, width,
+          keep_original=name != "train", on_error=on_error, num_shards=num_shards,
+          workers=workers or os.cpu_count() or 1, skipped=skipped, notes=notes, advance=advance)
+    if bar is not None:
+      bar.close()
+    if not any(split_stats[name]["count"] for name in ("train", "valid")):
+      raise DataError(main_scan.raw_dir, "no example could be prepared")
+
+    splits.write_split(staging / SPLIT_FILE, split, seed=None if split_file else seed,
+                       rule=split_rule, separate_test=test_scan is not None)
+    summary = _summary(main_scan, test_scan, height, width, seed, split_rule, split_stats,
+                       unassigned, skipped, notes)
+    _write_json(staging / SUMMARY_FILE, summary)
+    _commit(staging, out_dir, overwrite)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  for note in notes[:10]:
+    logging.info("converted %s", note)
+  if len(notes) > 10:
+    logging.info("... and %d more conversions (listed in %s)", len(notes) - 10,
+                 out_dir / SUMMARY_FILE)
+  logging.info("prepared %s: %s (%d skipped)", out_dir,
+               {name: stats["count"] for name, stats in split_stats.items()}, len(skipped))
+  return summary
+
+
+def read_summary(data_dir: PathLike) -> dict:
+  """The summary.json of a prepared folder, checked.
+
+  Raises:
+    DataError: naming the folder, when it is not a complete prepared data set.
+  """
+  path = Path(data_dir) / SUMMARY_FILE
+  if not path.is_file():
+    hint = (" (an interrupted preparation leaves only a .partial folder: run it again)"
+            if Path(data_dir).is_dir() else "")
+    raise DataError(data_dir, f"not a prepared data set: no {SUMMARY_FILE}{hint}. Prepare one "
+                    "with tools/prepare_data.py")
+  try:
+    summary = json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as error:
+    raise DataError(path, f"not valid JSON: {error}") from error
+  if summary.get("format") != SUMMARY_FORMAT or summary.get("version") != SUMMARY_VERSION:
+    raise DataError(path, f"not a dunet summary of version {SUMMARY_VERSION}: prepare the data "
+                    "again with tools/prepare_data.py")
+  return summary
+
+
+def raw_fingerprint(paths: Iterable[Path], root: Path) -> str:
+  """SHA-256 over the relative names, sizes and modification times of `paths`."""
+  digest = hashlib.sha256()
+  for path in sorted(paths):
+    stat = path.stat()
+    digest.update(f"{os.path.relpath(path, root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
+
+
+def check_fresh(data_dir: PathLike) -> Optional[str]:
+  """Says how the raw data changed since `data_dir` was prepared; None when it did not.
+
+  The raw folder recorded in summary.json is scanned again and its fingerprint compared. A raw
+  folder that is gone is not a change (prepared data may outlive it).
+  """
+  summary = read_summary(data_dir)
+  for key in ("raw", "test_raw"):
+    recorded = summary.get(key)
+    if not recorded or not Path(recorded["dir"]).is_dir():
+      continue
+    try:
+      scan = layouts.scan(recorded["dir"], recorded["layout"])
+    except DataError as error:
+      return f"{recorded['dir']} can no longer be read: {error}"
+    if _scan_fingerprint(scan) != recorded["fingerprint"]:
+      return (f"{recorded['dir']} changed since {data_dir} was prepared (files added, removed "
+              "or modified): prepare it again")
+  return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+  if out_dir.exists() and not out_dir.is_dir():
+    raise DataError(out_dir, "exists and is not a folder")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    raise DataError(out_dir, "already exists and is not empty: choose another --out_dir or pass "
+                    "--overwrite")
+
+
+def _scan(raw_dir: PathLike, layout: str, on_error: str, skipped: List[dict]) -> layouts.Scan:
+  scan = layouts.scan(raw_dir, layout)
+  for problem in scan.problems:
+    if on_error == "raise":
+      raise problem.error()
+    logging.warning("skipped %s: %s", problem.path, problem.problem)
+    skipped.append({"file": problem.path, "reason": problem.problem})
+  if not scan.pairs:
+    raise DataError(scan.raw_dir, f"no image/mask pairs found (layout {scan.layout})")
+  return scan
+
+
+def _choose_split(main_scan: layouts.Scan, test_scan: Optional[layouts.Scan],
+                  split_file: Optional[PathLike], seed: int, valid_fraction: float,
+                  test_fraction: float) -> Tuple[Dict[str, List[str]], List[str], str]:
+  """The split to write, the stems it leaves out, and a description of how it was made."""
+  stems = [pair.stem for pair in main_scan.pairs]
+  if split_file:
+    split = splits.read_split(split_file, allow_shared_test=test_scan is not None)
+    listed = {"train": split["train"], "valid": split["valid"], "test": []}
+    unassigned = splits.check_split_covers(
+        listed if test_scan else split, stems, split_file, main_scan.raw_dir)
+    if test_scan is not None:
+      test_stems = [pair.stem for pair in test_scan.pairs]
+      splits.check_split_covers({"train": [], "valid": [], "test": split["test"]}, test_stems,
+                                split_file, test_scan.raw_dir)
+    if unassigned:
+      logging.warning("%s leaves %d examples of %s out of every split, e.g. %s", split_file,
+                      len(unassigned), main_scan.raw_dir, unassigned[:5])
+    return split, unassigned, f"from {split_file}"
+  if test_scan is not None:
+    split = splits.make_split(stems, seed=seed, valid_fraction=valid_fraction, test_fraction=0.0)
+    split["test"] = sorted(pair.stem for pair in test_scan.pairs)
+    return split, [], splits.RULE + f"; test = all of {test_scan.raw_dir}"
+  return (splits.make_split(stems, seed=seed, valid_fraction=valid_fraction,
+                            test_fraction=test_fraction), [], splits.RULE)
+
+
+def _prepared(item: Tuple[layouts.Pair, Path], height: int, width: int,
+              keep_original: bool) -> Union[Tuple[bytes, float, Tuple[int, int], List[str]],
+                                            DataError]:
+  """Reads, checks, resizes and serializes one pair (in a worker thread); errors are returned."""
+  pair, root = item
+  try:
+    example = readers.read_pair(pair)
+  except DataError as error:
+    return error
+  original_height, original_width = example.mask.shape
+  image = resize_image(example.image, height, width)
+  mask = resize_mask(example.mask, height, width)
+  serialized = records.serialize_example(
+      name=pair.stem, source=os.path.relpath(pair.image_path, root), image=image, mask=mask,
+      original_height=original_height, original_width=original_width,
+      original_mask=example.mask if keep_original else None)
+  return serialized, float(mask.mean()), (original_height, original_width), example.notes
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Area interpolation when shrinking (no aliasing), bilinear otherwise; uint8 RGB."""
+  if image.shape[:2] == (height, width):
+    return image
+  shrinking = height <= image.shape[0] and width <= image.shape[1]
+  return cv2.resize(image, (width, height),
+                    interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Nearest neighbour (pixel-centre exact, as TF's), then thresholded: stays {0, 1}."""
+  if mask.shape == (height, width):
+    return mask
+  resized = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+  return (resized > 0).astype(np.uint8)
+
+
+def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, Path]],
+                 height: int, width: int, *, keep_original: bool, on_error: str,
+                 num_shards: Optional[int], workers: int, skipped: List[dict], notes: List[str],
+                 advance: Callable[[], None]) -> dict:
+  """Writes one split's shards; returns its statistics."""
+  count = len(items)
+  shards = max(1, min(count, num_shards or math.ceil(count / EXAMPLES_PER_SHARD)))
+  # Contiguous, nearly equal runs of the (sorted) examples per shard.
+  bounds = [round(index * count / shards) for index in range(shards + 1)]
+  shard_files = [records.shard_name(split, index, shards) for index in range(shards)]
+  written, foreground, sizes = 0, [], []
+  results = _ordered_map(lambda item: _prepared(item, height, width, keep_original), items,
+                         workers)
+  shard_index, writer = -1, None
+  try:
+    for position, result in enumerate(results):
+      while position >= bounds[shard_index + 1]:
+        if writer is not None:
+          writer.close()
+        shard_index += 1
+        writer = tf.io.TFRecordWriter(str(staging / shard_files[shard_index]))
+      advance()
+      if isinstance(result, DataError):
+        if on_error == "raise":
+          raise result
+        logging.warning("skipped %s", result)
+        skipped.append({"file": result.path, "reason": result.problem})
+        continue
+      serialized, fraction, size, example_notes = result
+      writer.write(serialized)
+      written += 1
+      foreground.append(fraction)
+      sizes.append(size)
+      notes.extend(example_notes)
+  finally:
+    if writer is not None:
+      writer.close()
+  for index in range(shard_index + 1, shards):  # only when a split is empty: still list a file
+    tf.io.TFRecordWriter(str(staging / shard_files[index])).close()
+  heights = [size[0] for size in sizes] or [0]
+  widths = [size[1] for size in sizes] or [0]
+  return {
+      "count": written,
+      "shards": shard_files,
+      "foreground_fraction": float(np.mean(foreground)) if foreground else 0.0,
+      "empty_masks": int(sum(fraction == 0 for fraction in foreground)),
+      "original_height": {"min": min(heights), "max": max(heights)},
+      "original_width": {"min": min(widths), "max": max(widths)},
+  }
+
+
+def _ordered_map(function, items: Sequence, workers: int) -> Iterator:
+  """`map(function, items)` on a thread pool (OpenCV releases the GIL), at most a few ahead."""
+  if workers <= 1:
+    yield from map(function, items)
+    return
+  window = 4 * workers
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(function, item))
+      if len(pending) >= window:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+def _scan_fingerprint(scan: layouts.Scan) -> str:
+  files = [path for pair in scan.pairs for path in (pair.image_path, *pair.mask_paths)]
+  return raw_fingerprint(files, scan.raw_dir)
+
+
+def _summary(main_scan: layouts.Scan, test_scan: Optional[layouts.Scan], height: int, width: int,
+             seed: int, split_rule: str, split_stats: dict, unassigned: List[str],
+             skipped: List[dict], notes: List[str]) -> dict:
+  def raw(scan: layouts.Scan) -> dict:
+    return {"dir": str(scan.raw_dir.resolve()), "layout": scan.layout, "pairs": len(scan.pairs),
+            "fingerprint": _scan_fingerprint(scan)}
+
+  thresholded = [note for note in notes if "not binary" in note]
+  return {
+      "format": SUMMARY_FORMAT,
+      "version": SUMMARY_VERSION,
+      "height": height,
+      "width": width,
+      "layout": main_scan.layout,
+      "raw_dir": str(main_scan.raw_dir.resolve()),
+      "raw": raw(main_scan),
+      "test_raw": raw(test_scan) if test_scan else None,
+      "seed": seed,
+      "split_rule": split_rule,
+      "counts": {name: stats["count"] for name, stats in split_stats.items()},
+      "splits": split_stats,
+      "unassigned": len(unassigned),
+      "skipped": {"count": len(skipped), "files": skipped[:_LISTED]},
+      "thresholded_masks": {"count": len(thresholded), "files": thresholded[:_LISTED]},
+      "conversions": {"count": len(notes), "notes": notes[:_LISTED]},
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv),
+  }
+
+
+def _write_json(path: Path, value: dict) -> None:
+  path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+
+
+def _commit(staging: Path, out_dir: Path, overwrite: bool) -> None:
+  """Moves the finished staging folder into place; an existing `out_dir` goes only after that."""
+  if out_dir.is_dir() and not any(out_dir.iterdir()):
+    out_dir.rmdir()
+  if out_dir.exists() and not overwrite:
+    # Another process finished first (e.g. two workers preparing the demo data at once).
+    raise DataError(out_dir, "appeared while this preparation ran; it was left as it is")
+  if out_dir.exists():
+    retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    out_dir.rename(retired)
+    staging.rename(out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+  else:
+    staging.rename(out_dir)

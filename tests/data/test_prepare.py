@@ -1,0 +1,222 @@
+"""Preparation: records, split and summary written atomically; bad input named, raised or skipped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet.data import prepare, records, splits
+from dunet.data.errors import DataError
+from tests.data.conftest import make_generic, make_pairs, picture, write_mask
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_records(path):
+  examples = []
+  for serialized in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+    features = tf.train.Example.FromString(serialized).features.feature
+    example = {key: (value.bytes_list.value[0] if value.bytes_list.value
+                     else value.int64_list.value[0]) for key, value in features.items()}
+    example["image"] = cv2.imdecode(np.frombuffer(example["image_png"], np.uint8),
+                                    cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+    example["mask"] = records.decode_mask_png(example["mask_png"])
+    examples.append(example)
+  return examples
+
+
+def box_mean(image, factor):
+  """Area downscaling by an integer factor, computed with numpy (the reference for INTER_AREA)."""
+  height, width = image.shape[0] // factor, image.shape[1] // factor
+  blocks = image.reshape(height, factor, width, factor, -1).astype(np.float64)
+  return np.floor(blocks.mean(axis=(1, 3)) + 0.5).astype(np.uint8)  # halves round up
+
+
+def nearest(mask, height, width):
+  """Pixel-centre nearest neighbour with numpy."""
+  rows = np.floor((np.arange(height) + 0.5) * mask.shape[0] / height).astype(int)
+  cols = np.floor((np.arange(width) + 0.5) * mask.shape[1] / width).astype(int)
+  return mask[rows][:, cols]
+
+
+def test_prepare_writes_checked_records_split_and_summary(tmp_path):
+  written = make_generic(tmp_path / "raw", count=10)
+  out = tmp_path / "prepared"
+  summary = prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, num_shards=2,
+                                    progress=False)
+  assert sorted(os.listdir(out)) == [
+      "split.json", "summary.json", "test-00000-of-00001.tfrecord",
+      "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
+      "valid-00000-of-00001.tfrecord"]
+  split = splits.read_split(out / "split.json")
+  assert split == splits.make_split(list(written), seed=42)
+  assert summary["counts"] == {"train": 8, "valid": 1, "test": 1}
+  assert json.loads((out / "summary.json").read_text()) == summary
+  assert (summary["height"], summary["width"], summary["layout"]) == (24, 32, "generic")
+  assert summary["raw_dir"] == str((tmp_path / "raw").resolve())
+
+  fractions = []
+  for name in splits.SPLITS:
+    examples = [e for shard in summary["splits"][name]["shards"]
+                for e in read_records(out / shard)]
+    assert [e["name"].decode() for e in examples] == split[name]
+    for example in examples:
+      image, mask = written[example["name"].decode()]
+      np.testing.assert_array_equal(example["image"], box_mean(image, 2))
+      np.testing.assert_array_equal(example["mask"], nearest(mask, 24, 32))
+      assert (example["height"], example["width"]) == (24, 32)
+      assert (example["original_height"], example["original_width"]) == (48, 64)
+      assert example["source"] == f"images/{example['name'].decode()}.png".encode()
+      if name == "train":
+        assert "original_mask_png" not in example
+      else:
+        np.testing.assert_array_equal(records.decode_mask_png(example["original_mask_png"]),
+                                      mask)
+      fractions.append(example["mask"].mean())
+    assert summary["splits"][name]["count"] == len(examples)
+  assert summary["splits"]["train"]["foreground_fraction"] == pytest.approx(
+      np.mean(fractions[:8]))
+
+
+def test_upscaling_is_bilinear_and_masks_stay_binary(tmp_path):
+  make_generic(tmp_path / "raw", count=3)
+  out = tmp_path / "big"
+  prepare.prepare_dataset(tmp_path / "raw", out, height=80, width=96, progress=False)
+  example = read_records(out / "train-00000-of-00001.tfrecord")[0]
+  assert set(np.unique(example["mask"])) <= {0, 1}
+  assert example["image"].shape == (80, 96, 3)
+
+
+def test_thresholded_masks_and_conversions_are_counted(tmp_path):
+  make_generic(tmp_path / "raw", count=3)
+  _, mask = picture(0)
+  cv2.imwrite(str(tmp_path / "raw" / "masks" / "img00.png"), mask * 200 + 20)
+  summary = prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
+                                    progress=False)
+  assert summary["thresholded_masks"]["count"] == 1
+  assert "img00.png" in summary["thresholded_masks"]["files"][0]
+
+
+def bad_raw(root: Path) -> Path:
+  """Ten good pairs and one truncated image (img05)."""
+  make_generic(root, count=10)
+  bad = root / "images" / "img05.png"
+  bad.write_bytes(bad.read_bytes()[:200])
+  return bad
+
+
+def test_bad_file_raises_naming_it_and_leaves_nothing(tmp_path):
+  bad = bad_raw(tmp_path / "raw")
+  out = tmp_path / "out"
+  with pytest.raises(DataError, match=f"{bad}: truncated PNG"):
+    prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, progress=False)
+  assert sorted(os.listdir(tmp_path)) == ["raw"]  # no output and no partial folder
+
+
+def test_skip_mode_counts_and_lists_bad_files(tmp_path):
+  bad = bad_raw(tmp_path / "raw")
+  (tmp_path / "raw" / "masks" / "img07.png").unlink()
+  image, mask = picture(3)
+  write_mask(tmp_path / "raw" / "masks" / "img08.png", mask[:10])
+  summary = prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
+                                    on_error="skip", progress=False)
+  skipped = {Path(entry["file"]).name: entry["reason"] for entry in summary["skipped"]["files"]}
+  assert summary["skipped"]["count"] == 3
+  assert set(skipped) == {"img05.png", "img07.png", "img08.png"}
+  assert "truncated" in skipped["img05.png"] and "no mask" in skipped["img07.png"]
+  assert "mask is 10x64" in skipped["img08.png"]
+  assert sum(summary["counts"].values()) == 7
+  assert str(bad) in [entry["file"] for entry in summary["skipped"]["files"]]
+
+
+def test_interrupted_run_leaves_no_usable_output(tmp_path, monkeypatch):
+  make_generic(tmp_path / "raw", count=10)
+  calls = []
+  original = records.serialize_example
+
+  def interrupted(**kwargs):
+    calls.append(1)
+    if len(calls) == 5:
+      raise KeyboardInterrupt
+    return original(**kwargs)
+
+  monkeypatch.setattr(records, "serialize_example", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
+                            progress=False, workers=1)
+  assert sorted(os.listdir(tmp_path)) == ["raw"]
+  with pytest.raises(DataError, match="not a prepared data set"):
+    prepare.read_summary(tmp_path / "out")
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+  make_generic(tmp_path / "raw", count=10)
+  out = tmp_path / "out"
+  prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, progress=False)
+  with pytest.raises(DataError, match=f"{out}: already exists"):
+    prepare.prepare_dataset(tmp_path / "raw", out, height=16, width=16, progress=False)
+  prepare.prepare_dataset(tmp_path / "raw", out, height=16, width=16, progress=False,
+                          overwrite=True)
+  assert prepare.read_summary(out)["height"] == 16
+  assert sorted(os.listdir(tmp_path)) == ["out", "raw"]
+
+
+def test_separate_test_data_set(tmp_path):
+  make_pairs(tmp_path / "cvc" / "Original", tmp_path / "cvc" / "Ground Truth",
+             [str(i) for i in range(1, 21)], image_ext=".tif", mask_ext=".tif")
+  make_pairs(tmp_path / "etis", tmp_path / "etis" / "GroundTruth", ["1", "2", "3"],
+             image_ext=".tif", mask_ext=".tif", mask_name=lambda stem: "p" + stem, seed=50)
+  summary = prepare.prepare_dataset(tmp_path / "cvc", tmp_path / "out", height=24, width=32,
+                                    test_raw_dir=tmp_path / "etis", progress=False)
+  assert summary["counts"] == {"train": 18, "valid": 2, "test": 3}
+  assert (summary["layout"], summary["test_raw"]["layout"]) == ("cvc", "etis")
+  split = splits.read_split(tmp_path / "out" / "split.json", allow_shared_test=True)
+  assert split["test"] == ["1", "2", "3"]
+  assert len(set(split["train"]) | set(split["valid"])) == 20
+
+
+def test_user_split_file(tmp_path):
+  make_generic(tmp_path / "raw", count=6)
+  split_file = tmp_path / "mine.json"
+  split_file.write_text(json.dumps({"train": ["img00", "img01", "img02"], "valid": ["img03"],
+                                    "test": ["img04"]}))
+  summary = prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
+                                    split_file=split_file, progress=False)
+  assert summary["counts"] == {"train": 3, "valid": 1, "test": 1}
+  assert summary["unassigned"] == 1
+  split_file.write_text(json.dumps({"train": ["img00", "nope"], "valid": [], "test": []}))
+  with pytest.raises(DataError, match=f"{split_file}: 1 names are not in"):
+    prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out2", height=24, width=32,
+                            split_file=split_file, progress=False)
+
+
+def test_fingerprint_detects_changed_raw_data(tmp_path):
+  make_generic(tmp_path / "raw", count=10)
+  out = tmp_path / "out"
+  prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, progress=False)
+  assert prepare.check_fresh(out) is None
+  make_pairs(tmp_path / "raw" / "images", tmp_path / "raw" / "masks", ["new"], seed=99)
+  assert "changed since" in prepare.check_fresh(out)
+
+
+def test_cli_help_documents_every_flag_and_errors_name_the_file(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run([sys.executable, "tools/prepare_data.py", "--help"], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=120)
+  # (absl exits with status 1 after --help)
+  for flag in ("raw_dir", "out_dir", "layout", "height", "width", "split_file", "test_raw_dir",
+               "on_error", "seed", "num_shards", "overwrite", "valid_fraction", "test_fraction"):
+    assert f"--{flag}" in result.stdout, flag
+  bad = bad_raw(tmp_path / "raw")
+  result = subprocess.run(
+      [sys.executable, "tools/prepare_data.py", f"--raw_dir={tmp_path / 'raw'}",
+       f"--out_dir={tmp_path / 'out'}", "--height=16", "--width=16", "--noprogress"],
+      cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+  assert result.returncode == 1
+  assert f"error: {bad}: truncated PNG" in result.stderr

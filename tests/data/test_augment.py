@@ -1,0 +1,178 @@
+"""Paired augmentation: masks stay exactly binary and aligned with their images."""
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet.data.augment import AugmentConfig, augment
+
+NONE = AugmentConfig.none()
+GEOMETRIC = {
+    "flip_horizontal": dict(p_flip_horizontal=1.0),
+    "flip_vertical": dict(p_flip_vertical=1.0),
+    "rotate90": dict(p_rotate90=1.0),
+    "affine": dict(p_affine=1.0, max_rotation_degrees=30.0, min_scale=0.8, max_scale=1.3),
+    "crop": dict(p_crop=1.0, min_crop_fraction=0.5),
+    "elastic": dict(p_elastic=1.0, elastic_magnitude=0.04),
+    "all": dict(p_flip_horizontal=0.5, p_flip_vertical=0.5, p_rotate90=0.5, p_affine=1.0,
+                p_crop=1.0, p_elastic=1.0),
+}
+
+
+def only(**probabilities) -> AugmentConfig:
+  return dataclasses.replace(NONE, **probabilities)
+
+
+def shapes_mask(size=(64, 64)) -> np.ndarray:
+  mask = np.zeros(size, np.uint8)
+  cv2.circle(mask, (20, 24), 11, 1, -1)
+  cv2.rectangle(mask, (38, 8), (56, 30), 1, -1)
+  cv2.ellipse(mask, (44, 48), (14, 8), 30, 0, 360, 1, -1)
+  return mask
+
+
+def derived_image(mask: np.ndarray) -> np.ndarray:
+  """An image whose content is the mask: bright inside, dark outside, a gradient per channel."""
+  gradient = np.linspace(0, 30, mask.shape[1], dtype=np.float32)[None, :]
+  channels = [mask * 180 + 40 + gradient * k for k in range(3)]
+  return np.clip(np.stack(channels, axis=2), 0, 255).astype(np.uint8)
+
+
+def run(config, seed, image, mask):
+  out_image, out_mask = augment(image, mask[..., None], config, tf.constant(seed))
+  return out_image.numpy(), out_mask.numpy()[..., 0]
+
+
+def test_none_is_the_identity():
+  mask = shapes_mask()
+  image = derived_image(mask)
+  out_image, out_mask = run(NONE, [1, 2], image, mask)
+  np.testing.assert_array_equal(out_image, image.astype(np.float32))
+  np.testing.assert_array_equal(out_mask, mask)
+  assert not NONE.enabled and AugmentConfig().enabled
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIC))
+def test_geometric_keeps_mask_binary_and_aligned(name):
+  mask = shapes_mask()
+  image = derived_image(mask)
+  for seed in range(6):
+    out_image, out_mask = run(only(**GEOMETRIC[name]), [seed, 7], image, mask)
+    assert set(np.unique(out_mask)) <= {0.0, 1.0}
+    assert out_image.shape == image.shape and out_mask.shape == mask.shape
+    # The mask read back from the (bilinearly resampled) image agrees with the (nearest)
+    # mask, except on a few pixels at the outline.
+    from_image = out_image[..., 0] > 130  # channel 0: 40 outside, 220 inside
+    disagree = from_image != out_mask.astype(bool)
+    band = cv2.dilate(out_mask, np.ones((3, 3))) != cv2.erode(out_mask, np.ones((3, 3)))
+    assert not np.any(disagree & ~band), (name, seed)
+    assert disagree.mean() < 0.01, (name, seed)
+
+
+def test_flips_are_exact():
+  mask = shapes_mask()
+  image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  out_image, out_mask = run(only(p_flip_horizontal=1.0), [0, 0], image, mask)
+  np.testing.assert_array_equal(out_image, image[:, ::-1])
+  np.testing.assert_array_equal(out_mask, mask[:, ::-1])
+  out_image, out_mask = run(only(p_flip_vertical=1.0), [0, 0], image, mask)
+  np.testing.assert_array_equal(out_image, image[::-1])
+  np.testing.assert_array_equal(out_mask, mask[::-1])
+
+
+def test_rotate90_is_exact_and_draws_every_quarter_turn():
+  mask = shapes_mask()
+  image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  turns = set()
+  for seed in range(12):
+    out_image, out_mask = run(only(p_rotate90=1.0), [seed, 1], image, mask)
+    matches = [k for k in range(4) if np.array_equal(out_image, np.rot90(image, k))]
+    assert len(matches) == 1
+    np.testing.assert_array_equal(out_mask, np.rot90(mask, matches[0]))
+    turns.add(matches[0])
+  assert turns == {1, 2, 3}
+
+
+def test_rotate90_of_a_non_square_image_is_a_half_turn():
+  mask = shapes_mask((48, 64))
+  image = derived_image(mask)
+  out_image, out_mask = run(only(p_rotate90=1.0), [3, 3], image, mask)
+  np.testing.assert_array_equal(out_image, image[::-1, ::-1])
+  np.testing.assert_array_equal(out_mask, mask[::-1, ::-1])
+
+
+@pytest.mark.parametrize("name, probabilities", [
+    ("brightness", dict(p_brightness=1.0, brightness_delta=0.3)),
+    ("contrast", dict(p_contrast=1.0, min_contrast=0.5, max_contrast=1.5)),
+    ("saturation", dict(p_saturation=1.0, min_saturation=0.3, max_saturation=1.7)),
+    ("hue", dict(p_hue=1.0, hue_delta=0.2)),
+    ("grayscale", dict(p_grayscale=1.0)),
+    ("cutout", dict(p_cutout=1.0, cutout_fraction=0.3, cutout_count=2)),
+])
+def test_photometric_changes_the_image_only(name, probabilities):
+  mask = shapes_mask()
+  image = np.random.default_rng(2).integers(30, 220, (64, 64, 3), dtype=np.uint8)
+  out_image, out_mask = run(only(**probabilities), [5, 5], image, mask)
+  np.testing.assert_array_equal(out_mask, mask)
+  assert not np.allclose(out_image, image)
+  assert out_image.min() >= 0 and out_image.max() <= 255
+  if name == "grayscale":
+    np.testing.assert_allclose(out_image[..., 0], out_image[..., 2], atol=1e-3)
+  if name == "cutout":
+    changed = np.any(np.abs(out_image - image) > 1e-3, axis=2)
+    filled = out_image[changed]
+    np.testing.assert_allclose(filled, np.broadcast_to(image.reshape(-1, 3).mean(0), filled.shape),
+                               atol=1e-3)
+    assert 0.05 < changed.mean() < 0.25
+
+
+def test_same_seed_same_result_other_seed_other_result():
+  mask = shapes_mask()
+  image = derived_image(mask)
+  config = AugmentConfig(p_elastic=0.5, p_cutout=0.5)
+  first = run(config, [4, 2], image, mask)
+  second = run(config, [4, 2], image, mask)
+  other = run(config, [4, 3], image, mask)
+  np.testing.assert_array_equal(first[0], second[0])
+  np.testing.assert_array_equal(first[1], second[1])
+  assert not np.array_equal(first[0], other[0])
+
+
+def test_tf_data_graph_gives_the_eager_result():
+  mask = shapes_mask()
+  image = derived_image(mask)
+  config = AugmentConfig(p_elastic=0.5)
+  dataset = tf.data.Dataset.range(3).map(
+      lambda i: augment(image, mask[..., None], config, tf.stack([i, i + 1])))
+  for index, (out_image, out_mask) in enumerate(dataset):
+    eager = run(config, [index, index + 1], image, mask)
+    np.testing.assert_allclose(out_image.numpy(), eager[0], atol=1e-2)  # graph rewrites
+    np.testing.assert_array_equal(out_mask.numpy()[..., 0], eager[1])
+
+
+def test_compiles_with_xla_and_is_deterministic_there():
+  mask = shapes_mask()
+  image = derived_image(mask)
+  config = dataclasses.replace(AugmentConfig(), **{
+      field.name: 1.0 for field in dataclasses.fields(AugmentConfig)
+      if field.name.startswith("p_")})
+  compiled = tf.function(lambda i, m, s: augment(i, m, config, s), jit_compile=True)
+  first = compiled(image, mask[..., None], tf.constant([1, 2]))
+  second = compiled(image, mask[..., None], tf.constant([1, 2]))
+  np.testing.assert_array_equal(first[0].numpy(), second[0].numpy())
+  np.testing.assert_array_equal(first[1].numpy(), second[1].numpy())
+  assert set(np.unique(first[1].numpy())) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(p_crop=1.5), "p_crop=1.5 must be a probability"),
+    (dict(min_scale=1.2, max_scale=1.1), "min_scale <= max_scale"),
+    (dict(hue_delta=0.7), "hue_delta"),
+    (dict(cutout_count=0), "cutout_count"),
+])
+def test_config_is_validated(fields, message):
+  with pytest.raises(ValueError, match=message):
+    AugmentConfig(**fields)

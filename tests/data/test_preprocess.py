@@ -1,0 +1,70 @@
+"""Preprocessing modes against numpy re-implementations of their definitions."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet.data import preprocess
+
+
+def reference_numpy(image_rgb):
+  """The authors' read_image on the BGR image that cv2.imread returns."""
+  bgr = image_rgb[..., ::-1]
+  return np.clip(bgr - np.median(bgr) + 127, 0, 255) / 255.0
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (6, 4, 3), (64, 64, 3)])
+def test_reference_median_shift_matches_numpy(shape):
+  image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+  np.testing.assert_allclose(preprocess.preprocess(image, "reference").numpy(),
+                             reference_numpy(image), atol=1e-6)
+
+
+def test_reference_median_of_dark_and_bright_images():
+  dark = np.full((4, 4, 3), 10, np.uint8)
+  dark[0, 0] = 250
+  np.testing.assert_allclose(preprocess.preprocess(dark, "reference").numpy(),
+                             reference_numpy(dark), atol=1e-6)
+  assert preprocess.preprocess(dark, "reference").numpy()[1, 1, 0] == pytest.approx(127 / 255)
+
+
+def test_reference_batched_uses_each_images_own_median():
+  images = np.random.default_rng(0).integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+  images[1] //= 4  # a darker image: a different median
+  result = preprocess.preprocess(images, "reference").numpy()
+  for index in range(3):
+    np.testing.assert_allclose(result[index], reference_numpy(images[index]), atol=1e-6)
+
+
+def test_reference_rounds_float_inputs_to_8_bit_first():
+  image = np.random.default_rng(1).uniform(0, 255, (6, 6, 3)).astype(np.float32)
+  np.testing.assert_allclose(preprocess.preprocess(image, "reference").numpy(),
+                             reference_numpy(np.round(image)), atol=1e-6)
+
+
+def test_unit_and_caffe():
+  image = np.random.default_rng(2).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+  np.testing.assert_allclose(preprocess.preprocess(image, "unit").numpy(), image / 255.0,
+                             atol=1e-7)
+  caffe = image[..., ::-1].astype(np.float64) - [103.939, 116.779, 123.68]
+  np.testing.assert_allclose(preprocess.preprocess(image, "caffe").numpy(), caffe, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["unit", "caffe"])
+def test_display_inverts(mode):
+  image = np.random.default_rng(3).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+  shown = preprocess.to_display_uint8(preprocess.preprocess(image, mode), mode)
+  assert shown.dtype == tf.uint8
+  np.testing.assert_array_equal(shown.numpy(), image)
+
+
+def test_display_of_reference_shows_the_shifted_image_in_rgb():
+  image = np.random.default_rng(4).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+  shown = preprocess.to_display_uint8(preprocess.preprocess(image, "reference"), "reference")
+  expected = np.round(reference_numpy(image)[..., ::-1] * 255)
+  np.testing.assert_array_equal(shown.numpy(), expected)
+
+
+def test_unknown_mode():
+  with pytest.raises(ValueError, match="unknown preprocessing 'imagenet'"):
+    preprocess.preprocess(np.zeros((2, 2, 3), np.uint8), "imagenet")

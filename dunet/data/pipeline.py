@@ -1,0 +1,198 @@
+"""tf.data input pipelines over prepared TFRecords: pure TF ops from file to batch.
+
+Training (`make_train_dataset`): the epoch's order is a function of (seed, epoch) only: shard
+files are shuffled statelessly, interleaved in a fixed order, shuffled through a seeded buffer,
+and numbered; example i of epoch e is augmented with the seed fold_in(fold_in(seed, e), i). With
+several input pipelines (`tf.distribute` workers) every pipeline draws the same order and keeps
+every n-th example, so the epoch is partitioned between them and each pipeline yields exactly
+the trainer's steps per epoch. Batches have static shapes (drop_remainder=True) for XLA.
+
+Evaluation (`make_eval_dataset`): every example of a split once, in file order, unaugmented.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Union
+
+import tensorflow as tf
+
+from dunet.data import augment as augment_lib
+from dunet.data import prepare, preprocess, records
+from dunet.data.errors import DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+DEFAULT_SHUFFLE_BUFFER = 1024
+# Seed streams derived from the user's seed, so that order and augmentation are independent.
+_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+# Records read from this many shard files at once.
+_INTERLEAVE = 4
+
+
+def read_data_info(data_dir: PathLike) -> dict:
+  """The summary of a prepared data folder (height, width, counts, layout, raw_dir, ...)."""
+  return prepare.read_summary(data_dir)
+
+
+def count_examples(data_dir: PathLike, split: str) -> int:
+  """Examples in a prepared split, from summary.json."""
+  counts = read_data_info(data_dir)["counts"]
+  if split not in counts:
+    raise ValueError(f"unknown split {split!r}; expected one of {sorted(counts)}")
+  return int(counts[split])
+
+
+def steps_per_epoch(data_dir: PathLike, global_batch_size: int, split: str = "train") -> int:
+  """Full global batches in one epoch (the remainder is dropped, as the training dataset does)."""
+  return count_examples(data_dir, split) // global_batch_size
+
+
+def shard_files(data_dir: PathLike, split: str) -> List[str]:
+  """The split's TFRecord files, as listed in summary.json; each must exist."""
+  info = read_data_info(data_dir)
+  if split not in info["splits"]:
+    raise ValueError(f"unknown split {split!r}; expected one of {sorted(info['splits'])}")
+  files = [os.path.join(os.fspath(data_dir), name) for name in info["splits"][split]["shards"]]
+  for path in files:
+    if not tf.io.gfile.exists(path):
+      raise DataError(path, "record file listed in summary.json is missing: prepare the data "
+                      "again")
+  return files
+
+
+def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] = None,
+                       batch_size: Optional[int] = None, preprocessing: str = "reference",
+                       augment_config: Optional[augment_lib.AugmentConfig] = None,
+                       seed: int = 42, epoch: Optional[int] = None, deterministic: bool = True,
+                       input_context: Optional[tf.distribute.InputContext] = None,
+                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                       split: str = "train") -> tf.data.Dataset:
+  """Shuffled, augmented, batched training examples.
+
+  Args:
+    data_dir: a prepared folder.
+    global_batch_size: examples per step over all replicas (or give `batch_size`, same meaning).
+    batch_size: alias of `global_batch_size`.
+    preprocessing: one of `dunet.data.preprocess.PREPROCESSING`.
+    augment_config: what to augment; None: the defaults; `AugmentConfig.none()`: nothing.
+    seed: seeds the order and the augmentation.
+    epoch: yield this one epoch (steps_per_epoch batches per replica); None: all epochs from 0 on,
+      forever, epoch after epoch exactly as separate calls would give them.
+    deterministic: keep the order of parallel map results (reproducible); False may be faster.
+    input_context: from `strategy.distribute_datasets_from_function`: this pipeline gets its share
+      of each epoch, in per-replica batches.
+    shuffle_buffer: records in the shuffle buffer (data sets larger than this are also shuffled
+      by shard file order).
+    split: the prepared split to train on.
+
+  Returns:
+    Batches {"image": float32 [B, H, W, 3], "mask": float32 [B, H, W, 1] in {0, 1}}, with B the
+    per-replica batch size.
+
+  Raises:
+    DataError: the folder is not prepared, or holds fewer examples than one global batch.
+  """
+  if (global_batch_size is None) == (batch_size is None):
+    raise ValueError("give exactly one of global_batch_size and batch_size")
+  global_batch_size = global_batch_size or batch_size
+  if global_batch_size <= 0:
+    raise ValueError(f"batch size must be positive, got {global_batch_size}")
+  if shuffle_buffer <= 0:
+    raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
+  if preprocessing not in preprocess.PREPROCESSING:
+    raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
+                     f"{preprocess.PREPROCESSING}")
+  config = augment_config if augment_config is not None else augment_lib.AugmentConfig()
+  info = read_data_info(data_dir)
+  height, width = int(info["height"]), int(info["width"])
+  files = shard_files(data_dir, split)
+  steps = count_examples(data_dir, split) // global_batch_size
+  if steps == 0:
+    raise DataError(data_dir, f"the {split} split has {count_examples(data_dir, split)} "
+                    f"examples, fewer than one batch of {global_batch_size}")
+
+  if input_context is None:
+    pipelines, pipeline_id, per_replica_batch = 1, 0, global_batch_size
+    replicas_per_pipeline = 1
+  else:
+    pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
+    per_replica_batch = input_context.get_per_replica_batch_size(global_batch_size)
+    replicas_per_pipeline = input_context.num_replicas_in_sync // pipelines
+  examples_per_pipeline = steps * per_replica_batch * replicas_per_pipeline
+
+  order_seed = tf.constant([seed, _ORDER_STREAM], tf.int64)
+  augment_seed = tf.constant([seed, _AUGMENT_STREAM], tf.int64)
+
+  def load(epoch_index, index, serialized) -> Dict[str, tf.Tensor]:
+    example = records.decode_image_and_mask(records.parse_example(serialized), height, width)
+    image, mask = example["image"], tf.cast(example["mask"], tf.float32)
+    if config.enabled:
+      example_seed = tf.random.experimental.stateless_fold_in(
+          tf.random.experimental.stateless_fold_in(augment_seed, epoch_index), index)
+      image, mask = augment_lib.augment(image, mask, config, example_seed)
+    return {"image": preprocess.preprocess(image, preprocessing), "mask": mask}
+
+  def one_epoch(epoch_index) -> tf.data.Dataset:
+    epoch_index = tf.cast(epoch_index, tf.int64)
+    epoch_seed = tf.random.experimental.stateless_fold_in(order_seed, epoch_index)
+    file_seed, buffer_seed = tf.unstack(tf.random.experimental.stateless_split(epoch_seed, 2))
+    shuffled_files = tf.random.experimental.stateless_shuffle(tf.constant(files), file_seed)
+    dataset = tf.data.Dataset.from_tensor_slices(shuffled_files).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), _INTERLEAVE), block_length=1,
+        num_parallel_calls=min(len(files), _INTERLEAVE), deterministic=True)
+    dataset = dataset.shuffle(shuffle_buffer, seed=buffer_seed[0],
+                              reshuffle_each_iteration=False)
+    dataset = dataset.enumerate()
+    if pipelines > 1:
+      dataset = dataset.shard(pipelines, pipeline_id)
+    dataset = dataset.take(examples_per_pipeline)
+    return dataset.map(lambda index, serialized: load(epoch_index, index, serialized),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+  if epoch is None:
+    dataset = tf.data.Dataset.range(2**62).flat_map(one_epoch)
+  else:
+    dataset = one_epoch(tf.constant(epoch, tf.int64))
+  dataset = dataset.batch(per_replica_batch, drop_remainder=True)
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(data_dir: PathLike, split: str, *, batch_size: int,
+                      preprocessing: str = "reference") -> tf.data.Dataset:
+  """Every example of a split once, in file order, not augmented.
+
+  Args:
+    data_dir: a prepared folder.
+    split: "valid", "test" (or "train").
+    batch_size: examples per batch; the last batch may be smaller.
+    preprocessing: one of `dunet.data.preprocess.PREPROCESSING`.
+
+  Returns:
+    Batches {"image": float32 [B, H, W, 3], "mask": float32 [B, H, W, 1] at the prepared size,
+    "name": string [B], "original_mask_png": string [B] (PNG, one channel, values {0, 1}; empty
+    for training records; decode with tf.io.decode_png or `records.decode_mask_png`),
+    "original_height": int64 [B], "original_width": int64 [B]}.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch size must be positive, got {batch_size}")
+  if preprocessing not in preprocess.PREPROCESSING:
+    raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
+                     f"{preprocess.PREPROCESSING}")
+  info = read_data_info(data_dir)
+  height, width = int(info["height"]), int(info["width"])
+
+  def load(serialized) -> Dict[str, tf.Tensor]:
+    features = records.parse_example(serialized)
+    example = records.decode_image_and_mask(features, height, width)
+    return {"image": preprocess.preprocess(example["image"], preprocessing),
+            "mask": tf.cast(example["mask"], tf.float32),
+            "name": features["name"],
+            "original_mask_png": features["original_mask_png"],
+            "original_height": features["original_height"],
+            "original_width": features["original_width"]}
+
+  dataset = tf.data.TFRecordDataset(shard_files(data_dir, split))
+  dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,82 @@
+"""The synthetic demo data set: deterministic, varied, not solvable by colour, ready to train."""
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dunet.data import demo, layouts, pipeline
+
+
+def files(folder):
+  return {path.relative_to(folder).as_posix(): path.read_bytes()
+          for path in sorted(folder.rglob("*.png"))}
+
+
+def test_same_seed_same_bytes_and_pictures_independent_of_count(tmp_path):
+  first = files(demo.generate_demo_dataset(tmp_path / "a", count=6, height=64, width=64, seed=1))
+  second = files(demo.generate_demo_dataset(tmp_path / "b", count=6, height=64, width=64,
+                                            seed=1))
+  fewer = files(demo.generate_demo_dataset(tmp_path / "c", count=3, height=64, width=64, seed=1))
+  other = files(demo.generate_demo_dataset(tmp_path / "d", count=6, height=64, width=64, seed=2))
+  assert len(first) == 12 and first == second
+  assert all(first[name] == data for name, data in fewer.items())
+  assert all(first[name] != other[name] for name in first if name.startswith("images/"))
+
+
+def test_written_in_the_generic_layout_with_binary_masks(tmp_path):
+  raw = demo.generate_demo_dataset(tmp_path / "raw", count=4, height=64, width=96, seed=0)
+  assert layouts.detect_layout(raw) == "generic"
+  pairs = layouts.find_pairs(raw)
+  assert [pair.stem for pair in pairs] == [f"demo_{i:04d}" for i in range(4)]
+  image = cv2.imread(str(pairs[0].image_path), cv2.IMREAD_UNCHANGED)
+  mask = cv2.imread(str(pairs[0].mask_paths[0]), cv2.IMREAD_UNCHANGED)
+  assert image.shape == (64, 96, 3) and mask.shape == (64, 96)
+  assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_varied_polyps_including_pictures_without_any():
+  masks = [demo.draw_example(0, index, 64, 64)[1] for index in range(60)]
+  counts = [cv2.connectedComponents(mask)[0] - 1 for mask in masks]
+  fractions = np.array([mask.mean() for mask in masks])
+  assert 0 in counts and max(counts) >= 2
+  assert 3 <= counts.count(0) <= 20  # about 15% empty
+  positive = fractions[fractions > 0]
+  assert positive.min() < 0.03 and positive.max() > 0.15  # small and large polyps
+  assert 0.03 < fractions.mean() < 0.3
+
+
+def test_colour_alone_does_not_find_the_polyps():
+  """The best per-pixel quadratic colour classifier, fit on the pictures themselves, is poor."""
+  pictures = [demo.draw_example(0, index, 64, 64) for index in range(40)]
+  colours = np.concatenate([image.reshape(-1, 3) for image, _ in pictures]) / 255.0
+  truth = np.concatenate([mask.reshape(-1) for _, mask in pictures]).astype(bool)
+  red, green, blue = colours.T
+  features = np.stack([red, green, blue, red ** 2, green ** 2, blue ** 2, red * green,
+                       red * blue, green * blue, np.ones_like(red)], axis=1)
+  weights, *_ = np.linalg.lstsq(features, truth.astype(float), rcond=None)
+  scores = features @ weights
+  best = 0.0
+  for threshold in np.quantile(scores, np.linspace(0.5, 0.995, 50)):
+    predicted = scores > threshold
+    best = max(best, 2 * np.sum(predicted & truth) / (predicted.sum() + truth.sum()))
+  assert best < 0.5
+
+
+def test_two_hundred_pictures_are_quick():
+  start = time.perf_counter()
+  for index in range(200):
+    demo.draw_example(0, index, 128, 128)
+  assert time.perf_counter() - start < 15.0
+
+
+def test_ensure_demo_data_prepares_once(tmp_path):
+  prepared = demo.ensure_demo_data(tmp_path, count=20, height=32, width=32, seed=4)
+  assert pipeline.count_examples(prepared, "train") == 16
+  assert pipeline.read_data_info(prepared)["height"] == 32
+  summary = Path(prepared) / "summary.json"
+  stamp = summary.stat().st_mtime_ns
+  assert demo.ensure_demo_data(tmp_path, count=20, height=32, width=32, seed=4) == prepared
+  assert summary.stat().st_mtime_ns == stamp
+  assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]

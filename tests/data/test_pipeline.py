@@ -1,0 +1,153 @@
+"""tf.data pipelines: shapes, epochs, determinism, sharding across input pipelines, eval order."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet.data import pipeline, records, splits
+from dunet.data.augment import AugmentConfig
+from dunet.data.errors import DataError
+
+NONE = AugmentConfig.none()
+
+
+def digests(batches, key="image"):
+  return [hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+          for batch in batches for image in np.asarray(batch[key])]
+
+
+def train_records(data_dir):
+  """Digests of every training image, read through the (unshuffled) eval pipeline."""
+  return digests(pipeline.make_eval_dataset(data_dir, "train", batch_size=8,
+                                            preprocessing="unit"))
+
+
+def test_info_and_counts(demo_prepared):
+  info = pipeline.read_data_info(demo_prepared)
+  assert (info["height"], info["width"]) == (64, 64)
+  assert [pipeline.count_examples(demo_prepared, name) for name in splits.SPLITS] == [32, 4, 4]
+  assert pipeline.steps_per_epoch(demo_prepared, 5) == 6
+
+
+def test_train_batches_shapes_and_binary_masks(demo_prepared):
+  dataset = pipeline.make_train_dataset(demo_prepared, global_batch_size=5, epoch=0, seed=1)
+  batches = list(dataset.as_numpy_iterator())
+  assert len(batches) == 32 // 5
+  assert dataset.element_spec["image"].shape == (5, 64, 64, 3)  # static: drop_remainder
+  assert dataset.element_spec["mask"].shape == (5, 64, 64, 1)
+  for batch in batches:
+    assert batch["image"].dtype == np.float32 and batch["mask"].dtype == np.float32
+    assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+
+
+def test_an_epoch_visits_training_examples_once(demo_prepared):
+  epoch = pipeline.make_train_dataset(demo_prepared, batch_size=8, preprocessing="unit",
+                                      augment_config=NONE, epoch=0, seed=1)
+  seen = digests(epoch.as_numpy_iterator())
+  assert len(seen) == 32 and len(set(seen)) == 32
+  assert sorted(seen) == sorted(train_records(demo_prepared))
+
+
+def test_order_depends_only_on_seed_and_epoch(demo_prepared):
+  def order(seed, epoch):
+    return digests(pipeline.make_train_dataset(
+        demo_prepared, batch_size=8, preprocessing="unit", augment_config=NONE, seed=seed,
+        epoch=epoch).as_numpy_iterator())
+  assert order(1, 0) == order(1, 0)
+  assert order(1, 0) != order(1, 1)
+  assert order(1, 0) != order(2, 0)
+
+
+def test_augmentation_is_reproducible(demo_prepared):
+  def run(deterministic):
+    return list(pipeline.make_train_dataset(demo_prepared, batch_size=8, seed=3, epoch=2,
+                                            deterministic=deterministic).as_numpy_iterator())
+  first, second = run(True), run(True)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+  assert sorted(digests(run(False))) == sorted(digests(first))  # same examples, any order
+
+
+def test_endless_dataset_is_the_epochs_in_sequence(demo_prepared):
+  def make(epoch):
+    return pipeline.make_train_dataset(demo_prepared, batch_size=8, seed=5, epoch=epoch)
+  endless = list(make(None).take(12).as_numpy_iterator())
+  by_epoch = [b for e in range(3) for b in make(e).as_numpy_iterator()]
+  assert len(by_epoch) == 12
+  for a, b in zip(endless, by_epoch):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_input_pipelines_partition_each_epoch(demo_prepared):
+  whole = digests(pipeline.make_train_dataset(
+      demo_prepared, global_batch_size=8, preprocessing="unit", augment_config=NONE,
+      seed=1, epoch=0).as_numpy_iterator())
+  parts = []
+  for pipeline_id in range(2):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
+                                         num_replicas_in_sync=2)
+    dataset = pipeline.make_train_dataset(
+        demo_prepared, global_batch_size=8, preprocessing="unit", augment_config=NONE, seed=1,
+        epoch=0, input_context=context)
+    assert dataset.element_spec["image"].shape[0] == 4  # per-replica batch
+    batches = list(dataset.as_numpy_iterator())
+    assert len(batches) == 32 // 8  # every pipeline makes the trainer's steps per epoch
+    parts.append(digests(batches))
+  assert not set(parts[0]) & set(parts[1])
+  assert sorted(parts[0] + parts[1]) == sorted(whole)
+
+
+def test_distribute_datasets_from_function_on_two_devices(demo_prepared):
+  devices = [device.name for device in tf.config.list_logical_devices("CPU")][:2]
+  if len(devices) < 2:
+    pytest.fail("tests/conftest.py should provide two logical CPUs")
+  strategy = tf.distribute.MirroredStrategy(devices)
+  distributed = strategy.distribute_datasets_from_function(
+      lambda context: pipeline.make_train_dataset(demo_prepared, global_batch_size=8, seed=1,
+                                                  epoch=0, input_context=context))
+  steps = 0
+  for batch in distributed:
+    local = strategy.experimental_local_results(batch["image"])
+    assert [tuple(x.shape) for x in local] == [(4, 64, 64, 3)] * 2
+    steps += 1
+  assert steps == 32 // 8
+
+
+def test_no_python_functions_in_the_training_graph(demo_prepared):
+  dataset = pipeline.make_train_dataset(demo_prepared, batch_size=8, seed=1)
+  graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+  ops = {node.op for node in graph.node}
+  for function in graph.library.function:
+    ops |= {node.op for node in function.node_def}
+  assert "ParseExampleV2" in ops or "ParseSingleExample" in ops  # the graph is really inspected
+  assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
+
+
+def test_eval_dataset_is_every_example_once_in_order(demo_prepared):
+  split = splits.read_split(demo_prepared / "split.json")
+  batches = list(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=3,
+                                            preprocessing="caffe").as_numpy_iterator())
+  assert [len(b["name"]) for b in batches] == [3, 1]
+  names = [name.decode() for b in batches for name in b["name"]]
+  assert names == split["valid"]
+  for batch in batches:
+    assert batch["image"].shape[1:] == (64, 64, 3) and batch["mask"].shape[1:] == (64, 64, 1)
+    for png, height, width, mask in zip(batch["original_mask_png"], batch["original_height"],
+                                        batch["original_width"], batch["mask"]):
+      original = records.decode_mask_png(png)
+      assert original.shape == (height, width) == (64, 64)
+      np.testing.assert_array_equal(original, mask[..., 0])  # prepared at the raw size
+
+
+def test_bad_arguments(demo_prepared, tmp_path):
+  with pytest.raises(DataError, match="fewer than one batch of 64"):
+    pipeline.make_train_dataset(demo_prepared, batch_size=64)
+  with pytest.raises(DataError, match=f"{tmp_path}: not a prepared data set"):
+    pipeline.make_train_dataset(tmp_path, batch_size=2)
+  with pytest.raises(ValueError, match="exactly one of"):
+    pipeline.make_train_dataset(demo_prepared, batch_size=2, global_batch_size=2)
+  with pytest.raises(ValueError, match="unknown preprocessing"):
+    pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2, preprocessing="bgr")

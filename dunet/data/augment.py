@@ -6,13 +6,16 @@
   stays exactly {0, 1}):
     horizontal flip, vertical flip, rotation by a multiple of 90 degrees (180 only when the image
     is not square), a small rotation with scaling, a random crop resized back to full size, and an
-    elastic deformation (a smooth random displacement field). The last three are composed into one sampling grid and applied in one
-    resampling pass: bilinear for the image, nearest for the mask, mirrored at the borders.
+    elastic deformation (a smooth random displacement field). The last three are composed into
+    one sampling grid and applied in one resampling pass: bilinear for the image, nearest for the
+    mask, mirrored at the borders.
   photometric (image only):
     brightness, contrast, saturation and hue jitter, grayscale, cutout (rectangles filled with the
     image's mean colour; the mask is unchanged: the object is still there, only hidden).
 
-The same seed gives the same result, in eager mode, in tf.data, and inside compiled functions.
+The same seed gives the same result every time: in eager mode and tf.data alike (to float
+rounding), and inside XLA-compiled functions (which draw different, but equally deterministic,
+random numbers from the same seed: XLA implements the stateless generators differently).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from absl import logging
 from dunet.data import prepare
 from dunet.data.errors import DataError
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 DEFAULT_ROOT = "data/demo"
 # Raw pictures are drawn at least this large, then prepared at the size asked for.

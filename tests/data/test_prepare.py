@@ -1,4 +1,4 @@
-"""Preparation: records, split and summary written atomically; bad input named, raised or skipped."""
+"""Preparation: records, split and summary, written atomically; bad input raised or skipped."""
 
 import json
 import os

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dunet import distribute
 from tests.conformance.descriptors import DESCRIPTORS
 
 _IDS = [d.name for d in DESCRIPTORS]
@@ -73,7 +74,7 @@ def test_mirrored_replicas_match_single_device(descriptor):
   devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
   assert len(devices) == 2, "tests/conftest.py should configure two logical CPUs"
   reference = descriptor.create()
-  strategy = tf.distribute.MirroredStrategy(devices)
+  strategy = distribute.make_strategy("mirrored", devices=devices)
   with strategy.scope():
     module = descriptor.create()
   _copy_variables(reference, module)

@@ -55,3 +55,11 @@ def test_low_precision_compute_keeps_float32_weights(dtype):
   for source, target in zip(conv.variables, reference.variables):
     target.assign(source)
   np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), reference(x).numpy(), atol=5e-2)
+
+
+@pytest.mark.parametrize("height,width", [(2, 2), (4, 30), (12, 5)])
+def test_dilation_past_the_input_is_exact(height, width):
+  conv = Conv2D(3, 4, 3, dilation_rate=12, with_bias=False)
+  x = np.random.default_rng(3).normal(size=(1, height, width, 3)).astype(np.float32)
+  expected = numpy_conv_same(x, conv.kernel.numpy(), None, 12)
+  np.testing.assert_allclose(conv(x).numpy(), expected, atol=1e-4)

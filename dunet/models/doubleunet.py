@@ -44,6 +44,7 @@ class Decoder(tf.Module):
                input_channels: int,
                skip_channels_per_stage: Sequence[int],
                filters: Sequence[int] = DECODER_FILTERS,
+               batch_norm_momentum: float = 0.99,
                compute_dtype: tf.DType = tf.float32,
                name: Optional[str] = None):
     """Args:
@@ -61,6 +62,7 @@ class Decoder(tf.Module):
       channels = input_channels
       for stage, (skip_channels, width) in enumerate(zip(skip_channels_per_stage, filters)):
         self.blocks.append(ConvBlock(channels + skip_channels, width,
+                                     batch_norm_momentum=batch_norm_momentum,
                                      compute_dtype=compute_dtype, name=f"block{stage}"))
         channels = width
 
@@ -86,14 +88,15 @@ class Encoder2(tf.Module):
   """Network 2's encoder: for each width, ConvBlock (kept as a skip) then 2x2 max pool."""
 
   def __init__(self, input_channels: int = 3, filters: Sequence[int] = ENCODER2_FILTERS,
-               compute_dtype: tf.DType = tf.float32, name: Optional[str] = None):
+               batch_norm_momentum: float = 0.99, compute_dtype: tf.DType = tf.float32,
+               name: Optional[str] = None):
     super().__init__(name=name)
     with self.name_scope:
       self.blocks = []
       channels = input_channels
       for stage, width in enumerate(filters):
-        self.blocks.append(ConvBlock(channels, width, compute_dtype=compute_dtype,
-                                     name=f"block{stage}"))
+        self.blocks.append(ConvBlock(channels, width, batch_norm_momentum=batch_norm_momentum,
+                                     compute_dtype=compute_dtype, name=f"block{stage}"))
         channels = width
 
   def __call__(self, inputs: tf.Tensor, is_training: bool) -> Tuple[tf.Tensor, Tuple[tf.Tensor, ...]]:
@@ -126,12 +129,16 @@ class DoubleUNet(tf.Module):
   def __init__(self,
                compute_dtype: tf.DType = tf.float32,
                aspp_filters: int = 64,
+               batch_norm_momentum: float = 0.99,
                name: Optional[str] = "double_u_net"):
     """Builds every variable.
 
     Args:
       compute_dtype: tf.float32, tf.float16 or tf.bfloat16.
       aspp_filters: width of both ASPP blocks (64 in the paper).
+      batch_norm_momentum: decay of every BatchNorm's moving statistics (Keras' 0.99 in the
+        reference; a short run, like the CPU demo, needs less, e.g. 0.9, or inference-mode
+        statistics are still mostly their initial values when it ends).
       name: module name.
     """
     super().__init__(name=name)
@@ -140,17 +147,19 @@ class DoubleUNet(tf.Module):
       raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype.name}")
     self.compute_dtype = compute_dtype
     kw = dict(compute_dtype=compute_dtype)
+    bn = dict(batch_norm_momentum=batch_norm_momentum)
     with self.name_scope:
       # Network 1.
       self.vgg19 = VGG19Encoder(name="vgg19", **kw)
-      self.aspp1 = ASPP(VGG_BOTTLENECK_CHANNELS, aspp_filters, name="aspp1", **kw)
-      self.decoder1 = Decoder(aspp_filters, VGG_SKIP_CHANNELS[::-1], name="decoder1", **kw)
+      self.aspp1 = ASPP(VGG_BOTTLENECK_CHANNELS, aspp_filters, name="aspp1", **bn, **kw)
+      self.decoder1 = Decoder(aspp_filters, VGG_SKIP_CHANNELS[::-1], name="decoder1", **bn,
+                             **kw)
       self.head1 = Conv2D(DECODER_FILTERS[-1], 1, 1, with_bias=True, name="head1", **kw)
       # Network 2.
-      self.encoder2 = Encoder2(3, ENCODER2_FILTERS, name="encoder2", **kw)
-      self.aspp2 = ASPP(ENCODER2_FILTERS[-1], aspp_filters, name="aspp2", **kw)
+      self.encoder2 = Encoder2(3, ENCODER2_FILTERS, name="encoder2", **bn, **kw)
+      self.aspp2 = ASPP(ENCODER2_FILTERS[-1], aspp_filters, name="aspp2", **bn, **kw)
       both_skips = [vgg + own for vgg, own in zip(VGG_SKIP_CHANNELS[::-1], ENCODER2_FILTERS[::-1])]
-      self.decoder2 = Decoder(aspp_filters, both_skips, name="decoder2", **kw)
+      self.decoder2 = Decoder(aspp_filters, both_skips, name="decoder2", **bn, **kw)
       self.head2 = Conv2D(DECODER_FILTERS[-1], 1, 1, with_bias=True, name="head2", **kw)
 
   def __call__(self, images: tf.Tensor, is_training: bool = False) -> DoubleUNetOutputs:

@@ -84,6 +84,7 @@ def _drop_taps_outside(kernel: tf.Tensor, dilations, spatial_shape):
   centre = kernel.shape[0] // 2
   for axis, size in enumerate(spatial_shape):
     if size is not None and dilations[axis] >= size:
-      kernel = tf.gather(kernel, [centre], axis=axis)
+      # A slice (not a gather) keeps the kernel's gradient dense.
+      kernel = kernel[centre:centre + 1] if axis == 0 else kernel[:, centre:centre + 1]
       dilations[axis] = 1
   return kernel, dilations

@@ -111,3 +111,11 @@ def test_bad_input_shapes_are_rejected_clearly(model, shape, message):
 def test_bad_compute_dtype():
   with pytest.raises(ValueError, match="compute_dtype"):
     DoubleUNet(compute_dtype=tf.int32)
+
+
+def test_batch_norm_momentum_reaches_every_batch_norm():
+  from dunet.nn.batch_norm import BatchNorm
+  model = DoubleUNet(batch_norm_momentum=0.9)
+  norms = [m for m in model.submodules if isinstance(m, BatchNorm)]
+  assert len(norms) == 36  # as many as the reference model's BatchNormalization layers
+  assert {m.momentum for m in norms} == {0.9}

@@ -1,0 +1,440 @@
+"""Trains DoubleU-Net: `python -m dunet.train --flagfile=configs/cvc.flags`.
+
+Reads top to bottom: flags, setup, input, model and optimizer, step, checkpoint, eval, loop.
+The step itself (what one optimisation step computes) is in dunet/step.py; this file only runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from dunet import checkpoint as checkpoint_lib
+from dunet import distribute
+from dunet import losses
+from dunet import metrics
+from dunet import optim
+from dunet import precision
+from dunet import step as step_lib
+from dunet import summaries
+from dunet.data import demo as demo_data
+from dunet.data import flags as data_flags
+from dunet.data import pipeline
+from dunet.data import prepare
+from dunet.data import preprocess
+from dunet.models import DoubleUNet
+from dunet.models import vgg19
+from dunet.models.doubleunet import SIZE_DIVISOR
+from dunet.progress import ProgressLine
+
+# ================================================================================================
+# Flags
+# ================================================================================================
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events, the resolved "
+                    "flags, the split and the final metrics. Restarting with the same workdir "
+                    "resumes the run.")
+flags.DEFINE_bool("demo", False, "Train on the synthetic demo data set: generated (deterministic) "
+                  "and prepared into --data_dir on first use.")
+flags.DEFINE_integer("demo_count", 200, "Images in the generated demo data set.")
+flags.DEFINE_integer("height", 0, "Input height for --demo preparation (0: use the prepared data's "
+                     "size). Must be divisible by 16.")
+flags.DEFINE_integer("width", 0, "Input width, as --height.")
+flags.DEFINE_float("batch_norm_momentum", 0.99, "Decay of the BatchNorm moving statistics "
+                   "(Keras' 0.99 in the reference). Short runs need less (the demo uses 0.9): "
+                   "validation uses the moving statistics.")
+flags.DEFINE_integer("batch_size", 16, "Global batch size (summed over replicas; the paper: 16).")
+flags.DEFINE_integer("epochs", 300, "Training epochs (the paper: 300).")
+flags.DEFINE_integer("max_steps", 0, "Stop after this many optimisation steps in total "
+                     "(0: epochs x steps per epoch).")
+flags.DEFINE_enum("loss", "bce", sorted(losses.LOSSES), "Loss applied to both heads: bce (CVC, "
+                  "MICCAI 2015), dice (ISIC 2018, DSB 2018) or bce_dice.")
+flags.DEFINE_list("head_weights", ["1", "1"], "Deep-supervision weights of head 1 and head 2 "
+                  "(the reference weighs both equally).")
+flags.DEFINE_enum("optimizer", "nadam", ["adam", "nadam"], "Optimizer (the paper: Nadam for "
+                  "CVC-ClinicDB, MICCAI 2015, DSB 2018; Adam for ISIC 2018).")
+flags.DEFINE_float("learning_rate", 1e-5, "Initial learning rate.")
+flags.DEFINE_enum("lr_schedule", "plateau", ["constant", "cosine", "plateau"],
+                  "constant; cosine decay over all steps (with --warmup_steps); or reduce on "
+                  "plateau of the validation DSC.")
+flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps for the cosine schedule.")
+flags.DEFINE_float("plateau_factor", 0.1, "Learning-rate factor when validation DSC plateaus.")
+flags.DEFINE_integer("plateau_patience", 5, "Validations without improvement before reducing.")
+flags.DEFINE_float("min_learning_rate", 1e-6, "Floor of the plateau and cosine schedules.")
+flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many validations without a "
+                     "better DSC (0: never).")
+flags.DEFINE_enum("precision", "float32", list(precision.POLICY_NAMES),
+                  "float32; mixed_float16 (float16 compute, dynamic loss scaling); mixed_bfloat16.")
+flags.DEFINE_float("initial_loss_scale", 2.0**15, "Dynamic loss scale start (mixed_float16).")
+flags.DEFINE_integer("loss_scale_growth_interval", 2000, "Finite steps before the loss scale "
+                     "doubles (mixed_float16).")
+flags.DEFINE_bool("jit_compile", False, "Compile each replica's whole training step with XLA. "
+                  "Pays off on GPUs; slower on the 2-core CPU measured in profiling/. Not "
+                  "supported with several CPU replicas.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "default: one device; mirrored: all local GPUs (or --cpu_devices logical CPUs); "
+                  "multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG.")
+flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (for "
+                     "trying --strategy=mirrored without GPUs; 0: leave as is).")
+flags.DEFINE_integer("seed", 42, "Seed for initialisation, data order and augmentation.")
+flags.DEFINE_bool("deterministic", False, "Enable TF op determinism: two runs with the same seed "
+                  "give the same losses and weights (slower).")
+flags.DEFINE_string("vgg19_weights", None, "Keras' ImageNet VGG19 notop h5 file for network 1's "
+                    "encoder (vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5). Never "
+                    "downloaded. Without it the encoder starts from random initialisers.")
+flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept (the best is kept apart).")
+flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps (0: at the end "
+                     "of every epoch only).")
+flags.DEFINE_integer("eval_every_epochs", 1, "Validate every N epochs.")
+flags.DEFINE_float("threshold", 0.5, "Probability threshold for validation metrics.")
+flags.DEFINE_integer("log_every_steps", 10, "Scalar summaries and progress every N steps.")
+flags.DEFINE_integer("summary_images", 4, "Validation images shown in TensorBoard overlays.")
+data_flags.define_data_flags()
+
+flags.register_validator("batch_size", lambda v: v > 0, "--batch_size must be positive")
+flags.register_validator("epochs", lambda v: v > 0, "--epochs must be positive")
+flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be positive")
+flags.register_validator("height", lambda v: v >= 0 and v % SIZE_DIVISOR == 0,
+                         f"--height must be divisible by {SIZE_DIVISOR}")
+flags.register_validator("width", lambda v: v >= 0 and v % SIZE_DIVISOR == 0,
+                         f"--width must be divisible by {SIZE_DIVISOR}")
+
+
+def _head_weights() -> List[float]:
+  try:
+    weights = [float(w) for w in FLAGS.head_weights]
+  except ValueError as error:
+    raise app.UsageError(f"--head_weights must be two numbers, got {FLAGS.head_weights}") from error
+  if len(weights) != 2 or min(weights) < 0 or sum(weights) <= 0:
+    raise app.UsageError(f"--head_weights must be two non-negative numbers, not both zero; got "
+                         f"{FLAGS.head_weights}")
+  return weights
+
+
+class Stop:
+  """SIGINT/SIGTERM set a flag; the loop checkpoints and exits after the current step."""
+
+  def __init__(self):
+    self.requested: Optional[str] = None
+
+  def install(self):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # a second signal: give up at once
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint after this step, then stopping.",
+                    self.requested)
+
+
+def train(workdir: str) -> Dict[str, float]:
+  """Runs (or resumes) training in `workdir`; returns the final validation metrics."""
+  # ==============================================================================================
+  # Setup
+  # ==============================================================================================
+  if FLAGS.cpu_devices:
+    distribute.configure_logical_cpus(FLAGS.cpu_devices)
+  if FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  tf.random.set_seed(FLAGS.seed)
+  strategy = distribute.make_strategy(FLAGS.strategy)
+  replicas = strategy.num_replicas_in_sync
+  chief = distribute.is_chief(strategy)
+  if FLAGS.jit_compile and replicas > 1 and not tf.config.list_physical_devices("GPU"):
+    raise app.UsageError("--jit_compile with several replicas needs GPUs: XLA cannot place one "
+                         "step's resources across logical CPU devices (use one replica on CPU).")
+  if FLAGS.batch_size % replicas:
+    raise app.UsageError(f"--batch_size={FLAGS.batch_size} is not divisible by the "
+                         f"{replicas} replicas")
+  policy = precision.Policy(FLAGS.precision)
+  head_weights = _head_weights()
+  loss_fn = losses.get_loss(FLAGS.loss)
+  logging.info("%d replica(s), precision %s, jit_compile=%s", replicas, policy.name,
+               FLAGS.jit_compile)
+
+  # ==============================================================================================
+  # Input
+  # ==============================================================================================
+  data_dir = FLAGS.data_dir
+  if FLAGS.demo:
+    data_dir = demo_data.ensure_demo_data(
+        data_dir, count=FLAGS.demo_count, height=FLAGS.height or 128, width=FLAGS.width or 128,
+        seed=FLAGS.seed)
+  if not tf.io.gfile.exists(os.path.join(data_dir, "summary.json")):
+    raise app.UsageError(
+        f"no prepared data in --data_dir={data_dir!r}. dunet never downloads data sets: download "
+        "the raw data set (see the header of its configs/*.flags file), then prepare it once with "
+        f"`python tools/prepare_data.py --raw_dir=RAW_FOLDER --out_dir={data_dir} --height=H "
+        "--width=W`; or pass --demo to train on generated demo data.")
+  data_info = pipeline.read_data_info(data_dir)
+  stale = prepare.check_fresh(data_dir)
+  if stale:
+    logging.warning("%s", stale)
+  height, width = data_info["height"], data_info["width"]
+  if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
+    raise app.UsageError(f"{data_dir} was prepared at {height}x{width}; DoubleU-Net needs sizes "
+                         f"divisible by {SIZE_DIVISOR}: prepare it again with tools/prepare_data.py")
+  if FLAGS.height and (FLAGS.height, FLAGS.width) != (height, width):
+    raise app.UsageError(f"--height/--width {FLAGS.height}x{FLAGS.width} differ from the "
+                         f"prepared data ({height}x{width} in {data_dir})")
+  train_examples = pipeline.count_examples(data_dir, "train")
+  steps_per_epoch = train_examples // FLAGS.batch_size
+  if steps_per_epoch == 0:
+    raise app.UsageError(f"{train_examples} training images are fewer than --batch_size="
+                         f"{FLAGS.batch_size}")
+  total_steps = FLAGS.epochs * steps_per_epoch
+  if FLAGS.max_steps:
+    total_steps = min(total_steps, FLAGS.max_steps)
+  augment_config = data_flags.augment_config_from_flags(FLAGS)
+
+  def train_dataset(epoch: int) -> tf.distribute.DistributedDataset:
+    return strategy.distribute_datasets_from_function(
+        lambda context: pipeline.make_train_dataset(
+            data_dir, global_batch_size=FLAGS.batch_size, preprocessing=FLAGS.preprocessing,
+            augment_config=augment_config, seed=FLAGS.seed, epoch=epoch,
+            deterministic=True, input_context=context, shuffle_buffer=FLAGS.shuffle_buffer))
+
+  def valid_dataset() -> tf.data.Dataset:
+    return pipeline.make_eval_dataset(data_dir, "valid", batch_size=FLAGS.batch_size,
+                                      preprocessing=FLAGS.preprocessing)
+
+  # ==============================================================================================
+  # Model and optimizer
+  # ==============================================================================================
+  with strategy.scope():
+    model = DoubleUNet(compute_dtype=policy.compute_dtype,
+                       batch_norm_momentum=FLAGS.batch_norm_momentum)
+    optimizer = optim.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate,
+                                     model.trainable_variables)
+    loss_scale = precision.make_loss_scale(policy, initial_scale=FLAGS.initial_loss_scale,
+                                           growth_interval=FLAGS.loss_scale_growth_interval)
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    best_dsc = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_dsc",
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+  plateau = optim.ReduceOnPlateau(factor=FLAGS.plateau_factor, patience=FLAGS.plateau_patience,
+                                  min_lr=FLAGS.min_learning_rate, mode="max")
+  early_stopping = optim.EarlyStopping(patience=FLAGS.early_stopping_patience or 1, mode="max")
+  cosine = optim.CosineSchedule(FLAGS.learning_rate, total_steps, warmup_steps=FLAGS.warmup_steps,
+                                final_lr=FLAGS.min_learning_rate)
+
+  # ==============================================================================================
+  # Step
+  # ==============================================================================================
+  replica_step = functools.partial(step_lib.train_step, model, optimizer, loss_scale,
+                                   loss_fn=loss_fn, head_weights=head_weights,
+                                   global_batch_size=FLAGS.batch_size)
+  if FLAGS.jit_compile:
+    replica_step = tf.function(replica_step, jit_compile=True)
+
+  @tf.function
+  def train_function(batch):
+    per_replica = strategy.run(replica_step, args=(batch,))
+    reduced = {}
+    for name, value in per_replica.items():
+      # Losses are per-replica shares of the global mean: sum them. The rest is equal everywhere.
+      op = tf.distribute.ReduceOp.SUM if name.startswith("loss/") else tf.distribute.ReduceOp.MEAN
+      reduced[name] = strategy.reduce(op, value, axis=None)
+    global_step.assign_add(1)
+    return reduced
+
+  eval_function = tf.function(functools.partial(
+      step_lib.eval_step, model, loss_fn=loss_fn, head_weights=head_weights,
+      threshold=FLAGS.threshold))
+
+  # ==============================================================================================
+  # Checkpoint
+  # ==============================================================================================
+  state = tf.train.Checkpoint(model=model, optimizer=optimizer, loss_scale=loss_scale,
+                              global_step=global_step, best_dsc=best_dsc, plateau=plateau,
+                              early_stopping=early_stopping)
+  # Every multi-worker worker writes (collective ops need all of them); only the chief's copy
+  # lands in the workdir.
+  write_dir = workdir if chief else tempfile.mkdtemp(prefix="dunet-worker-")
+  latest = tf.train.CheckpointManager(
+      state, os.path.join(write_dir, checkpoint_lib.CHECKPOINT_SUBDIR),
+      max_to_keep=FLAGS.keep_checkpoints)
+  best = tf.train.CheckpointManager(
+      state, os.path.join(write_dir, checkpoint_lib.BEST_SUBDIR), max_to_keep=1)
+  if latest.latest_checkpoint:
+    state.restore(latest.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("Resumed from %s at step %d", latest.latest_checkpoint, int(global_step.numpy()))
+  else:
+    vgg19.maybe_load_imagenet_weights(model, FLAGS.vgg19_weights)
+  if chief:
+    _write_run_files(workdir, data_dir, height, width, data_info)
+  train_writer = tf.summary.create_file_writer(os.path.join(workdir, "train")) if chief else None
+  valid_writer = tf.summary.create_file_writer(os.path.join(workdir, "valid")) if chief else None
+
+  def save(manager: tf.train.CheckpointManager) -> None:
+    try:
+      manager.save(checkpoint_number=int(global_step.numpy()))
+    except (OSError, tf.errors.OpError) as error:
+      previous = latest.latest_checkpoint
+      raise RuntimeError(f"could not write a checkpoint into {manager.directory}: {error}. "
+                         f"The previous checkpoint ({previous or 'none'}) is untouched.") from error
+
+  # ==============================================================================================
+  # Eval
+  # ==============================================================================================
+  def evaluate(step: int) -> Dict[str, float]:
+    accumulators = {head: metrics.MetricAccumulator() for head in ("head1", "head2")}
+    loss_sums: Dict[str, float] = {}
+    count = 0
+    shown = False
+    for batch in valid_dataset():
+      model_batch = {"image": batch["image"], "mask": batch["mask"]}
+      result = eval_function(model_batch)
+      batch_size = int(batch["image"].shape[0])
+      count += batch_size
+      for name, value in result.items():
+        if name.startswith("loss/"):
+          loss_sums[name] = loss_sums.get(name, 0.0) + float(value) * batch_size
+      for head, accumulator in accumulators.items():
+        accumulator.update(result[f"counts/{head}"].numpy())
+      if valid_writer is not None and not shown and FLAGS.summary_images:
+        shown = True
+        _write_overlays(valid_writer, step, model, batch, FLAGS.summary_images)
+    values = {name: total / max(count, 1) for name, total in loss_sums.items()}
+    for head, accumulator in accumulators.items():
+      for name, value in accumulator.result().items():
+        values[f"{head}/{name}"] = value
+    return values
+
+  # ==============================================================================================
+  # Loop
+  # ==============================================================================================
+  stop = Stop()
+  stop.install()
+  step = int(global_step.numpy())
+  progress = ProgressLine(total_steps, FLAGS.batch_size, every=FLAGS.log_every_steps)
+  valid_metrics: Dict[str, float] = {}
+  start_epoch = step // steps_per_epoch
+  stopped_early = False
+  for epoch in range(start_epoch, FLAGS.epochs):
+    if step >= total_steps or stopped_early or stop.requested:
+      break
+    # The data order of an epoch depends only on (seed, epoch); skipping the batches already
+    # done makes a resumed run see exactly what an uninterrupted one would.
+    iterator = iter(train_dataset(epoch))
+    for _ in range(step - epoch * steps_per_epoch):
+      next(iterator)
+    while step < min((epoch + 1) * steps_per_epoch, total_steps):
+      if FLAGS.lr_schedule == "cosine":
+        optimizer.learning_rate.assign(cosine(step))
+      measured = {k: float(v) for k, v in train_function(next(iterator)).items()}
+      step += 1
+      if not math.isfinite(measured["loss/total"]) and policy.name != "mixed_float16":
+        raise FloatingPointError(
+            f"non-finite training loss {measured['loss/total']} at step {step} (precision "
+            f"{policy.name}); the weights were not updated and the last good checkpoint is "
+            f"{latest.latest_checkpoint or 'none'}. Try a lower --learning_rate.")
+      progress.update(step, {"loss": measured["loss/total"]})
+      if train_writer is not None and (step % FLAGS.log_every_steps == 0 or step == total_steps):
+        measured["images_per_second"] = progress.items_per_second
+        summaries.write_scalars(train_writer, step, measured)
+      if FLAGS.checkpoint_every_steps and step % FLAGS.checkpoint_every_steps == 0:
+        save(latest)
+      if stop.requested:
+        break
+    if stop.requested:
+      save(latest)
+      break
+    epoch_done = step % steps_per_epoch == 0 or step == total_steps
+    if epoch_done and ((epoch + 1) % FLAGS.eval_every_epochs == 0 or step == total_steps):
+      valid_metrics = evaluate(step)
+      dsc = valid_metrics["head2/per_image/dsc"]
+      if valid_writer is not None:
+        summaries.write_scalars(valid_writer, step, valid_metrics)
+      logging.info("epoch %d step %d validation: %s", epoch + 1, step,
+                   summaries.flatten_for_log(
+                       {k: v for k, v in valid_metrics.items() if k.startswith("head2/per_image")}))
+      if FLAGS.lr_schedule == "plateau":
+        optimizer.learning_rate.assign(plateau.update(dsc, float(optimizer.learning_rate.numpy())))
+      improved = dsc > float(best_dsc.numpy())
+      if improved:
+        best_dsc.assign(dsc)
+      if FLAGS.early_stopping_patience and early_stopping.update(dsc):
+        logging.info("Early stopping: no better validation DSC for %d validations.",
+                     FLAGS.early_stopping_patience)
+        stopped_early = True
+      save(latest)
+      if improved:
+        save(best)
+    elif FLAGS.checkpoint_every_steps == 0 or step % FLAGS.checkpoint_every_steps:
+      save(latest)
+  progress.close()
+  if not stop.requested and step and latest.latest_checkpoint is None:
+    save(latest)
+  if not chief:
+    shutil.rmtree(write_dir, ignore_errors=True)
+  final = {"step": step, "best_valid_dsc": float(best_dsc.numpy()),
+           "stopped_by": stop.requested or ("early_stopping" if stopped_early else None),
+           "valid": valid_metrics}
+  if chief:
+    _write_json_atomic(os.path.join(workdir, "metrics.json"), final)
+  return final
+
+
+def _write_overlays(writer, step, model, batch, count):
+  images = batch["image"][:count]
+  probabilities = model(images, is_training=False).probabilities()
+  display = preprocess.to_display_uint8(images, FLAGS.preprocessing).numpy()
+  panel = summaries.prediction_panel(display, batch["mask"][:count].numpy(),
+                                     probabilities.logits1.numpy(), probabilities.logits2.numpy())
+  summaries.write_images(writer, step, "valid/input|truth|head1|head2", panel, count)
+
+
+def _write_run_files(workdir: str, data_dir: str, height: int, width: int, data_info) -> None:
+  tf.io.gfile.makedirs(workdir)
+  with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as handle:
+    handle.write(FLAGS.flags_into_string())
+  checkpoint_lib.write_config(workdir, {
+      "preprocessing": FLAGS.preprocessing, "height": height, "width": width,
+      "data_dir": os.path.abspath(data_dir), "loss": FLAGS.loss, "precision": FLAGS.precision,
+      "threshold": FLAGS.threshold})
+  split = os.path.join(data_dir, "split.json")
+  if tf.io.gfile.exists(split):
+    tf.io.gfile.copy(split, os.path.join(workdir, "split.json"), overwrite=True)
+
+
+def _write_json_atomic(path: str, value) -> None:
+  temporary = path + ".tmp"
+  with tf.io.gfile.GFile(temporary, "w") as handle:
+    json.dump(value, handle, indent=2, sort_keys=True)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (checkpoints, summaries and metrics go there)")
+  if not FLAGS.demo and not FLAGS.data_dir:
+    raise app.UsageError("--data_dir is required (or --demo for the synthetic data set)")
+  started = time.time()
+  result = train(FLAGS.workdir)
+  logging.info("Done in %.0f s: %s", time.time() - started, json.dumps(result))
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,168 @@
+"""End-to-end training runs on a tiny generated data set (32x32): the workdir, resume,
+determinism, distribution, precision, XLA, signals and flag errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet import train
+from dunet.data import demo
+
+FLAGS = flags.FLAGS
+SIZE = 32
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """24 demo pictures prepared at 32x32: 20 train (5 steps of 4), 2 valid, 2 test."""
+  return demo.ensure_demo_data(tmp_path_factory.mktemp("demo"), count=24, height=SIZE,
+                               width=SIZE, seed=1)
+
+
+def _parse_flags():
+  if not FLAGS.is_parsed():
+    FLAGS(["dunet.train"])
+
+
+def run_training(workdir, data_dir, **overrides):
+  """Runs dunet.train.train in this process with test-sized defaults and `overrides`."""
+  _parse_flags()
+  settings = dict(workdir=str(workdir), data_dir=data_dir, batch_size=4, epochs=2,
+                  learning_rate=1e-3, optimizer="adam", lr_schedule="constant",
+                  batch_norm_momentum=0.9, seed=7, log_every_steps=1, summary_images=2,
+                  augment=False, preprocessing="unit")
+  settings.update(overrides)
+  with flagsaver.flagsaver(**settings):
+    return train.train(str(workdir))
+
+
+def _scalars(event_dir, tag):
+  values = {}
+  for name in sorted(os.listdir(event_dir)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(event_dir, name)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def _model_variables(workdir):
+  prefix = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  reader = tf.train.load_checkpoint(prefix)
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if name.startswith("model/")}
+
+
+def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  result = run_training(workdir, data_dir, epochs=3)
+  assert result["step"] == 15
+  for name in ("flags.txt", "config.json", "split.json", "metrics.json"):
+    assert (workdir / name).is_file(), name
+  assert tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+  assert tf.train.latest_checkpoint(str(workdir / "best"))
+  config = json.loads((workdir / "config.json").read_text())
+  assert (config["height"], config["width"], config["preprocessing"]) == (SIZE, SIZE, "unit")
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert set(metrics["valid"]) >= {"head2/per_image/dsc", "head1/pooled/iou", "loss/total"}
+  losses = _scalars(workdir / "train", "loss/total")
+  assert sorted(losses) == list(range(1, 16))
+  assert np.mean([losses[s] for s in (13, 14, 15)]) < np.mean([losses[s] for s in (1, 2, 3)])
+  for tag in ("loss/head1", "loss/head2", "learning_rate", "loss_scale", "images_per_second",
+              "norm/gradients"):
+    assert _scalars(workdir / "train", tag), tag
+  assert set(_scalars(workdir / "valid", "head2/per_image/dsc")) == {5, 10, 15}
+
+
+def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_dir):
+  uninterrupted = tmp_path / "uninterrupted"
+  run_training(uninterrupted, data_dir, deterministic=True, max_steps=7, augment=True)
+  again = tmp_path / "again"
+  run_training(again, data_dir, deterministic=True, max_steps=7, augment=True)
+  assert _scalars(again / "train", "loss/total") == _scalars(uninterrupted / "train", "loss/total")
+
+  resumed = tmp_path / "resumed"
+  # Stops mid-epoch 1 (step 3 of 5), then resumes across an epoch boundary and a validation.
+  run_training(resumed, data_dir, deterministic=True, max_steps=3, augment=True,
+               checkpoint_every_steps=1)
+  result = run_training(resumed, data_dir, deterministic=True, max_steps=7, augment=True)
+  assert result["step"] == 7
+  expected = _model_variables(uninterrupted)
+  got = _model_variables(resumed)
+  assert expected.keys() == got.keys()
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+  assert _scalars(resumed / "train", "loss/total")[7] == _scalars(uninterrupted / "train",
+                                                                  "loss/total")[7]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(strategy="mirrored"),
+    dict(precision="mixed_float16", initial_loss_scale=4.0),
+    dict(precision="mixed_bfloat16"),
+    dict(jit_compile=True),
+], ids=["mirrored", "float16", "bfloat16", "xla"])
+def test_training_variants_run(tmp_path, data_dir, overrides):
+  result = run_training(tmp_path / "run", data_dir, epochs=1, max_steps=2, **overrides)
+  assert result["step"] == 2
+  assert np.isfinite(result["valid"]["loss/total"])
+  if "initial_loss_scale" in overrides:
+    assert _scalars(tmp_path / "run" / "train", "loss_scale")
+
+
+def _cli(*args, timeout=120, env=None):
+  return subprocess.run([sys.executable, "-m", "dunet.train", *args], cwd=REPO, timeout=timeout,
+                        capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loss=focal"], "--loss"),
+    (["--batch_size=0"], "--batch_size must be positive"),
+    (["--demo", "--height=40", "--width=64"], "divisible by 16"),
+    (["--data_dir=/nonexistent/cvc"], "tools/prepare_data.py"),
+    (["--data_dir=/nonexistent/cvc", "--head_weights=1"], "--head_weights"),
+])
+def test_flag_errors_are_clear(tmp_path, args, message):
+  completed = _cli(f"--workdir={tmp_path}", *args)
+  assert completed.returncode != 0
+  assert message in completed.stderr, completed.stderr[-2000:]
+
+
+def test_help_documents_flags():
+  completed = _cli("--helpfull")
+  for flag in ("--precision", "--jit_compile", "--strategy", "--vgg19_weights", "--aug_p_hflip"):
+    assert flag in completed.stdout, flag
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  process = subprocess.Popen(
+      [sys.executable, "-m", "dunet.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
+       "--batch_size=4", "--epochs=50", "--log_every_steps=1", "--noaugment"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 180
+    for line in process.stdout:
+      if line.startswith("step 2/"):
+        process.send_signal(signal.SIGTERM)
+        break
+      assert time.time() < deadline, "training did not start"
+    output = process.communicate(timeout=120)[0]
+  finally:
+    process.kill()
+  assert process.returncode == 0, output[-2000:]
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["stopped_by"] == "SIGTERM"
+  step = int(tf.train.latest_checkpoint(str(workdir / "checkpoints")).rsplit("-", 1)[1])
+  assert step == metrics["step"] >= 2

@@ -122,8 +122,9 @@ def eval_step(model: tf.Module, batch: Batch, loss_fn: Callable, head_weights: S
   this batch; the runner weights them by the batch size.
 
   Returns:
-    {"loss/total", "loss/head1", "loss/head2"}: batch means, and {"counts/head1", "counts/head2"}:
-    [b, 4] (tp, fp, fn, tn) per image at `threshold`, accumulated by the runner in numpy.
+    {"loss/total", "loss/head1", "loss/head2"}: batch means; {"counts/head1", "counts/head2"}:
+    [b, 4] (tp, fp, fn, tn) per image at `threshold`, accumulated by the runner in numpy; and
+    {"probability/head1", "probability/head2"}: [b, H, W, 1] for pictures.
   """
   batch_size = tf.shape(batch["image"])[0]
   outputs, total_loss, per_head_losses = compute_loss(model, batch, loss_fn, head_weights,
@@ -131,6 +132,8 @@ def eval_step(model: tf.Module, batch: Batch, loss_fn: Callable, head_weights: S
   result = {"loss/total": total_loss}
   for head, (logits, head_loss) in enumerate(zip(outputs, per_head_losses), start=1):
     result[f"loss/head{head}"] = head_loss
-    result[f"counts/head{head}"] = metrics.confusion_counts(tf.sigmoid(logits), batch["mask"],
+    probabilities = tf.sigmoid(logits)
+    result[f"probability/head{head}"] = probabilities
+    result[f"counts/head{head}"] = metrics.confusion_counts(probabilities, batch["mask"],
                                                             threshold)
   return result

@@ -105,6 +105,8 @@ flags.DEFINE_float("threshold", 0.5, "Probability threshold for validation metri
 flags.DEFINE_integer("log_every_steps", 10, "Scalar summaries and progress every N steps.")
 flags.DEFINE_integer("summary_images", 4, "Validation images shown in TensorBoard overlays.")
 data_flags.define_data_flags()
+# Show the input pipeline's flags in --help too, not only in --helpfull.
+flags.adopt_module_key_flags(data_flags)
 
 flags.register_validator("batch_size", lambda v: v > 0, "--batch_size must be positive")
 flags.register_validator("epochs", lambda v: v > 0, "--epochs must be positive")
@@ -312,7 +314,7 @@ def train(workdir: str) -> Dict[str, float]:
         accumulator.update(result[f"counts/{head}"].numpy())
       if valid_writer is not None and not shown and FLAGS.summary_images:
         shown = True
-        _write_overlays(valid_writer, step, model, batch, FLAGS.summary_images)
+        _write_overlays(valid_writer, step, batch, result, FLAGS.summary_images)
     values = {name: total / max(count, 1) for name, total in loss_sums.items()}
     for head, accumulator in accumulators.items():
       for name, value in accumulator.result().items():
@@ -394,12 +396,13 @@ def train(workdir: str) -> Dict[str, float]:
   return final
 
 
-def _write_overlays(writer, step, model, batch, count):
-  images = batch["image"][:count]
-  probabilities = model(images, is_training=False).probabilities()
-  display = preprocess.to_display_uint8(images, FLAGS.preprocessing).numpy()
+def _write_overlays(writer, step, batch, result, count):
+  # Pictures come from the eval step's own outputs: calling the model again here (on the chief
+  # only) would read the BatchNorm statistics, a collective that the other workers would not join.
+  display = preprocess.to_display_uint8(batch["image"][:count], FLAGS.preprocessing).numpy()
   panel = summaries.prediction_panel(display, batch["mask"][:count].numpy(),
-                                     probabilities.logits1.numpy(), probabilities.logits2.numpy())
+                                     result["probability/head1"][:count].numpy(),
+                                     result["probability/head2"][:count].numpy())
   summaries.write_images(writer, step, "valid/input|truth|head1|head2", panel, count)
 
 

@@ -139,8 +139,9 @@ def test_flag_errors_are_clear(tmp_path, args, message):
 
 
 def test_help_documents_flags():
-  completed = _cli("--helpfull")
-  for flag in ("--precision", "--jit_compile", "--strategy", "--vgg19_weights", "--aug_p_hflip"):
+  completed = _cli("--help")
+  for flag in ("--precision:", "jit_compile:", "--strategy:", "--vgg19_weights:",
+               "--aug_p_flip_horizontal:", "--data_dir:", "--preprocessing:"):
     assert flag in completed.stdout, flag
 
 
@@ -166,3 +167,42 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
   assert metrics["stopped_by"] == "SIGTERM"
   step = int(tf.train.latest_checkpoint(str(workdir / "checkpoints")).rsplit("-", 1)[1])
   assert step == metrics["step"] >= 2
+
+
+def _free_ports(count):
+  import socket
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_training_on_localhost(tmp_path, data_dir):
+  """Two worker processes (MultiWorkerMirroredStrategy over TF_CONFIG) train a few steps."""
+  ports = _free_ports(2)
+  cluster = {"worker": [f"localhost:{port}" for port in ports]}
+  workdir = tmp_path / "run"
+  processes = []
+  for index in range(2):
+    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
+                                                  "task": {"type": "worker", "index": index}}))
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "dunet.train", "--strategy=multi_worker", f"--workdir={workdir}",
+         f"--data_dir={data_dir}", "--batch_size=4", "--epochs=1", "--max_steps=3",
+         "--noaugment", "--log_every_steps=1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 0, output[-3000:]
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["step"] == 3
+  assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("-3")
+  assert "2 replica(s)" in outputs[0]

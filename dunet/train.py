@@ -29,6 +29,8 @@ from dunet import losses
 from dunet import metrics
 from dunet import optim
 from dunet import precision
+from dunet import profiler
+from dunet import runner
 from dunet import step as step_lib
 from dunet import summaries
 from dunet.data import demo as demo_data
@@ -103,12 +105,24 @@ flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps
 flags.DEFINE_integer("eval_every_epochs", 1, "Validate every N epochs.")
 flags.DEFINE_float("threshold", 0.5, "Probability threshold for validation metrics.")
 flags.DEFINE_integer("log_every_steps", 10, "Scalar summaries and progress every N steps.")
+flags.DEFINE_string("profile_steps", "", "Capture a TensorBoard profiler trace of these steps, "
+                    "'START,STOP' inclusive (e.g. 20,25), into the workdir's Profile tab.")
 flags.DEFINE_integer("summary_images", 4, "Validation images shown in TensorBoard overlays.")
 data_flags.define_data_flags()
 # Show the input pipeline's flags in --help too, not only in --helpfull.
 flags.adopt_module_key_flags(data_flags)
 
 flags.register_validator("batch_size", lambda v: v > 0, "--batch_size must be positive")
+flags.register_validator("profile_steps", lambda v: _valid_profile_steps(v),
+                         "--profile_steps must be 'START,STOP' with 1 <= START <= STOP")
+
+
+def _valid_profile_steps(text: str) -> bool:
+  try:
+    profiler.parse_step_range(text)
+  except ValueError:
+    return False
+  return True
 flags.register_validator("epochs", lambda v: v > 0, "--epochs must be positive")
 flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be positive")
 flags.register_validator("height", lambda v: v >= 0 and v % SIZE_DIVISOR == 0,
@@ -244,19 +258,8 @@ def train(workdir: str) -> Dict[str, float]:
   replica_step = functools.partial(step_lib.train_step, model, optimizer, loss_scale,
                                    loss_fn=loss_fn, head_weights=head_weights,
                                    global_batch_size=FLAGS.batch_size)
-  if FLAGS.jit_compile:
-    replica_step = tf.function(replica_step, jit_compile=True)
-
-  @tf.function
-  def train_function(batch):
-    per_replica = strategy.run(replica_step, args=(batch,))
-    reduced = {}
-    for name, value in per_replica.items():
-      # Losses are per-replica shares of the global mean: sum them. The rest is equal everywhere.
-      op = tf.distribute.ReduceOp.SUM if name.startswith("loss/") else tf.distribute.ReduceOp.MEAN
-      reduced[name] = strategy.reduce(op, value, axis=None)
-    global_step.assign_add(1)
-    return reduced
+  train_function = runner.make_train_function(strategy, replica_step, FLAGS.jit_compile,
+                                              global_step)
 
   eval_function = tf.function(functools.partial(
       step_lib.eval_step, model, loss_fn=loss_fn, head_weights=head_weights,
@@ -326,6 +329,8 @@ def train(workdir: str) -> Dict[str, float]:
   # ==============================================================================================
   stop = Stop()
   stop.install()
+  step_profiler = profiler.StepProfiler(
+      workdir if chief else write_dir, profiler.parse_step_range(FLAGS.profile_steps))
   step = int(global_step.numpy())
   progress = ProgressLine(total_steps, FLAGS.batch_size, every=FLAGS.log_every_steps)
   valid_metrics: Dict[str, float] = {}
@@ -342,7 +347,8 @@ def train(workdir: str) -> Dict[str, float]:
     while step < min((epoch + 1) * steps_per_epoch, total_steps):
       if FLAGS.lr_schedule == "cosine":
         optimizer.learning_rate.assign(cosine(step))
-      measured = {k: float(v) for k, v in train_function(next(iterator)).items()}
+      with step_profiler.step(step + 1):
+        measured = {k: float(v) for k, v in train_function(next(iterator)).items()}
       step += 1
       if not math.isfinite(measured["loss/total"]) and policy.name != "mixed_float16":
         raise FloatingPointError(
@@ -384,6 +390,7 @@ def train(workdir: str) -> Dict[str, float]:
     elif FLAGS.checkpoint_every_steps == 0 or step % FLAGS.checkpoint_every_steps:
       save(latest)
   progress.close()
+  step_profiler.stop()
   if not stop.requested and step and latest.latest_checkpoint is None:
     save(latest)
   if not chief:

@@ -1,0 +1,186 @@
+"""Training and inference throughput, memory and MFU of DoubleU-Net on this machine.
+
+  python profiling/bench.py --height=128 --width=128 --batch=4 --steps=10 \
+      --precision=float32 --jit_compile=false
+
+Times the exact training function dunet.train runs (dunet.runner over dunet.step.train_step) on a
+fixed synthetic batch, so the input pipeline is not measured (profiling/bench_input.py does that).
+After warm-up, `--windows` windows of `--steps` steps are timed and the median reported.
+MFU = analytic training FLOPs per image (3 x the forward FLOPs of the traced convolutions) x
+images/s, over the peak convolution throughput measured in the same run with one large
+tf.nn.conv2d in the same precision.
+
+The last line printed is one JSON object (other tools parse it) with at least train_images_per_s,
+infer_images_per_s, peak_rss_mb and mfu. --record appends a row to
+profiling/results/bench.md and writes the JSON next to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+from dunet import flops
+from dunet import losses
+from dunet import optim
+from dunet import precision
+from dunet import runner
+from dunet import step as step_lib
+from dunet.models import DoubleUNet
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("height", 128, "Input height (divisible by 16).")
+flags.DEFINE_integer("width", 128, "Input width (divisible by 16).")
+flags.DEFINE_integer("batch", 4, "Training batch size (inference uses the same, plus batch 1 "
+                     "for latency).")
+flags.DEFINE_integer("steps", 10, "Steps per timed window.")
+flags.DEFINE_integer("windows", 3, "Timed windows; the median is reported.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, compilation).")
+flags.DEFINE_enum("precision", "float32", list(precision.POLICY_NAMES), "Compute precision.")
+flags.DEFINE_bool("jit_compile", False, "Compile the training step (and inference) with XLA.")
+flags.DEFINE_bool("record", False, "Append the result to profiling/results/bench.md and save "
+                  "its JSON under profiling/results/.")
+flags.DEFINE_string("note", "", "Free text stored with a recorded result (what changed).")
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def timed_windows(function: Callable[[], object], steps: int, windows: int) -> list:
+  """Seconds per window of `steps` calls; each window ends when its last result is ready."""
+  durations = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(steps):
+      result = function()
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+    durations.append(time.perf_counter() - start)
+  return durations
+
+
+def peak_conv_flops_per_second(dtype: tf.DType, jit_compile: bool) -> float:
+  """Throughput of one large 3x3 convolution (256 -> 256 channels, 8 x 64 x 64), FLOP/s."""
+  images = tf.random.normal([8, 64, 64, 256], dtype=tf.float32)
+  kernel = tf.random.normal([3, 3, 256, 256], dtype=tf.float32)
+  images, kernel = tf.cast(images, dtype), tf.cast(kernel, dtype)
+  conv = tf.function(lambda x, k: tf.nn.conv2d(x, k, 1, "SAME"), jit_compile=jit_compile)
+  conv(images, kernel).numpy()
+  count = 5
+  seconds = statistics.median(timed_windows(lambda: conv(images, kernel), count, 3))
+  conv_flops = 2 * 8 * 64 * 64 * 256 * 3 * 3 * 256
+  return conv_flops * count / seconds
+
+
+def machine_description() -> str:
+  cpu = platform.processor() or "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as handle:
+      for line in handle:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+  return (f"{os.cpu_count()} CPU cores ({cpu}); GPUs: {', '.join(gpus) or 'none'}; "
+          f"TensorFlow {tf.__version__}")
+
+
+def run_benchmark() -> Dict[str, object]:
+  tf.random.set_seed(0)
+  policy = precision.Policy(FLAGS.precision)
+  strategy = tf.distribute.get_strategy()
+  model = DoubleUNet(compute_dtype=policy.compute_dtype)
+  optimizer = optim.make_optimizer("nadam", 1e-5, model.trainable_variables)
+  loss_scale = precision.make_loss_scale(policy)
+  replica_step = functools.partial(step_lib.train_step, model, optimizer, loss_scale,
+                                   loss_fn=losses.binary_cross_entropy, head_weights=(1.0, 1.0),
+                                   global_batch_size=FLAGS.batch)
+  train_function = runner.make_train_function(strategy, replica_step, FLAGS.jit_compile)
+  shape = [FLAGS.batch, FLAGS.height, FLAGS.width]
+  batch = {"image": tf.random.uniform(shape + [3]),
+           "mask": tf.cast(tf.random.uniform(shape + [1]) > 0.7, tf.float32)}
+
+  compile_start = time.perf_counter()
+  for _ in range(FLAGS.warmup):
+    train_function(batch)["loss/total"].numpy()
+  warmup_seconds = time.perf_counter() - compile_start
+  train_windows = timed_windows(lambda: train_function(batch), FLAGS.steps, FLAGS.windows)
+  train_images_per_s = FLAGS.batch * FLAGS.steps / statistics.median(train_windows)
+
+  infer = tf.function(lambda images: model(images, is_training=False).logits2,
+                      jit_compile=FLAGS.jit_compile)
+  infer(batch["image"]).numpy()
+  infer_windows = timed_windows(lambda: infer(batch["image"]), FLAGS.steps, FLAGS.windows)
+  infer_images_per_s = FLAGS.batch * FLAGS.steps / statistics.median(infer_windows)
+  single = batch["image"][:1]
+  infer(single).numpy()
+  latency_ms = 1e3 * statistics.median(timed_windows(lambda: infer(single), 1, 2 * FLAGS.steps))
+
+  peak = peak_conv_flops_per_second(policy.compute_dtype, FLAGS.jit_compile)
+  training_flops = flops.training_flops_per_image(model, FLAGS.height, FLAGS.width)
+  return {
+      "height": FLAGS.height, "width": FLAGS.width, "batch": FLAGS.batch,
+      "precision": FLAGS.precision, "jit_compile": FLAGS.jit_compile,
+      "train_images_per_s": round(train_images_per_s, 3),
+      "train_windows_s": [round(w, 3) for w in train_windows],
+      "warmup_s": round(warmup_seconds, 2),
+      "infer_images_per_s": round(infer_images_per_s, 3),
+      "infer_latency_ms_batch1": round(latency_ms, 2),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "training_gflop_per_image": round(training_flops / 1e9, 2),
+      "peak_conv_gflop_per_s": round(peak / 1e9, 1),
+      "mfu": round(training_flops * train_images_per_s / peak, 4),
+      "machine": machine_description(),
+      "load_average_1min": round(os.getloadavg()[0], 2),
+      "command": " ".join(["python", "profiling/bench.py"] + sys.argv[1:]),
+  }
+
+
+def record(result: Dict[str, object]) -> None:
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  tag = (f"{result['height']}x{result['width']}-b{result['batch']}-{result['precision']}-"
+         f"jit{int(result['jit_compile'])}")
+  with open(os.path.join(RESULTS_DIR, f"bench-{tag}.json"), "w") as handle:
+    json.dump(dict(result, note=FLAGS.note), handle, indent=2)
+  table = os.path.join(RESULTS_DIR, "bench.md")
+  if not os.path.exists(table):
+    with open(table, "w") as handle:
+      handle.write("# profiling/bench.py results\n\nEach row: one run of the command shown, on the "
+                   "machine shown (load = 1-minute load average when it finished).\n\n"
+                   "| size | batch | precision | jit | train img/s | infer img/s | latency ms "
+                   "(b=1) | peak RSS MB | MFU | load | note | command | machine |\n"
+                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+  with open(table, "a") as handle:
+    handle.write(f"| {result['height']}x{result['width']} | {result['batch']} | "
+                 f"{result['precision']} | {result['jit_compile']} | "
+                 f"{result['train_images_per_s']} | {result['infer_images_per_s']} | "
+                 f"{result['infer_latency_ms_batch1']} | {result['peak_rss_mb']} | "
+                 f"{result['mfu']} | {result['load_average_1min']} | {FLAGS.note} | "
+                 f"`{result['command']}` | {result['machine']} |\n")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.height % 16 or FLAGS.width % 16:
+    raise app.UsageError("--height and --width must be divisible by 16")
+  result = run_benchmark()
+  if FLAGS.record:
+    record(result)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

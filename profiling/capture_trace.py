@@ -1,0 +1,50 @@
+"""Runs a few training steps of a config under the profiler and prints the trace summary.
+
+  python profiling/capture_trace.py --flagfile=configs/demo.flags --logdir=runs/profile \
+      --skip_steps=3 --trace_steps=3
+
+Trains `skip_steps + trace_steps` steps into `--logdir` (a fresh workdir) with dunet.train,
+tracing the last `trace_steps` (after tracing and compilation are done), then summarises the trace
+(profiling/summarize_trace.py). `tensorboard --logdir=<logdir>` shows it in the Profile tab. On a
+GPU machine the trace holds the GPU kernels; here, host ops. Every dunet.train flag can be given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dunet import train  # noqa: E402  (defines the training flags)
+import summarize_trace  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("skip_steps", 3, "Untraced steps first (tracing, compilation, warm-up).")
+flags.DEFINE_integer("trace_steps", 3, "Steps traced.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.logdir:
+    raise app.UsageError("--logdir is required (a fresh folder: the trace and a short run go there)")
+  if train.checkpoint_lib.latest_checkpoint(FLAGS.logdir):
+    raise app.UsageError(f"{FLAGS.logdir} already holds a run; use a fresh --logdir")
+  first, last = FLAGS.skip_steps + 1, FLAGS.skip_steps + FLAGS.trace_steps
+  FLAGS.workdir = FLAGS.logdir
+  FLAGS.max_steps = last
+  FLAGS.profile_steps = f"{first},{last}"
+  FLAGS.epochs = max(FLAGS.epochs, 1)
+  train.train(FLAGS.logdir)
+  paths = summarize_trace.find_trace_files(FLAGS.logdir)
+  print(f"trace of steps {first}-{last}: {', '.join(paths)}")
+  tool = "hlo_stats" if FLAGS.jit_compile else "framework_op_stats"
+  print(summarize_trace.format_summary(
+      summarize_trace.summarize(summarize_trace.op_table(paths, tool), FLAGS.top)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -29,9 +29,13 @@ def forward_flops(model: tf.Module, height: int, width: int, batch_size: int = 1
   conv = matmul = 0
   for op in graph.get_operations():
     if op.type == "Conv2D":
-      output_shape = op.outputs[0].shape.as_list()
+      output = op.outputs[0]
+      # A dilated convolution run as space-to-batch (dunet.nn.conv on CPU) computes on a padded
+      # grid; count the outputs the network keeps, i.e. what batch-to-space hands on.
+      to_space = [c for c in output.consumers() if c.type == "BatchToSpaceND"]
+      kept = to_space[0].outputs[0] if to_space else output
       kernel_shape = op.inputs[1].shape.as_list()
-      conv += 2 * int(np.prod(output_shape)) * int(np.prod(kernel_shape[:3]))
+      conv += 2 * int(np.prod(kept.shape.as_list())) * int(np.prod(kernel_shape[:3]))
     elif op.type in ("MatMul", "BatchMatMulV2"):
       a_shape, b_shape = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
       matmul += 2 * int(np.prod(a_shape)) * int(b_shape[-1])

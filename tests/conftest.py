@@ -6,6 +6,8 @@ logical devices before anything initialises the runtime, so this happens here, a
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
@@ -18,3 +20,14 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 if tf.config.get_logical_device_configuration(_cpu) is None:
   tf.config.set_logical_device_configuration(
       _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_op_determinism():
+  """dunet.train --deterministic switches TF op determinism on for the whole process; a test that
+  does so must not change what later tests run (e.g. which max-pool form is traced)."""
+  from tensorflow.python.framework import config  # pylint: disable=g-import-not-at-top
+  was_enabled = config.is_op_determinism_enabled()
+  yield
+  if not was_enabled:
+    config.disable_op_determinism()

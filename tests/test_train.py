@@ -111,7 +111,8 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
     dict(precision="mixed_float16", initial_loss_scale=4.0),
     dict(precision="mixed_bfloat16"),
     dict(jit_compile=True),
-], ids=["mirrored", "float16", "bfloat16", "xla"])
+    dict(jit_compile=True, deterministic=True),
+], ids=["mirrored", "float16", "bfloat16", "xla", "xla-deterministic"])
 def test_training_variants_run(tmp_path, data_dir, overrides):
   result = run_training(tmp_path / "run", data_dir, epochs=1, max_steps=2, **overrides)
   assert result["step"] == 2

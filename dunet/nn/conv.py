@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import tensorflow as tf
@@ -67,10 +68,24 @@ class Conv2D(tf.Module):
     dilations = [self.dilation_rate, self.dilation_rate]
     if self.dilation_rate > 1:
       kernel, dilations = _drop_taps_outside(kernel, dilations, inputs.shape[1:3])
-    outputs = tf.nn.conv2d(inputs, kernel, strides=1, padding="SAME", dilations=dilations)
+    if max(dilations) > 1 and not _has_gpu():
+      # TF's CPU kernels without oneDNN (TF_ENABLE_ONEDNN_OPTS=0, or float16 on CPUs without
+      # AVX-512) have no dilated-convolution gradient. The space-to-batch form (DeepLab's
+      # original atrous trick) is exact and uses only undilated convolutions.
+      outputs = tf.nn.with_space_to_batch(
+          inputs, dilations, "SAME",
+          lambda x, num_spatial_dims, padding: tf.nn.conv2d(x, kernel, 1, padding),
+          filter_shape=kernel.shape[:2])
+    else:
+      outputs = tf.nn.conv2d(inputs, kernel, strides=1, padding="SAME", dilations=dilations)
     if self.bias is not None:
       outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, self.compute_dtype))
     return outputs
+
+
+@functools.lru_cache(maxsize=1)
+def _has_gpu() -> bool:
+  return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _drop_taps_outside(kernel: tf.Tensor, dilations, spatial_shape):

@@ -132,7 +132,7 @@ def test_failed_load_changes_nothing(tmp_path):
 
 def test_without_a_file_logs_one_line(caplog):
   encoder = vgg19.VGG19Encoder()
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):  # absl may have set WARNING
     assert vgg19.maybe_load_imagenet_weights(encoder, None) == 0
   assert any("starts from the Glorot-uniform" in r.getMessage() for r in caplog.records)
 

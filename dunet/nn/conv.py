@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Optional
 
 import tensorflow as tf
@@ -68,10 +69,11 @@ class Conv2D(tf.Module):
     dilations = [self.dilation_rate, self.dilation_rate]
     if self.dilation_rate > 1:
       kernel, dilations = _drop_taps_outside(kernel, dilations, inputs.shape[1:3])
-    if max(dilations) > 1 and not _has_gpu():
-      # TF's CPU kernels without oneDNN (TF_ENABLE_ONEDNN_OPTS=0, or float16 on CPUs without
-      # AVX-512) have no dilated-convolution gradient. The space-to-batch form (DeepLab's
-      # original atrous trick) is exact and uses only undilated convolutions.
+    if max(dilations) > 1 and needs_space_to_batch(self.compute_dtype):
+      # Some CPU kernels have no dilated-convolution gradient: float16 ones, and all of them when
+      # oneDNN is off (TF_ENABLE_ONEDNN_OPTS=0). The space-to-batch form (DeepLab's original
+      # atrous trick) is exact and uses only undilated convolutions, but costs 2-4x the direct
+      # oneDNN kernel (profiling/results/dilated_conv.md), so it is used only there.
       outputs = tf.nn.with_space_to_batch(
           inputs, dilations, "SAME",
           lambda x, num_spatial_dims, padding: tf.nn.conv2d(x, kernel, 1, padding),
@@ -83,9 +85,25 @@ class Conv2D(tf.Module):
     return outputs
 
 
+def needs_space_to_batch(compute_dtype: tf.DType) -> bool:
+  """Whether dilated convolutions in `compute_dtype` must avoid TF's dilated CPU kernels."""
+  if _has_gpu():
+    return False
+  return tf.as_dtype(compute_dtype) == tf.float16 or not _onednn_enabled()
+
+
 @functools.lru_cache(maxsize=1)
 def _has_gpu() -> bool:
   return bool(tf.config.list_physical_devices("GPU"))
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_enabled() -> bool:
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):  # not exported by this TF build: read the switch itself
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
 
 
 def _drop_taps_outside(kernel: tf.Tensor, dilations, spatial_shape):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dunet.nn import conv as conv_lib
 from dunet.nn.conv import Conv2D
 
 
@@ -63,3 +64,44 @@ def test_dilation_past_the_input_is_exact(height, width):
   x = np.random.default_rng(3).normal(size=(1, height, width, 3)).astype(np.float32)
   expected = numpy_conv_same(x, conv.kernel.numpy(), None, 12)
   np.testing.assert_allclose(conv(x).numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("space_to_batch", [False, True], ids=["direct", "space_to_batch"])
+def test_both_dilated_forms_match_numpy_values_and_gradients(monkeypatch, space_to_batch):
+  monkeypatch.setattr(conv_lib, "needs_space_to_batch", lambda dtype: space_to_batch)
+  conv = Conv2D(3, 4, 3, dilation_rate=3, with_bias=False)
+  x = tf.constant(np.random.default_rng(1).normal(size=(2, 10, 9, 3)).astype(np.float32))
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = conv(x)
+    loss = tf.reduce_sum(y * y)
+  grad_x, grad_kernel = tape.gradient(loss, [x, conv.kernel])
+  kernel = conv.kernel.numpy()
+  np.testing.assert_allclose(y.numpy(), numpy_conv_same(x.numpy(), kernel, None, 3), atol=1e-4)
+  # d(sum y^2)/dk[p,q,i,o] = sum 2 y[..., o] * x shifted by tap (p, q): check by finite linearity.
+  expected_kernel_grad = np.zeros_like(kernel)
+  for p, q, i, o in np.ndindex(*kernel.shape):
+    unit = np.zeros_like(kernel)
+    unit[p, q, i, o] = 1
+    expected_kernel_grad[p, q, i, o] = np.sum(
+        2 * y.numpy()[..., o] * numpy_conv_same(x.numpy(), unit, None, 3)[..., o])
+  np.testing.assert_allclose(grad_kernel.numpy(), expected_kernel_grad, rtol=1e-3, atol=1e-3)
+  assert grad_x.shape == x.shape
+
+
+def test_float16_dilated_gradient_runs_on_cpu():
+  # TF's float16 CPU kernels have no dilated-convolution gradient; dunet routes around them.
+  assert conv_lib.needs_space_to_batch(tf.float16) == (not tf.config.list_physical_devices("GPU"))
+  conv = Conv2D(3, 4, 3, dilation_rate=6, compute_dtype=tf.float16)
+  x = tf.random.normal([1, 16, 16, 3])
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(tf.cast(conv(x), tf.float32))
+  gradient = tape.gradient(loss, conv.kernel)
+  assert gradient.dtype == tf.float32 and np.all(np.isfinite(gradient.numpy()))
+
+
+def test_float32_uses_the_direct_kernel_when_onednn_is_on():
+  if tf.config.list_physical_devices("GPU") or not conv_lib._onednn_enabled():
+    pytest.skip("the choice differs on GPUs / without oneDNN (covered by the test above)")
+  assert not conv_lib.needs_space_to_batch(tf.float32)
+  assert not conv_lib.needs_space_to_batch(tf.bfloat16)

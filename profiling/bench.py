@@ -53,8 +53,9 @@ flags.DEFINE_bool("jit_compile", False, "Compile the training step (and inferenc
 flags.DEFINE_bool("record", False, "Append the result to profiling/results/bench.md and save "
                   "its JSON under profiling/results/.")
 flags.DEFINE_string("note", "", "Free text stored with a recorded result (what changed).")
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "results"),
+                    "Where --record writes bench.md and the JSON files.")
 
 
 def timed_windows(function: Callable[[], object], steps: int, windows: int) -> list:
@@ -148,13 +149,14 @@ def run_benchmark() -> Dict[str, object]:
   }
 
 
-def record(result: Dict[str, object]) -> None:
-  os.makedirs(RESULTS_DIR, exist_ok=True)
+def record(result: Dict[str, object], results_dir: str) -> None:
+  """Writes bench-<config>.json (this run) and appends a row to bench.md in `results_dir`."""
+  os.makedirs(results_dir, exist_ok=True)
   tag = (f"{result['height']}x{result['width']}-b{result['batch']}-{result['precision']}-"
          f"jit{int(result['jit_compile'])}")
-  with open(os.path.join(RESULTS_DIR, f"bench-{tag}.json"), "w") as handle:
+  with open(os.path.join(results_dir, f"bench-{tag}.json"), "w") as handle:
     json.dump(dict(result, note=FLAGS.note), handle, indent=2)
-  table = os.path.join(RESULTS_DIR, "bench.md")
+  table = os.path.join(results_dir, "bench.md")
   if not os.path.exists(table):
     with open(table, "w") as handle:
       handle.write("# profiling/bench.py results\n\nEach row: one run of the command shown, on the "
@@ -178,7 +180,7 @@ def main(argv):
     raise app.UsageError("--height and --width must be divisible by 16")
   result = run_benchmark()
   if FLAGS.record:
-    record(result)
+    record(result, FLAGS.results_dir)
   print(json.dumps(result))
 
 

@@ -30,8 +30,53 @@ _COMPUTE_DTYPES: Dict[str, tf.DType] = {
     "mixed_bfloat16": tf.bfloat16,
 }
 POLICY_NAMES = tuple(_COMPUTE_DTYPES)
+# What --precision=auto resolves to on this machine (default_policy_name).
+AUTO = "auto"
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 Gradients = Sequence[Optional[tf.Tensor]]
+
+
+def default_policy_name(gpus: Optional[Sequence[object]] = None,
+                        cpu_flags: Optional[Sequence[str]] = None) -> str:
+  """The precision `--precision=auto` picks, from measurements (profiling/results/bench.md).
+
+  CPU with bfloat16 instructions (avx512_bf16 or amx_bf16): "mixed_bfloat16", which trained
+  DoubleU-Net 1.7x faster than float32 at 128x128 on the 2-core AVX512_BF16 machine the numbers
+  come from. Any other CPU: "float32" (no bfloat16 hardware, and float16 CPU kernels are slow).
+  GPUs: "float32" as well, because nothing was measured on a GPU here; on tensor-core GPUs
+  measure "mixed_float16" with profiling/bench.py and pass it explicitly.
+
+  Args:
+    gpus: the visible GPUs (default: tf.config.list_physical_devices("GPU")).
+    cpu_flags: the CPU's feature flags (default: read from /proc/cpuinfo; empty elsewhere).
+
+  Returns:
+    One of POLICY_NAMES.
+  """
+  if gpus is None:
+    gpus = tf.config.list_physical_devices("GPU")
+  if gpus:
+    return "float32"
+  if cpu_flags is None:
+    cpu_flags = _read_cpu_flags()
+  return "mixed_bfloat16" if any(f in cpu_flags for f in _CPU_BF16_FLAGS) else "float32"
+
+
+def resolve_policy_name(name: str) -> str:
+  """`name`, or for "auto" the machine's default_policy_name()."""
+  return default_policy_name() if name == AUTO else name
+
+
+def _read_cpu_flags() -> List[str]:
+  try:
+    with open("/proc/cpuinfo") as handle:
+      for line in handle:
+        if line.startswith("flags"):
+          return line.split(":", 1)[1].split()
+  except OSError:
+    pass
+  return []
 
 
 class Policy:

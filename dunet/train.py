@@ -80,8 +80,11 @@ flags.DEFINE_integer("plateau_patience", 5, "Validations without improvement bef
 flags.DEFINE_float("min_learning_rate", 1e-6, "Floor of the plateau and cosine schedules.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many validations without a "
                      "better DSC (0: never).")
-flags.DEFINE_enum("precision", "float32", list(precision.POLICY_NAMES),
-                  "float32; mixed_float16 (float16 compute, dynamic loss scaling); mixed_bfloat16.")
+flags.DEFINE_enum("precision", precision.AUTO, [precision.AUTO, *precision.POLICY_NAMES],
+                  "float32; mixed_float16 (float16 compute, dynamic loss scaling); "
+                  "mixed_bfloat16; auto: what profiling/results/bench.md measured fastest here "
+                  "(mixed_bfloat16 on CPUs with bfloat16 instructions, else float32; float32 on "
+                  "GPUs until mixed_float16 is measured there).")
 flags.DEFINE_float("initial_loss_scale", 2.0**15, "Dynamic loss scale start (mixed_float16).")
 flags.DEFINE_integer("loss_scale_growth_interval", 2000, "Finite steps before the loss scale "
                      "doubles (mixed_float16).")
@@ -180,7 +183,7 @@ def train(workdir: str) -> Dict[str, float]:
   if FLAGS.batch_size % replicas:
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} is not divisible by the "
                          f"{replicas} replicas")
-  policy = precision.Policy(FLAGS.precision)
+  policy = precision.Policy(precision.resolve_policy_name(FLAGS.precision))
   head_weights = _head_weights()
   loss_fn = losses.get_loss(FLAGS.loss)
   logging.info("%d replica(s), precision %s, jit_compile=%s", replicas, policy.name,
@@ -285,7 +288,7 @@ def train(workdir: str) -> Dict[str, float]:
   else:
     vgg19.maybe_load_imagenet_weights(model, FLAGS.vgg19_weights)
   if chief:
-    _write_run_files(workdir, data_dir, height, width, data_info)
+    _write_run_files(workdir, data_dir, height, width, policy.name)
   train_writer = tf.summary.create_file_writer(os.path.join(workdir, "train")) if chief else None
   valid_writer = tf.summary.create_file_writer(os.path.join(workdir, "valid")) if chief else None
 
@@ -413,13 +416,14 @@ def _write_overlays(writer, step, batch, result, count):
   summaries.write_images(writer, step, "valid/input|truth|head1|head2", panel, count)
 
 
-def _write_run_files(workdir: str, data_dir: str, height: int, width: int, data_info) -> None:
+def _write_run_files(workdir: str, data_dir: str, height: int, width: int,
+                     precision_name: str) -> None:
   tf.io.gfile.makedirs(workdir)
   with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as handle:
     handle.write(FLAGS.flags_into_string())
   checkpoint_lib.write_config(workdir, {
       "preprocessing": FLAGS.preprocessing, "height": height, "width": width,
-      "data_dir": os.path.abspath(data_dir), "loss": FLAGS.loss, "precision": FLAGS.precision,
+      "data_dir": os.path.abspath(data_dir), "loss": FLAGS.loss, "precision": precision_name,
       "threshold": FLAGS.threshold})
   split = os.path.join(data_dir, "split.json")
   if tf.io.gfile.exists(split):

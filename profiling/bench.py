@@ -48,7 +48,8 @@ flags.DEFINE_integer("batch", 4, "Training batch size (inference uses the same, 
 flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 flags.DEFINE_integer("windows", 3, "Timed windows; the median is reported.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, compilation).")
-flags.DEFINE_enum("precision", "float32", list(precision.POLICY_NAMES), "Compute precision.")
+flags.DEFINE_enum("precision", "float32", [precision.AUTO, *precision.POLICY_NAMES],
+                  "Compute precision (auto: what dunet.train's --precision=auto picks here).")
 flags.DEFINE_bool("jit_compile", False, "Compile the training step (and inference) with XLA.")
 flags.DEFINE_bool("record", False, "Append the result to profiling/results/bench.md and save "
                   "its JSON under profiling/results/.")
@@ -100,7 +101,7 @@ def machine_description() -> str:
 
 def run_benchmark() -> Dict[str, object]:
   tf.random.set_seed(0)
-  policy = precision.Policy(FLAGS.precision)
+  policy = precision.Policy(precision.resolve_policy_name(FLAGS.precision))
   strategy = tf.distribute.get_strategy()
   model = DoubleUNet(compute_dtype=policy.compute_dtype)
   optimizer = optim.make_optimizer("nadam", 1e-5, model.trainable_variables)
@@ -133,7 +134,7 @@ def run_benchmark() -> Dict[str, object]:
   training_flops = flops.training_flops_per_image(model, FLAGS.height, FLAGS.width)
   return {
       "height": FLAGS.height, "width": FLAGS.width, "batch": FLAGS.batch,
-      "precision": FLAGS.precision, "jit_compile": FLAGS.jit_compile,
+      "precision": policy.name, "jit_compile": FLAGS.jit_compile,
       "train_images_per_s": round(train_images_per_s, 3),
       "train_windows_s": [round(w, 3) for w in train_windows],
       "warmup_s": round(warmup_seconds, 2),

@@ -184,3 +184,19 @@ def test_mirrored_step_skips_together_and_updates_every_copy(monkeypatch, merge_
   assert copies(optimizer.iterations) == [2, 2]
   first, second = copies(weight)
   assert first == second and first != [1.0, 2.0]
+
+
+@pytest.mark.parametrize("gpus, cpu_flags, expected", [
+    ([], ["sse4_2", "avx512f", "avx512_bf16"], "mixed_bfloat16"),
+    ([], ["sse4_2", "amx_bf16"], "mixed_bfloat16"),
+    ([], ["sse4_2", "avx512f"], "float32"),
+    (["GPU:0"], ["avx512_bf16"], "float32"),
+])
+def test_auto_precision_follows_the_hardware(gpus, cpu_flags, expected):
+  assert precision.default_policy_name(gpus=gpus, cpu_flags=cpu_flags) == expected
+
+
+def test_resolve_policy_name():
+  assert precision.resolve_policy_name("mixed_float16") == "mixed_float16"
+  assert precision.resolve_policy_name("auto") == precision.default_policy_name()
+  assert precision.resolve_policy_name("auto") in precision.POLICY_NAMES

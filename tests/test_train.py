@@ -40,7 +40,7 @@ def run_training(workdir, data_dir, **overrides):
   settings = dict(workdir=str(workdir), data_dir=data_dir, batch_size=4, epochs=2,
                   learning_rate=1e-3, optimizer="adam", lr_schedule="constant",
                   batch_norm_momentum=0.9, seed=7, log_every_steps=1, summary_images=2,
-                  augment=False, preprocessing="unit")
+                  augment=False, preprocessing="unit", precision="float32")
   settings.update(overrides)
   with flagsaver.flagsaver(**settings):
     return train.train(str(workdir))
@@ -72,7 +72,8 @@ def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
   assert tf.train.latest_checkpoint(str(workdir / "checkpoints"))
   assert tf.train.latest_checkpoint(str(workdir / "best"))
   config = json.loads((workdir / "config.json").read_text())
-  assert (config["height"], config["width"], config["preprocessing"]) == (SIZE, SIZE, "unit")
+  assert (config["height"], config["width"], config["preprocessing"], config["precision"]) == (
+      SIZE, SIZE, "unit", "float32")
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert set(metrics["valid"]) >= {"head2/per_image/dsc", "head1/pooled/iou", "loss/total"}
   losses = _scalars(workdir / "train", "loss/total")
@@ -110,9 +111,10 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
     dict(strategy="mirrored"),
     dict(precision="mixed_float16", initial_loss_scale=4.0),
     dict(precision="mixed_bfloat16"),
+    dict(precision="auto"),
     dict(jit_compile=True),
     dict(jit_compile=True, deterministic=True),
-], ids=["mirrored", "float16", "bfloat16", "xla", "xla-deterministic"])
+], ids=["mirrored", "float16", "bfloat16", "auto", "xla", "xla-deterministic"])
 def test_training_variants_run(tmp_path, data_dir, overrides):
   result = run_training(tmp_path / "run", data_dir, epochs=1, max_steps=2, **overrides)
   assert result["step"] == 2

@@ -160,33 +160,37 @@ def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] =
 
 
 def make_eval_dataset(data_dir: PathLike, split: str, *, batch_size: int,
-                      preprocessing: str = "reference") -> tf.data.Dataset:
+                      preprocessing: Optional[str] = "reference") -> tf.data.Dataset:
   """Every example of a split once, in file order, not augmented.
 
   Args:
     data_dir: a prepared folder.
     split: "valid", "test" (or "train").
     batch_size: examples per batch; the last batch may be smaller.
-    preprocessing: one of `dunet.data.preprocess.PREPROCESSING`.
+    preprocessing: one of `dunet.data.preprocess.PREPROCESSING`; None: "image" is the prepared
+      uint8 RGB picture itself (for dunet.serving, which preprocesses on its own).
 
   Returns:
-    Batches {"image": float32 [B, H, W, 3], "mask": float32 [B, H, W, 1] at the prepared size,
+    Batches {"image": float32 [B, H, W, 3] (uint8 when `preprocessing` is None),
+    "mask": float32 [B, H, W, 1] at the prepared size,
     "name": string [B], "original_mask_png": string [B] (PNG, one channel, values {0, 1}; empty
     for training records; decode with tf.io.decode_png or `records.decode_mask_png`),
     "original_height": int64 [B], "original_width": int64 [B]}.
   """
   if batch_size <= 0:
     raise ValueError(f"batch size must be positive, got {batch_size}")
-  if preprocessing not in preprocess.PREPROCESSING:
+  if preprocessing is not None and preprocessing not in preprocess.PREPROCESSING:
     raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
-                     f"{preprocess.PREPROCESSING}")
+                     f"{preprocess.PREPROCESSING} or None")
   info = read_data_info(data_dir)
   height, width = int(info["height"]), int(info["width"])
 
   def load(serialized) -> Dict[str, tf.Tensor]:
     features = records.parse_example(serialized)
     example = records.decode_image_and_mask(features, height, width)
-    return {"image": preprocess.preprocess(example["image"], preprocessing),
+    image = example["image"]
+    return {"image": image if preprocessing is None else preprocess.preprocess(image,
+                                                                               preprocessing),
             "mask": tf.cast(example["mask"], tf.float32),
             "name": features["name"],
             "original_mask_png": features["original_mask_png"],

@@ -142,6 +142,16 @@ def test_eval_dataset_is_every_example_once_in_order(demo_prepared):
       np.testing.assert_array_equal(original, mask[..., 0])  # prepared at the raw size
 
 
+def test_eval_dataset_without_preprocessing_gives_the_prepared_pixels(demo_prepared):
+  raw = next(iter(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2,
+                                             preprocessing=None)))
+  unit = next(iter(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2,
+                                              preprocessing="unit")))
+  assert raw["image"].dtype == tf.uint8
+  np.testing.assert_allclose(raw["image"].numpy() / 255.0, unit["image"].numpy(), atol=1e-6)
+  np.testing.assert_array_equal(raw["mask"].numpy(), unit["mask"].numpy())
+
+
 def test_bad_arguments(demo_prepared, tmp_path):
   with pytest.raises(DataError, match="fewer than one batch of 64"):
     pipeline.make_train_dataset(demo_prepared, batch_size=64)

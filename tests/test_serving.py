@@ -1,0 +1,148 @@
+"""dunet/serving.py: raw pictures in, masks at their size out; loading from runs and SavedModels."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet import checkpoint as checkpoint_lib
+from dunet import serving
+from dunet.data import prepare, preprocess
+from dunet.models import DoubleUNet
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+  tf.random.set_seed(3)
+  return DoubleUNet()
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.RandomState(0).randint(0, 256, (2, 96, 80, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(2, 96, 80, 3), (2, 40, 50, 3), (1, 96, 40, 3)],
+                         ids=["shrink", "grow", "mixed"])
+def test_resize_matches_preparation(shape):
+  pictures = np.random.RandomState(1).randint(0, 256, shape).astype(np.uint8)
+  resized = serving.resize_images(tf.constant(pictures), SIZE, SIZE).numpy()
+  expected = np.stack([prepare.resize_image(p, SIZE, SIZE) for p in pictures])
+  # OpenCV rounds to uint8; TF keeps float: at most half a grey level apart (plus float error).
+  np.testing.assert_allclose(resized, expected.astype(np.float32), atol=0.76)
+
+
+def test_resize_is_the_identity_at_the_model_size():
+  pictures = np.random.RandomState(2).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(serving.resize_images(tf.constant(pictures), SIZE, SIZE).numpy(),
+                                pictures.astype(np.float32))
+
+
+def test_serve_at_the_model_size_is_the_model(model):
+  pictures = np.random.RandomState(4).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+  segmenter = serving.Segmenter(model, SIZE, SIZE, "reference")
+  result = segmenter(pictures)
+  expected = model(preprocess.preprocess(pictures, "reference"), is_training=False)
+  np.testing.assert_allclose(result["probability"].numpy(),
+                             tf.sigmoid(expected.logits2).numpy(), atol=1e-6)
+  np.testing.assert_allclose(result["probability_head1"].numpy(),
+                             tf.sigmoid(expected.logits1).numpy(), atol=1e-6)
+
+
+def test_serve_returns_masks_at_the_input_size(model, images):
+  segmenter = serving.Segmenter(model, SIZE, SIZE, "unit")
+  result = segmenter(images)
+  assert set(result) == {"probability", "probability_head1"}
+  for value in result.values():
+    assert value.shape == (2, 96, 80, 1) and value.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(value)) and float(tf.reduce_max(value)) <= 1.0
+  # The same as running the model at its size and resizing its probabilities back.
+  at_model_size = segmenter(serving.resize_images(images, SIZE, SIZE).numpy().round()
+                            .astype(np.uint8))
+  back = tf.image.resize(at_model_size["probability"], [96, 80]).numpy()
+  np.testing.assert_allclose(result["probability"].numpy(), back, atol=2e-2)
+
+
+@pytest.mark.parametrize("height,width,preprocessing,message", [
+    (60, 64, "unit", "height must be a positive multiple of 16"),
+    (64, 0, "unit", "width must be a positive multiple of 16"),
+    (64, 64, "imagenet", "unknown preprocessing"),
+])
+def test_segmenter_rejects_bad_settings(model, height, width, preprocessing, message):
+  with pytest.raises(ValueError, match=message):
+    serving.Segmenter(model, height, width, preprocessing)
+
+
+def test_saved_model_round_trip(tmp_path, model, images):
+  segmenter = serving.Segmenter(model, SIZE, SIZE, "caffe")
+  tf.saved_model.save(segmenter, str(tmp_path / "saved"))
+  loaded = serving.load_segmenter(str(tmp_path / "saved"))
+  assert (loaded.kind, loaded.height, loaded.width, loaded.preprocessing) == (
+      "saved_model", SIZE, SIZE, "caffe")
+  np.testing.assert_allclose(loaded.serve(images)["probability"].numpy(),
+                             segmenter(images)["probability"].numpy(), atol=1e-6)
+  with pytest.raises(ValueError, match="exported with height 64, not 128"):
+    serving.load_segmenter(str(tmp_path / "saved"), height=128)
+
+
+def test_a_foreign_saved_model_is_refused(tmp_path):
+  module = tf.Module()
+  module.f = tf.function(lambda x: x, input_signature=[tf.TensorSpec([None], tf.float32)])
+  tf.saved_model.save(module, str(tmp_path / "other"))
+  with pytest.raises(ValueError, match="not one dunet exported"):
+    serving.load_segmenter(str(tmp_path / "other"))
+
+
+def _write_run(workdir, model, config):
+  prefix = tf.train.Checkpoint(model=model).write(str(workdir / "best" / "ckpt-3"))
+  tf.train.update_checkpoint_state(str(workdir / "best"), prefix)
+  if config is not None:
+    checkpoint_lib.write_config(str(workdir), config)
+  return prefix
+
+
+def test_load_from_a_workdir_and_a_prefix(tmp_path, model, images):
+  prefix = _write_run(tmp_path, model, {"height": SIZE, "width": SIZE, "preprocessing": "unit"})
+  expected = serving.Segmenter(model, SIZE, SIZE, "unit")(images)["probability"].numpy()
+  for path in (str(tmp_path), prefix):
+    loaded = serving.load_segmenter(path)
+    assert (loaded.kind, loaded.source, loaded.preprocessing) == ("checkpoint", prefix, "unit")
+    np.testing.assert_allclose(loaded.serve(images)["probability"].numpy(), expected, atol=1e-6)
+
+
+def test_load_needs_an_input_size(tmp_path, model):
+  _write_run(tmp_path, model, {"preprocessing": "reference"})
+  with pytest.raises(ValueError, match="records no input size"):
+    serving.load_segmenter(str(tmp_path))
+  loaded = serving.load_segmenter(str(tmp_path), height=32, width=48)
+  assert (loaded.height, loaded.width, loaded.preprocessing) == (32, 48, "reference")
+
+
+def test_load_without_a_checkpoint_names_the_path(tmp_path):
+  with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match=str(tmp_path)):
+    serving.load_segmenter(str(tmp_path))
+
+
+def _asymmetric_serve(images):
+  """Not flip-equivariant: a cumulative sum along the width (and along the height for head 1)."""
+  pixels = tf.cast(images[..., :1], tf.float32)
+  return {"probability": tf.cumsum(pixels, axis=2), "probability_head1": tf.cumsum(pixels, axis=1)}
+
+
+def test_flip_tta_flips_back_and_averages(images):
+  result = serving.flip_tta(_asymmetric_serve, tf.constant(images))
+  pixels = images[..., :1].astype(np.float64)
+  plain = np.cumsum(pixels, axis=2)
+  horizontal = np.cumsum(pixels[:, :, ::-1], axis=2)[:, :, ::-1]
+  vertical = np.cumsum(pixels[:, ::-1], axis=2)[:, ::-1]
+  np.testing.assert_allclose(result["probability"].numpy(), (plain + horizontal + vertical) / 3,
+                             rtol=1e-5)
+  only_plain = serving.flip_tta(_asymmetric_serve, tf.constant(images), flips=("none",))
+  np.testing.assert_allclose(only_plain["probability_head1"].numpy(), np.cumsum(pixels, axis=1),
+                             rtol=1e-6)
+
+
+def test_flip_tta_rejects_unknown_flips(images):
+  with pytest.raises(ValueError, match="unknown flip 'diagonal'"):
+    serving.flip_tta(_asymmetric_serve, tf.constant(images), flips=("diagonal",))

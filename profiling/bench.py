@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -29,7 +28,6 @@ from typing import Callable, Dict
 
 from absl import app
 from absl import flags
-import numpy as np
 import tensorflow as tf
 
 from dunet import flops
@@ -39,6 +37,9 @@ from dunet import precision
 from dunet import runner
 from dunet import step as step_lib
 from dunet.models import DoubleUNet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_description  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("height", 128, "Input height (divisible by 16).")
@@ -82,21 +83,6 @@ def peak_conv_flops_per_second(dtype: tf.DType, jit_compile: bool) -> float:
   seconds = statistics.median(timed_windows(lambda: conv(images, kernel), count, 3))
   conv_flops = 2 * 8 * 64 * 64 * 256 * 3 * 3 * 256
   return conv_flops * count / seconds
-
-
-def machine_description() -> str:
-  cpu = platform.processor() or "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as handle:
-      for line in handle:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-  return (f"{os.cpu_count()} CPU cores ({cpu}); GPUs: {', '.join(gpus) or 'none'}; "
-          f"TensorFlow {tf.__version__}")
 
 
 def run_benchmark() -> Dict[str, object]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -25,10 +24,12 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tensorflow as tf  # noqa: E402
 
 from dunet.data import demo, pipeline, prepare  # noqa: E402
 from dunet.data.augment import AugmentConfig  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_description  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("height", 384, "Image height.")
@@ -65,17 +66,6 @@ def measure(data_dir: str, config: AugmentConfig) -> float:
   return images / (time.perf_counter() - start)
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as handle:
-      for line in handle:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def main(argv) -> None:
   del argv
   with tempfile.TemporaryDirectory() as scratch:
@@ -87,7 +77,7 @@ def main(argv) -> None:
     results = {name: measure(data_dir, config) for name, config in (
         ("none", AugmentConfig.none()), ("default", AugmentConfig()),
         ("full", full_augmentation()))}
-  machine = f"{os.cpu_count()} CPUs ({cpu_model()}), TensorFlow {tf.__version__}"
+  machine = machine_description()
   line = (f"| {FLAGS.height}x{FLAGS.width} | {FLAGS.batch} | {FLAGS.preprocessing} | "
           f"{results['none']:.1f} | {results['default']:.1f} | {results['full']:.1f} |")
   print(f"{machine}\nimages/s at {FLAGS.height}x{FLAGS.width}, batch {FLAGS.batch}: "

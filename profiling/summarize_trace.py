@@ -13,8 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from absl import app
 from absl import flags

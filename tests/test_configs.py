@@ -1,0 +1,75 @@
+"""configs/*.flags: every experiment config parses, composes with base.flags, has the paper's
+settings, can be overridden on the command line, and its header gives the command to run it."""
+
+import os
+import re
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from dunet import train  # noqa: F401  (defines the flags the configs set)
+
+FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+# The paper's settings per data set (Jha et al. 2020, section IV; ../shared/DESIGN.md).
+PAPER = {
+    "cvc": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
+    "etis": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
+    "kvasir": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
+    "isic2018": dict(loss="dice", optimizer="adam", learning_rate=1e-4),
+    "dsb2018": dict(loss="dice", optimizer="nadam", learning_rate=1e-4),
+}
+
+
+def _parse(*argv):
+  FLAGS.unparse_flags()
+  FLAGS(["dunet.train", *argv])
+  return {name: FLAGS[name].value for name in FLAGS}
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+  # Configs include base.flags by a path relative to the repository root, as documented.
+  monkeypatch.chdir(REPO)
+  with flagsaver.flagsaver():
+    yield
+  FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_compose_with_base_and_hold_the_paper_settings(name):
+  values = _parse(f"--flagfile=configs/{name}.flags")
+  assert values["batch_size"] == 16 and values["epochs"] == 300  # from base.flags
+  for flag, expected in PAPER[name].items():
+    assert values[flag] == expected, flag
+  assert values["workdir"] == f"runs/{name}"
+  assert values["data_dir"].startswith("data/")
+  assert values["height"] == 0  # the size comes from the prepared data
+
+
+def test_command_line_overrides_a_config():
+  values = _parse("--flagfile=configs/cvc.flags", "--batch_size=4", "--learning_rate=3e-4")
+  assert (values["batch_size"], values["learning_rate"]) == (4, 3e-4)
+  assert values["loss"] == "bce"
+
+
+def test_demo_config_is_small():
+  values = _parse("--flagfile=configs/demo.flags")
+  assert values["demo"] and values["height"] == values["width"] == 64
+  assert values["epochs"] * values["demo_count"] <= 20000
+
+
+@pytest.mark.parametrize("path", sorted(os.listdir(CONFIGS)))
+def test_every_header_gives_its_command_and_expected_result(path):
+  text = open(os.path.join(CONFIGS, path)).read()
+  if path == "base.flags":
+    assert "Included by the data set configs" in text
+    return
+  name = path[:-len(".flags")]
+  assert re.search(rf"python -m dunet\.train --flagfile=configs/{name}\.flags", text), path
+  assert "Expected" in text, path
+  if name != "demo":
+    assert "tools/prepare_data.py" in text, path

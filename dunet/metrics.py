@@ -17,6 +17,21 @@ the ground truth are BOTH empty (nothing to find, nothing falsely found: a perfe
   ground truth empty, prediction non-empty: dsc, iou, precision, recall, f2 all 0.0;
   prediction empty, ground truth non-empty: dsc, iou, precision, recall, f2 all 0.0.
 Accuracy is always defined (for an image with at least one pixel).
+Pooled scores follow the same rule on the summed counts: the rule makes a pooled score 1.0 only
+when every image has an empty prediction and an empty ground truth. The per-image mean counts an
+image with both masks empty as a perfect 1.0 and a false alarm on an empty ground truth as 0.0,
+so a report should say how many ground truths were empty (dunet.evaluate does; the synthetic demo
+set has some, pictures without a polyp).
+
+Which statistic the literature reports. DoubleU-Net's tables (Jha et al. 2020) give "DSC, mIoU,
+recall, precision" per data set, i.e. means over test images; the authors' code averaged Keras
+batch metrics over shuffled test batches, on soft masks, for both heads at once, which is neither
+statistic exactly. `HEADLINE_STATISTIC` is the per-image mean, the well-defined version of what
+the paper reports; pooled scores are given next to it.
+
+Thresholding: a pixel is predicted foreground when its probability is >= the threshold, here
+(`confusion_counts`) and in numpy (`binarize`) alike. Several heads are combined by averaging
+their probabilities and thresholding the mean (`mean_of_heads`), not by averaging scores.
 """
 
 from __future__ import annotations
@@ -29,6 +44,9 @@ import tensorflow as tf
 # Column order of every counts array.
 TP, FP, FN, TN = 0, 1, 2, 3
 SCORE_NAMES = ("dsc", "iou", "precision", "recall", "f2", "accuracy")
+# "per_image": the mean over images of each image's score; "pooled": one score over all pixels.
+STATISTICS = ("per_image", "pooled")
+HEADLINE_STATISTIC = "per_image"
 
 
 def confusion_counts(probabilities: tf.Tensor, masks: tf.Tensor,
@@ -82,6 +100,46 @@ def confusion_counts_np(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
   fn = np.count_nonzero(~predicted & truth)
   tn = predicted.size - tp - fp - fn
   return np.array([tp, fp, fn, tn], dtype=np.int64)
+
+
+def binarize(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+  """Boolean foreground prediction: probability >= threshold (as `confusion_counts`).
+
+  The threshold is compared in the probabilities' own float type, as TF does, so the numpy and
+  TF counts agree pixel for pixel.
+  """
+  probabilities = np.asarray(probabilities)
+  if np.issubdtype(probabilities.dtype, np.floating):
+    return probabilities >= probabilities.dtype.type(threshold)
+  return probabilities >= threshold
+
+
+def mean_of_heads(*probabilities: np.ndarray) -> np.ndarray:
+  """The mean of several heads' probability maps (same shape), to be thresholded as one head.
+
+  Args:
+    *probabilities: two or more float arrays of one shape (e.g. head 1 and head 2).
+
+  Returns:
+    Their element-wise mean, in the inputs' float type (float32 stays float32, summed in order
+    and divided once, like `dunet.serving.flip_tta`).
+
+  Raises:
+    ValueError: fewer than two maps, or different shapes.
+  """
+  if len(probabilities) < 2:
+    raise ValueError(f"mean_of_heads needs at least two probability maps, got {len(probabilities)}")
+  arrays = [np.asarray(p) for p in probabilities]
+  shapes = {a.shape for a in arrays}
+  if len(shapes) != 1:
+    raise ValueError(f"probability maps must have one shape, got {sorted(shapes)}")
+  dtype = np.result_type(*arrays)
+  if not np.issubdtype(dtype, np.floating):
+    dtype = np.dtype(np.float32)
+  total = arrays[0].astype(dtype)
+  for array in arrays[1:]:
+    total = total + array.astype(dtype)
+  return (total / dtype.type(len(arrays))).astype(dtype)
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray, both_empty: np.ndarray) -> np.ndarray:
@@ -143,6 +201,7 @@ class MetricAccumulator:
 
   @property
   def num_images(self) -> int:
+    """Images added so far."""
     return sum(len(c) for c in self._counts)
 
   def counts(self) -> np.ndarray:
@@ -172,6 +231,12 @@ class MetricAccumulator:
       result[f"pooled/{name}"] = float(pooled[name])
     result["images"] = float(len(counts))
     return result
+
+  def nested_result(self) -> Dict[str, Dict[str, float]]:
+    """`result()` as {"per_image": {score: value}, "pooled": {score: value}} (for reports)."""
+    flat = self.result()
+    return {statistic: {name: flat[f"{statistic}/{name}"] for name in SCORE_NAMES}
+            for statistic in STATISTICS}
 
   def reset(self) -> None:
     """Forgets all counts."""

@@ -22,12 +22,20 @@ def format_duration(seconds: float) -> str:
 class ProgressLine:
   """Rewrites one terminal line in place (a plain line every `every` steps when not a terminal).
 
-  Throughput is measured over the steps since the previous report, so the first (compiling) step
-  does not distort it for long.
+  Throughput is measured over the steps since the previous report (the first report: since the
+  line was created), so the first (compiling) step does not distort it for long.
   """
 
   def __init__(self, total_steps: int, items_per_step: int, stream: Optional[TextIO] = None,
-               every: int = 10, unit: str = "img"):
+               every: int = 10, unit: str = "img", start_step: int = 0):
+    """Args:
+      total_steps: the step count at the end (for the ETA).
+      items_per_step: images (or other units) per step, for the throughput.
+      stream: where to write (default stderr).
+      every: on a plain (non-terminal) stream, report every this many steps and the last.
+      unit: the throughput's unit.
+      start_step: steps already done when the line starts (a resumed run).
+    """
     self.total_steps = total_steps
     self.items_per_step = items_per_step
     self.stream = stream or sys.stderr
@@ -35,14 +43,12 @@ class ProgressLine:
     self.unit = unit
     self.is_terminal = bool(getattr(self.stream, "isatty", lambda: False)())
     self._last_time = time.perf_counter()
-    self._last_step: Optional[int] = None
+    self._last_step = start_step
     self.items_per_second = 0.0
 
   def update(self, step: int, values: Dict[str, float]) -> None:
     """Reports that `step` (1-based count of completed steps) finished with `values`."""
     now = time.perf_counter()
-    if self._last_step is None:
-      self._last_step, self._last_time = step - 1, now - 1e-9
     if not self.is_terminal and step % self.every and step != self.total_steps:
       return
     elapsed = now - self._last_time

@@ -1,4 +1,5 @@
 import io
+import time
 
 from dunet.progress import ProgressLine, format_duration
 
@@ -32,3 +33,16 @@ def test_terminal_rewrites_one_line():
     progress.update(step, {"loss": 0.5})
   text = stream.getvalue()
   assert text.count("\r") == 3 and text.endswith("\n")
+
+
+def test_throughput_counts_from_the_start_step_and_creation_time():
+  stream = io.StringIO()
+  progress = ProgressLine(total_steps=30, items_per_step=4, stream=stream, every=10,
+                          start_step=5)
+  started = time.perf_counter()
+  time.sleep(0.05)
+  progress.update(10, {})
+  elapsed = time.perf_counter() - started
+  # 5 steps of 4 images since creation: no more than 20 / 0.05 s, and not absurdly less.
+  assert 20 / (elapsed + 0.05) < progress.items_per_second <= 20 / 0.05
+  assert stream.getvalue().startswith("step 10/30 ")

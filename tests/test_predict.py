@@ -1,0 +1,261 @@
+"""dunet/predict.py: masks and overlays at each picture's own size, unreadable pictures skipped
+and named, batching by size, input lists, duplicate names, the exit status, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet import checkpoint as checkpoint_lib
+from dunet import predict
+from dunet import serving
+from dunet.data import preprocess
+from dunet.models import DoubleUNet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_SIZE = (32, 32)
+# name -> (height, width); two sizes repeat, so batches of 2 mix full and partial batches.
+SIZES = {"a": (40, 56), "b": (64, 64), "c": (40, 56), "d": (64, 64), "e": (40, 56),
+         "f": (37, 45)}
+
+
+def _picture(index, size):
+  rng = np.random.default_rng(200 + index)
+  image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+  return cv2.GaussianBlur(image, (5, 5), 0)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A run with a random DoubleU-Net whose head 2 is sharpened and centred on its median logit,
+  so that masks are about half foreground."""
+  tf.random.set_seed(5)
+  model = DoubleUNet()
+  pictures = np.stack([cv2.resize(_picture(i, (40, 56)), MODEL_SIZE[::-1]) for i in range(3)])
+  inputs = preprocess.preprocess(pictures, "unit")
+  for head in (model.head1, model.head2):
+    head.kernel.assign(head.kernel * 400.0)
+  for name, head in (("logits1", model.head1), ("logits2", model.head2)):
+    logits = getattr(model(inputs, is_training=False), name).numpy()
+    head.bias.assign(head.bias - float(np.median(logits)))
+  root = tmp_path_factory.mktemp("run")
+  prefix = tf.train.Checkpoint(model=model).write(str(root / "best" / "ckpt-1"))
+  tf.compat.v1.train.update_checkpoint_state(str(root / "best"), prefix)
+  checkpoint_lib.write_config(str(root), {"height": MODEL_SIZE[0], "width": MODEL_SIZE[1],
+                                          "preprocessing": "unit"})
+  return root
+
+
+@pytest.fixture(scope="module")
+def loaded(workdir):
+  return serving.load_segmenter(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """Pictures of three sizes, a 16-bit grayscale TIFF, an RGBA PNG, a JPEG, a corrupt PNG, a
+  truncated JPEG, an empty file, and files that are not pictures."""
+  root = tmp_path_factory.mktemp("inputs")
+  pictures = {}
+  for index, (name, size) in enumerate(SIZES.items()):
+    pictures[name] = _picture(index, size)
+    assert cv2.imwrite(str(root / f"{name}.png"), pictures[name][:, :, ::-1])
+  gray = np.random.default_rng(1).integers(0, 65536, (30, 50), dtype=np.uint16)
+  assert cv2.imwrite(str(root / "gray16.tif"), gray)
+  rgba = np.concatenate([_picture(9, (40, 56)), np.full((40, 56, 1), 128, np.uint8)], axis=2)
+  assert cv2.imwrite(str(root / "rgba.png"), rgba)
+  assert cv2.imwrite(str(root / "photo.JPG"), _picture(10, (48, 48)))
+  (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)) + b"IEND\xaeB`\x82")
+  jpeg = cv2.imencode(".jpg", _picture(11, (40, 40)))[1].tobytes()
+  (root / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  (root / "empty.png").write_bytes(b"")
+  (root / "notes.txt").write_text("not a picture")
+  (root / ".hidden.png").write_bytes((root / "a.png").read_bytes())
+  return root
+
+
+GOOD = [*SIZES, "gray16", "rgba", "photo"]
+BAD = ["corrupt", "truncated", "empty"]
+
+
+def _probability(loaded, image):
+  return loaded.serve(tf.constant(image[None]))["probability"].numpy()[0, :, :, 0]
+
+
+def test_predict_writes_masks_and_overlays_at_each_size_and_skips_bad_files(loaded, inputs,
+                                                                           tmp_path):
+  paths, problems = predict.find_inputs(str(inputs))
+  assert sorted(path.stem for path in paths) == sorted(GOOD + BAD)
+  assert not problems
+  out = tmp_path / "out"
+  summary = predict.predict(loaded, paths, out, batch_size=2, progress=False)
+
+  assert summary["written"] == len(GOOD)
+  assert sorted(Path(item["file"]).stem for item in summary["skipped"]) == sorted(BAD)
+  reasons = {Path(item["file"]).stem: item["reason"] for item in summary["skipped"]}
+  assert "truncated JPEG" in reasons["truncated"] and "empty file" in reasons["empty"]
+  assert sorted(os.listdir(out / "masks")) == sorted(f"{stem}.png" for stem in GOOD)
+  assert sorted(os.listdir(out / "overlays")) == sorted(f"{stem}.png" for stem in GOOD)
+  assert not (out / "probabilities").exists()
+  assert json.loads((out / "summary.json").read_text())["written"] == len(GOOD)
+
+  expected_sizes = dict(SIZES, gray16=(30, 50), rgba=(40, 56), photo=(48, 48))
+  for stem in GOOD:
+    mask = cv2.imread(str(out / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.dtype == np.uint8 and mask.shape == expected_sizes[stem], stem
+    assert set(np.unique(mask)) <= {0, 255}
+    overlay = cv2.imread(str(out / "overlays" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+    assert overlay.shape == (*expected_sizes[stem], 3), stem
+
+  # The masks are the model's head 2 at 0.5, picture by picture, at the picture's size. (The
+  # batches held 1 or 2 pictures: pixels within 1e-4 of the threshold may differ.)
+  for stem in SIZES:
+    image = cv2.imread(str(inputs / f"{stem}.png"))[:, :, ::-1].copy()
+    probability = _probability(loaded, image)
+    mask = cv2.imread(str(out / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED) > 0
+    clear = np.abs(probability - 0.5) > 1e-4
+    np.testing.assert_array_equal(mask[clear], probability[clear] >= 0.5, err_msg=stem)
+    assert 0.05 < mask.mean() < 0.95, stem  # a real test: neither empty nor full
+
+    # Overlays: unchanged pixels far from the mask, changed pixels inside it.
+    overlay = cv2.imread(str(out / "overlays" / f"{stem}.png"))[:, :, ::-1]
+    inside = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    outside = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    np.testing.assert_array_equal(overlay[outside], image[outside])
+    assert (overlay[inside] != image[inside]).any(axis=-1).all()
+    assert (overlay[inside][:, 1] >= image[inside][:, 1]).all()  # blended towards green
+
+
+def test_probabilities_tta_and_no_overlays(loaded, inputs, tmp_path):
+  paths = [inputs / "a.png", inputs / "b.png"]
+  summary = predict.predict(loaded, paths, tmp_path, tta=True, overlays=False,
+                            probabilities=True, threshold=0.6, progress=False)
+  assert summary["tta"] == ["none", "horizontal", "vertical"] and summary["threshold"] == 0.6
+  assert not (tmp_path / "overlays").exists()
+  for path in paths:
+    image = cv2.imread(str(path))[:, :, ::-1].copy()
+    expected = serving.flip_tta(loaded.serve, tf.constant(image[None]))["probability"]
+    expected = expected.numpy()[0, :, :, 0]
+    written = cv2.imread(str(tmp_path / "probabilities" / f"{path.stem}.png"),
+                         cv2.IMREAD_UNCHANGED)
+    assert written.shape == image.shape[:2]
+    assert np.abs(written.astype(np.float32) - expected * 255).max() <= 0.5 + 1e-3
+    mask = cv2.imread(str(tmp_path / "masks" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED) > 0
+    clear = np.abs(expected - 0.6) > 1e-4
+    np.testing.assert_array_equal(mask[clear], expected[clear] >= 0.6)
+
+
+def test_find_inputs(inputs, tmp_path):
+  # Lists mix files, patterns and folders; a file named twice is taken once; patterns that match
+  # nothing are reported; listed files are taken whatever their extension.
+  paths, problems = predict.find_inputs(
+      f"{inputs}/a.png, {inputs}/[bc].png,{inputs}/a.png,{inputs}/nothing*.png,{inputs}/notes.txt")
+  assert [path.name for path in paths] == ["a.png", "b.png", "c.png", "notes.txt"]
+  assert problems == [{"file": f"{inputs}/nothing*.png",
+                       "reason": "no image file matches this pattern"}]
+  # Folders: image extensions only (any case), no hidden files; sub-folders only if recursive;
+  # the output folder is never read back.
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "out" / "masks").mkdir(parents=True)
+  for name in ("x.PNG", "sub/y.tif", "out/masks/x.png", "z.json"):
+    (tmp_path / name).write_bytes(b"")
+  assert [p.name for p in predict.find_inputs(str(tmp_path))[0]] == ["x.PNG"]
+  found = predict.find_inputs([str(tmp_path)], recursive=True, exclude=tmp_path / "out")[0]
+  assert sorted(p.name for p in found) == ["x.PNG", "y.tif"]
+
+
+def test_duplicate_stems_are_refused(loaded, tmp_path):
+  for name in ("one/1.png", "two/1.png", "two/2.png", "two/2.tif"):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+  paths = [tmp_path / name for name in ("one/1.png", "two/1.png", "two/2.png", "two/2.tif")]
+  with pytest.raises(ValueError, match="'1': .*one/1.png, .*two/1.png; '2': .*2.png, .*2.tif"):
+    predict.predict(loaded, paths, tmp_path / "out", progress=False)
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("batch_size,max_waiting", [(1, None), (2, None), (3, 3), (4, 100)])
+def test_batches_by_size(batch_size, max_waiting):
+  sizes = [(1, 1), (2, 2), (1, 1), (3, 3), (1, 1), (2, 2), (4, 4), (1, 1), (5, 5), (1, 1)] * 3
+  items = list(enumerate(sizes))
+  batches = list(predict.batches_by_size(iter(items), lambda item: item[1], batch_size,
+                                         max_waiting))
+  assert sorted(item for batch in batches for item in batch) == items
+  for batch in batches:
+    assert 1 <= len(batch) <= batch_size
+    assert len({size for _, size in batch}) == 1
+    assert [index for index, _ in batch] == sorted(index for index, _ in batch)
+  if max_waiting is None:  # enough room: only the last batch of each size may be partial
+    partial = [batch for batch in batches if len(batch) < batch_size]
+    assert len({batch[0][1] for batch in partial}) == len(partial)
+
+
+def test_batches_by_size_holds_a_bounded_number_of_items():
+  consumed = []
+
+  def source():
+    for index in range(50):
+      consumed.append(index)
+      yield index, (index, index)  # every item has its own size: nothing fills a batch
+
+  yielded = 0
+  for batch in predict.batches_by_size(source(), lambda item: item[1], 4, max_waiting=6):
+    yielded += len(batch)
+    assert len(consumed) - yielded <= 6
+  assert yielded == 50
+
+
+def _cli(*args, timeout=240):
+  return subprocess.run([sys.executable, "-m", "dunet.predict", *args], cwd=REPO,
+                        timeout=timeout, capture_output=True, text=True)
+
+
+def test_cli_skips_unreadable_pictures_and_says_so_in_the_exit_status(workdir, inputs, tmp_path):
+  out = tmp_path / "out"
+  completed = _cli(f"--checkpoint={workdir}", f"--input={inputs}", f"--out_dir={out}",
+                   "--batch_size=3", "--noprogress")
+  assert completed.returncode == predict.EXIT_SKIPPED == 3, completed.stderr[-3000:]
+  for stem in BAD:
+    assert str(inputs / stem) in completed.stderr
+    assert str(inputs / stem) in completed.stdout  # the closing list
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["written"] == len(GOOD) and len(summary["skipped"]) == len(BAD)
+  assert sorted(os.listdir(out / "masks")) == sorted(f"{stem}.png" for stem in GOOD)
+
+  # All readable: exit status 0; TTA and probability pictures on request.
+  out = tmp_path / "good"
+  completed = _cli(f"--checkpoint={workdir}", f"--input={inputs}/a.png,{inputs}/[bd].png",
+                   f"--out_dir={out}", "--tta", "--probabilities", "--nooverlays")
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert sorted(os.listdir(out / "probabilities")) == ["a.png", "b.png", "d.png"]
+  assert not (out / "overlays").exists()
+  assert not [name for name in os.listdir(out / "masks") if ".tmp" in name]
+
+  # Nothing to do, or a clash of names: status 1 and the reason.
+  completed = _cli(f"--checkpoint={workdir}", f"--input={inputs}/corrupt.png",
+                   f"--out_dir={tmp_path / 'none'}")
+  assert completed.returncode == 1 and "corrupt.png" in completed.stderr
+
+
+def test_cli_errors_and_help(tmp_path, inputs):
+  completed = _cli(f"--checkpoint={tmp_path / 'no_run'}", f"--input={inputs}/a.png",
+                   f"--out_dir={tmp_path / 'out'}")
+  assert completed.returncode == 1
+  assert "no checkpoint" in completed.stderr and str(tmp_path / "no_run") in completed.stderr
+  (tmp_path / "empty").mkdir()
+  completed = _cli(f"--checkpoint={tmp_path / 'no_run'}", f"--input={tmp_path / 'empty'}",
+                   f"--out_dir={tmp_path / 'out'}")
+  assert completed.returncode == 1
+  assert "no pictures found" in completed.stderr
+  completed = _cli("--help")
+  for flag in ("checkpoint", "prefer", "input", "recursive", "out_dir", "batch_size", "threshold",
+               "tta", "tta_flips", "overlays", "probabilities", "height", "width", "precision",
+               "progress"):
+    assert f"--{flag}:" in completed.stdout or f"--[no]{flag}:" in completed.stdout, flag
+  assert "Exit status" in completed.stdout

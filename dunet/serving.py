@@ -14,6 +14,14 @@ callers hand it uint8 RGB images of any size and get probability masks at that s
 Its `serve` is a `tf.function` with a fixed input signature, so `tf.saved_model.save` exports it as
 the serving signature unchanged (dunet/export.py). `load_segmenter` gives the same call for a
 training workdir, a checkpoint prefix, a converted Keras workdir, or an exported SavedModel.
+
+`serve_model_size` is the deployment form of the same computation: uint8 [B, H, W, 3] at exactly
+the model's size -> the same two probabilities, with no resizing and no control flow (`serve`
+needs `tf.cond` for its resizes), and the reference preprocessing's median computed with
+comparisons and sums only (dunet.data.preprocess's `export_friendly` median) instead of
+`tf.math.bincount`. That is the
+graph ONNX exporters and TensorRT take (tools/export_trt.py); at the model size it returns exactly
+what `serve` returns.
 """
 
 from __future__ import annotations
@@ -32,7 +40,12 @@ from dunet.models.doubleunet import SIZE_DIVISOR
 
 PROBABILITY = "probability"
 PROBABILITY_HEAD1 = "probability_head1"
-IMAGE_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+OUTPUT_NAMES = (PROBABILITY, PROBABILITY_HEAD1)
+IMAGES = "images"
+IMAGE_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name=IMAGES)
+# SavedModel signature keys (dunet/export.py): any size in, and the model size only.
+SERVING_SIGNATURE = "serving_default"
+MODEL_SIZE_SIGNATURE = "model_size"
 # The flips test-time augmentation can average over, as (flip height, flip width).
 FLIPS = {"none": (False, False), "horizontal": (False, True), "vertical": (True, False)}
 
@@ -92,6 +105,11 @@ class Segmenter(tf.Module):
                                   name="input_size")
     self.preprocessing_name = tf.Variable(preprocessing, dtype=tf.string, trainable=False,
                                           name="preprocessing")
+    # Built here because its input signature depends on the model size.
+    self.serve_model_size = tf.function(
+        self._segment_model_size,
+        input_signature=[tf.TensorSpec([None, self.height, self.width, 3], tf.uint8,
+                                       name=IMAGES)])
 
   @tf.function(input_signature=[IMAGE_SPEC])
   def serve(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -108,6 +126,22 @@ class Segmenter(tf.Module):
   def __call__(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Same as `serve`."""
     return self.serve(images)
+
+  def signatures(self) -> Dict[str, Callable[..., Dict[str, tf.Tensor]]]:
+    """The SavedModel signatures: `serve` as "serving_default", `serve_model_size` as
+    "model_size" (pass to `tf.saved_model.save(segmenter, path, signatures=...)`)."""
+    return {SERVING_SIGNATURE: self.serve.get_concrete_function(),
+            MODEL_SIZE_SIGNATURE: self.serve_model_size.get_concrete_function()}
+
+  def _segment_model_size(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """`serve_model_size`: uint8 [B, H, W, 3] at the model size -> float32 [B, H, W, 1] each.
+
+    No resizing and no control flow, for ONNX and TensorRT. At the model size `serve` computes
+    the same values (its resizes are identities there).
+    """
+    inputs = preprocess.preprocess(images, self.preprocessing, export_friendly=True)
+    outputs = self.model(inputs, is_training=False).probabilities()
+    return {PROBABILITY: outputs.logits2, PROBABILITY_HEAD1: outputs.logits1}
 
   def _segment(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
     original_size = tf.shape(images)[1:3]

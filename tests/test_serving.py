@@ -64,6 +64,24 @@ def test_serve_returns_masks_at_the_input_size(model, images):
   np.testing.assert_allclose(result["probability"].numpy(), back, atol=2e-2)
 
 
+@pytest.mark.parametrize("preprocessing", preprocess.PREPROCESSING)
+def test_serve_model_size_is_serve_at_the_model_size(model, preprocessing):
+  pictures = np.random.RandomState(5).randint(0, 256, (3, SIZE, SIZE, 3)).astype(np.uint8)
+  segmenter = serving.Segmenter(model, SIZE, SIZE, preprocessing)
+  deployed = segmenter.serve_model_size(pictures)
+  expected = segmenter.serve(pictures)
+  assert set(deployed) == set(expected)
+  for key in expected:
+    # The same arithmetic: no resize at the model size, and the same median value.
+    np.testing.assert_array_equal(deployed[key].numpy(), expected[key].numpy())
+
+
+def test_serve_model_size_takes_only_the_model_size(model):
+  segmenter = serving.Segmenter(model, SIZE, SIZE, "unit")
+  with pytest.raises((ValueError, TypeError)):
+    segmenter.serve_model_size(np.zeros((1, SIZE + 16, SIZE, 3), np.uint8))
+
+
 @pytest.mark.parametrize("height,width,preprocessing,message", [
     (60, 64, "unit", "height must be a positive multiple of 16"),
     (64, 0, "unit", "width must be a positive multiple of 16"),
@@ -76,12 +94,17 @@ def test_segmenter_rejects_bad_settings(model, height, width, preprocessing, mes
 
 def test_saved_model_round_trip(tmp_path, model, images):
   segmenter = serving.Segmenter(model, SIZE, SIZE, "caffe")
-  tf.saved_model.save(segmenter, str(tmp_path / "saved"))
+  tf.saved_model.save(segmenter, str(tmp_path / "saved"), signatures=segmenter.signatures())
   loaded = serving.load_segmenter(str(tmp_path / "saved"))
   assert (loaded.kind, loaded.height, loaded.width, loaded.preprocessing) == (
       "saved_model", SIZE, SIZE, "caffe")
   np.testing.assert_allclose(loaded.serve(images)["probability"].numpy(),
                              segmenter(images)["probability"].numpy(), atol=1e-6)
+  assert set(loaded.module.signatures) == {"serving_default", "model_size"}
+  pictures = np.random.RandomState(6).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+  by_key = loaded.module.signatures["model_size"](images=tf.constant(pictures))
+  np.testing.assert_allclose(by_key["probability"].numpy(),
+                             segmenter(pictures)["probability"].numpy(), atol=1e-6)
   with pytest.raises(ValueError, match="exported with height 64, not 128"):
     serving.load_segmenter(str(tmp_path / "saved"), height=128)
 
@@ -95,8 +118,10 @@ def test_a_foreign_saved_model_is_refused(tmp_path):
 
 
 def _write_run(workdir, model, config):
-  prefix = tf.train.Checkpoint(model=model).write(str(workdir / "best" / "ckpt-3"))
-  tf.train.update_checkpoint_state(str(workdir / "best"), prefix)
+  # A CheckpointManager writes the `checkpoint` state file that resolve_checkpoint looks for.
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(workdir / "best"),
+                                       max_to_keep=1)
+  prefix = manager.save(checkpoint_number=3)
   if config is not None:
     checkpoint_lib.write_config(str(workdir), config)
   return prefix

@@ -21,14 +21,20 @@ PREPROCESSING = ("reference", "unit", "caffe")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 # The grey level the reference code moves each image's median to.
 REFERENCE_MEDIAN_TARGET = 127.0
+# Bisection steps that pin one of 256 grey levels (the counting median).
+_GREY_LEVEL_BITS = 8
 
 
-def preprocess(images: tf.Tensor, mode: str) -> tf.Tensor:
+def preprocess(images: tf.Tensor, mode: str, *, export_friendly: bool = False) -> tf.Tensor:
   """Turns RGB images with values in [0, 255] into the network's input.
 
   Args:
     images: uint8 or float, [H, W, 3] or [B, H, W, 3], RGB.
     mode: one of `PREPROCESSING`.
+    export_friendly: compute the "reference" median by counting (`median_uint8_by_counting`:
+      comparisons and sums only, static H and W needed) instead of from a histogram
+      (`tf.math.bincount`, which tf2onnx turns into ONNX ops TensorRT does not take). Both give
+      exactly np.median, so the result is the same bit for bit; the histogram is cheaper.
 
   Returns:
     float32 of the same shape.
@@ -41,7 +47,8 @@ def preprocess(images: tf.Tensor, mode: str) -> tf.Tensor:
     return tf.cast(images, tf.float32)[..., ::-1] - tf.constant(CAFFE_BGR_MEAN, tf.float32)
   # reference
   pixels = _as_uint8(images)
-  median = _median_uint8(pixels)  # per image, broadcastable
+  # Per image, broadcastable.
+  median = median_uint8_by_counting(pixels) if export_friendly else _median_uint8(pixels)
   shifted = tf.clip_by_value(tf.cast(pixels, tf.float32) - median + REFERENCE_MEDIAN_TARGET,
                              0.0, 255.0)
   return shifted[..., ::-1] / 255.0
@@ -93,4 +100,36 @@ def _median_uint8(images: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(cumulative <= rank, tf.float32), axis=1)
 
   median = 0.5 * (value_at((count - 1) // 2) + value_at(count // 2))
+  return tf.reshape(median, [-1, 1, 1, 1]) if batched else tf.reshape(median, [1, 1, 1])
+
+
+def median_uint8_by_counting(images: tf.Tensor) -> tf.Tensor:
+  """np.median over each uint8 image's pixels and channels, by bisection over the grey levels.
+
+  Equal to the histogram median (both exact) but built from comparisons, sums and selects only,
+  for graphs that go to ONNX and TensorRT. Eight halvings of [0, 255] find the k-th smallest
+  value as the smallest v with #(x <= v) > k, for the two middle ranks at once. Counts are
+  float32, exact below 2**24 values per image (a 2,300 x 2,300 RGB picture).
+
+  Args:
+    images: uint8 [H, W, C] or [B, H, W, C] with static H, W, C.
+
+  Returns:
+    float32 [1, 1, 1] or [B, 1, 1, 1].
+  """
+  batched = images.shape.rank == 4
+  count = images.shape[-3:].num_elements()
+  if count is None:
+    raise ValueError(f"the counting median needs static image dimensions, got {images.shape}")
+  flat = tf.cast(tf.reshape(images, [-1, count, 1]), tf.float32)
+  ranks = tf.constant([[(count - 1) // 2, count // 2]], tf.float32)  # [1, 2]
+  low = tf.zeros_like(flat[:, 0, :]) + tf.zeros_like(ranks)  # [B, 2]
+  high = low + 255.0
+  for _ in range(_GREY_LEVEL_BITS):
+    middle = tf.floor((low + high) * 0.5)
+    at_or_below = tf.reduce_sum(tf.cast(flat <= middle[:, None, :], tf.float32), axis=1)
+    found = at_or_below > ranks
+    high = tf.where(found, middle, high)
+    low = tf.where(found, low, middle + 1.0)
+  median = 0.5 * (low[:, 0] + low[:, 1])
   return tf.reshape(median, [-1, 1, 1, 1]) if batched else tf.reshape(median, [1, 1, 1])

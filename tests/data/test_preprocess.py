@@ -68,3 +68,46 @@ def test_display_of_reference_shows_the_shifted_image_in_rgb():
 def test_unknown_mode():
   with pytest.raises(ValueError, match="unknown preprocessing 'imagenet'"):
     preprocess.preprocess(np.zeros((2, 2, 3), np.uint8), "imagenet")
+
+
+def _median_cases():
+  rng = np.random.RandomState(7)
+  cases = {
+      "random": rng.randint(0, 256, (3, 16, 12, 3)),
+      "odd count": rng.randint(0, 256, (2, 5, 7, 3)),
+      "constant": np.full((2, 8, 8, 3), 200),
+      "extremes": rng.choice([0, 255], (4, 6, 6, 3)),
+      "two levels, even split": np.concatenate(
+          [np.full((1, 4, 4, 3), 10), np.full((1, 4, 4, 3), 11)], axis=1),
+      "skewed": np.minimum(rng.exponential(20, (2, 32, 32, 3)), 255),
+  }
+  return {name: value.astype(np.uint8) for name, value in cases.items()}
+
+
+@pytest.mark.parametrize("name", sorted(_median_cases()))
+def test_median_by_counting_is_numpys_median(name):
+  images = _median_cases()[name]
+  got = preprocess.median_uint8_by_counting(tf.constant(images)).numpy()
+  assert got.shape == (len(images), 1, 1, 1)
+  np.testing.assert_array_equal(got.ravel(), np.median(images.reshape(len(images), -1), axis=1))
+  single = preprocess.median_uint8_by_counting(tf.constant(images[0])).numpy()
+  assert single.shape == (1, 1, 1) and single.item() == np.median(images[0])
+
+
+@pytest.mark.parametrize("mode", preprocess.PREPROCESSING)
+def test_export_friendly_preprocessing_is_the_same_bit_for_bit(mode):
+  images = np.random.RandomState(8).randint(0, 256, (3, 32, 48, 3)).astype(np.uint8)
+  images[1] = np.minimum(images[1], 90)  # a darker picture: a different median
+  for batch in (images, images[1]):  # batched and one image
+    np.testing.assert_array_equal(
+        preprocess.preprocess(tf.constant(batch), mode, export_friendly=True).numpy(),
+        preprocess.preprocess(tf.constant(batch), mode).numpy())
+
+
+def test_median_by_counting_uses_no_histogram_ops():
+  """The point of the counting median: a graph ONNX converters map to TensorRT-friendly ops."""
+  function = tf.function(preprocess.median_uint8_by_counting).get_concrete_function(
+      tf.TensorSpec([None, 16, 16, 3], tf.uint8))
+  op_types = {op.type for op in function.graph.get_operations()}
+  assert not op_types & {"Bincount", "DenseBincount", "Cumsum", "Sort", "TopKV2", "While", "If",
+                         "StatelessIf", "StatelessWhile"}, op_types

@@ -1,0 +1,253 @@
+"""dunet/export.py: verified, atomic SavedModel export of a checkpoint (library and CLI)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet import checkpoint as checkpoint_lib
+from dunet import export
+from dunet import serving
+from dunet.data import prepare
+from dunet.data import preprocess
+from dunet.models import DoubleUNet
+
+SIZE = 64
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def randomize_batch_norm(model: DoubleUNet, seed: int = 0) -> None:
+  """Moves every BatchNorm away from its initial identity, so that an export that dropped or
+  mangled inference-mode BatchNorm would show."""
+  rng = np.random.RandomState(seed)
+  for variable in model.variables:
+    name = variable.name
+    if "moving_mean" in name:
+      variable.assign(rng.normal(0, 0.2, variable.shape))
+    elif "moving_variance" in name:
+      variable.assign(rng.uniform(0.5, 2.0, variable.shape))
+    elif "gamma" in name:
+      variable.assign(rng.uniform(0.6, 1.4, variable.shape))
+    elif "beta" in name:
+      variable.assign(rng.normal(0, 0.2, variable.shape))
+
+
+def write_run(workdir, model: DoubleUNet, preprocessing: str = "reference",
+              size: int = SIZE) -> str:
+  """A training-workdir look-alike (best/ckpt-1 + config.json) without training; returns the
+  checkpoint prefix."""
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                       os.path.join(str(workdir), checkpoint_lib.BEST_SUBDIR),
+                                       max_to_keep=1)
+  prefix = manager.save(checkpoint_number=1)
+  checkpoint_lib.write_config(str(workdir), {"height": size, "width": size,
+                                             "preprocessing": preprocessing})
+  return prefix
+
+
+def make_model(seed: int = 11) -> DoubleUNet:
+  tf.random.set_seed(seed)
+  model = DoubleUNet()
+  randomize_batch_norm(model, seed)
+  return model
+
+
+def leftovers(parent) -> list:
+  """Hidden temporary folders an export may have left next to its output."""
+  return sorted(name for name in os.listdir(parent) if name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return make_model()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, model):
+  workdir = tmp_path_factory.mktemp("run")
+  write_run(workdir, model)
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, run_dir):
+  out_dir = str(tmp_path_factory.mktemp("exports") / "saved")
+  return export.export_saved_model(run_dir, out_dir)
+
+
+@pytest.fixture(scope="module")
+def reloaded(exported):
+  return serving.load_segmenter(exported.out_dir)
+
+
+def _model_probabilities(model, pictures, mode):
+  """The network on already-sized pictures, computed without dunet.serving."""
+  outputs = model(preprocess.preprocess(tf.constant(pictures), mode), is_training=False)
+  return {"probability": tf.sigmoid(outputs.logits2).numpy(),
+          "probability_head1": tf.sigmoid(outputs.logits1).numpy()}
+
+
+def test_round_trip_at_the_model_size_is_the_model(reloaded, model):
+  loaded = reloaded
+  assert (loaded.kind, loaded.height, loaded.width, loaded.preprocessing) == (
+      "saved_model", SIZE, SIZE, "reference")
+  pictures = np.random.RandomState(21).randint(0, 256, (3, SIZE, SIZE, 3)).astype(np.uint8)
+  expected = _model_probabilities(model, pictures, "reference")
+  got = loaded.serve(pictures)
+  by_key = loaded.module.signatures["model_size"](images=tf.constant(pictures))
+  for key, value in expected.items():
+    np.testing.assert_allclose(got[key].numpy(), value, atol=1e-6)
+    np.testing.assert_allclose(by_key[key].numpy(), value, atol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(97, 83), (40, 52)], ids=["shrink", "grow"])
+def test_round_trip_at_other_sizes(reloaded, model, height, width):
+  loaded = reloaded
+  pictures = export.parity_pictures(2, height, width, seed=99)
+  got = loaded.serve(pictures)["probability"].numpy()
+  assert got.shape == (2, height, width, 1)
+  # The same as a fresh in-memory Segmenter over the same weights...
+  fresh = serving.Segmenter(model, SIZE, SIZE, "reference")(pictures)["probability"].numpy()
+  np.testing.assert_allclose(got, fresh, atol=1e-6)
+  # ...and close to resizing the way preparation does (OpenCV, rounded to uint8), running the
+  # network, and resizing its probabilities back.
+  resized = np.stack([prepare.resize_image(picture, SIZE, SIZE) for picture in pictures])
+  at_model_size = _model_probabilities(model, resized, "reference")["probability"]
+  back = tf.image.resize(at_model_size, [height, width]).numpy()
+  np.testing.assert_allclose(got, back, atol=3e-2)
+
+
+def test_parity_numbers_and_export_info(exported, run_dir):
+  prefix = checkpoint_lib.resolve_checkpoint(run_dir)
+  assert exported.source == prefix
+  sizes = export.parity_sizes(SIZE, SIZE)
+  expected_keys = {f"serving_default {h}x{w}" for h, w in sizes} | {f"model_size {SIZE}x{SIZE}"}
+  assert set(exported.parity) == expected_keys
+  assert all(0.0 <= value <= export.DEFAULT_TOLERANCE for value in exported.parity.values())
+  with open(os.path.join(exported.out_dir, export.EXPORT_INFO_FILENAME)) as handle:
+    info = json.load(handle)
+  assert info["source_checkpoint"] == os.path.abspath(prefix)
+  assert (info["height"], info["width"], info["preprocessing"]) == (SIZE, SIZE, "reference")
+  assert info["tensorflow_version"] == tf.__version__
+  assert info["parity_max_abs_difference"] == pytest.approx(exported.parity)
+  assert info["parity_tolerance"] == export.DEFAULT_TOLERANCE
+  assert leftovers(os.path.dirname(exported.out_dir)) == []
+
+
+def test_parity_sizes_cover_identity_shrink_and_grow():
+  (same, larger, smaller) = export.parity_sizes(64, 96)
+  assert same == (64, 96)
+  assert larger[0] > 64 and larger[1] > 96 and larger[0] % 16 and larger[1] % 16
+  assert smaller[0] < 64 and smaller[1] < 96
+
+
+def test_parity_pictures_are_deterministic():
+  first = export.parity_pictures(2, 40, 56)
+  assert first.shape == (2, 40, 56, 3) and first.dtype == np.uint8
+  np.testing.assert_array_equal(first, export.parity_pictures(2, 40, 56))
+  assert not np.array_equal(first, export.parity_pictures(2, 40, 56, seed=5))
+  assert first.std() > 5  # pictures, not flat fields
+
+
+def test_existing_out_dir_is_refused_without_overwrite(tmp_path, run_dir):
+  out_dir = tmp_path / "taken"
+  out_dir.mkdir()
+  (out_dir / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match=re.escape(str(out_dir)) + ".*--overwrite"):
+    export.export_saved_model(run_dir, str(out_dir))
+  assert (out_dir / "keep.txt").read_text() == "mine"
+  assert leftovers(tmp_path) == []
+
+
+def test_a_failed_check_leaves_nothing_and_keeps_the_old_export(tmp_path, run_dir, monkeypatch):
+  out_dir = tmp_path / "export"
+  out_dir.mkdir()
+  (out_dir / "keep.txt").write_text("previous export")
+  monkeypatch.setattr(export, "verify_saved_model", lambda path, segmenter: {"serving_default":
+                                                                               0.5})
+  with pytest.raises(export.ExportError, match="differs from the model by 0.5"):
+    export.export_saved_model(run_dir, str(out_dir), overwrite=True)
+  assert os.listdir(out_dir) == ["keep.txt"]
+  assert leftovers(tmp_path) == []
+
+
+def test_an_interrupted_export_leaves_nothing(tmp_path, run_dir, monkeypatch):
+  def interrupted(path, segmenter):
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))  # written, not yet verified
+    raise KeyboardInterrupt
+  monkeypatch.setattr(export, "verify_saved_model", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    export.export_saved_model(run_dir, str(tmp_path / "export"))
+  assert os.listdir(tmp_path) == []
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+  missing = tmp_path / "no_such_run"
+  with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match=re.escape(str(missing))):
+    export.export_saved_model(str(missing), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_model_is_not_exported_again(exported, tmp_path):
+  with pytest.raises(export.ExportError, match="already a SavedModel"):
+    export.export_saved_model(exported.out_dir, str(tmp_path / "again"))
+
+
+def test_staged_directory_commits_only_on_success(tmp_path):
+  target = tmp_path / "out"
+  with export.staged_directory(str(target), overwrite=False) as staging:
+    assert os.path.dirname(staging) == str(tmp_path) and not target.exists()
+    with open(os.path.join(staging, "a.txt"), "w") as handle:
+      handle.write("new")
+  assert (target / "a.txt").read_text() == "new"
+  with pytest.raises(RuntimeError):
+    with export.staged_directory(str(target), overwrite=True) as staging:
+      with open(os.path.join(staging, "b.txt"), "w") as handle:
+        handle.write("half")
+      raise RuntimeError("boom")
+  assert sorted(os.listdir(target)) == ["a.txt"]
+  with export.staged_directory(str(target), overwrite=True) as staging:
+    with open(os.path.join(staging, "c.txt"), "w") as handle:
+      handle.write("replacement")
+  assert sorted(os.listdir(target)) == ["c.txt"]
+  assert leftovers(tmp_path) == []
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "dunet.export", *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def test_cli_missing_checkpoint(tmp_path):
+  result = _run_cli(f"--checkpoint={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'out'}")
+  assert result.returncode == 1, result.stderr
+  assert f"error: no checkpoint at '{tmp_path / 'nothing'}'" in result.stderr
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_exports_and_overwrites(tmp_path, run_dir, model):
+  out_dir = tmp_path / "cli_export"
+  out_dir.mkdir()
+  (out_dir / "old.txt").write_text("old")
+  result = _run_cli(f"--checkpoint={run_dir}", f"--out_dir={out_dir}", "--overwrite",
+                    "--preprocessing=unit")
+  assert result.returncode == 0, result.stderr
+  for key in ("serving_default 64x64", "model_size 64x64", "serving_default 99x85"):
+    assert key in result.stdout
+  assert "preprocessing: unit" in result.stdout
+  assert sorted(os.listdir(out_dir)) == sorted(
+      ["assets", "dunet_export.json", "fingerprint.pb", "saved_model.pb", "variables"])
+  loaded = serving.load_segmenter(str(out_dir))
+  assert loaded.preprocessing == "unit"
+  pictures = np.random.RandomState(3).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+  expected = _model_probabilities(model, pictures, "unit")
+  np.testing.assert_allclose(loaded.serve(pictures)["probability"].numpy(),
+                             expected["probability"], atol=1e-6)
+  assert leftovers(tmp_path) == []

@@ -11,7 +11,9 @@ test set), and writes into --out_dir:
   split.json                                   the split (keep it with your results)
   summary.json                                 sizes, counts, foreground fractions, skipped files
 
-The folder appears only when complete (written next to it and renamed).
+The folder appears only when complete (written next to it and renamed). `--verify` checks an
+existing prepared folder instead: every shard read in full against what summary.json recorded
+(size, record count, SHA-256, checksums, PNG decoding), and whether the raw data changed since.
 
 Examples:
   python tools/prepare_data.py --raw_dir=/data/CVC-ClinicDB --out_dir=data/cvc \
@@ -19,6 +21,8 @@ Examples:
   # MICCAI 2015: train/valid on CVC-ClinicDB, test on all of ETIS-Larib
   python tools/prepare_data.py --raw_dir=/data/CVC-ClinicDB --test_raw_dir=/data/ETIS \
       --out_dir=data/cvc_etis --height=288 --width=384
+  # Is data/cvc still as prepared, and is its raw folder unchanged?
+  python tools/prepare_data.py --verify --out_dir=data/cvc
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dunet.data import layouts  # noqa: E402
+from dunet.data import prepare  # noqa: E402
 from dunet.data.errors import DataError  # noqa: E402
 from dunet.data.prepare import prepare_dataset  # noqa: E402
 
@@ -72,13 +77,36 @@ flags.DEFINE_integer("num_shards", None, "TFRecord files per split (fewer for sm
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir (only once the new one is "
                   "complete).")
 flags.DEFINE_bool("progress", True, "Show a progress line on the terminal.")
+flags.DEFINE_bool("verify", False, "Prepare nothing: check the prepared --out_dir (every shard "
+                  "read in full against summary.json: size, records, SHA-256, checksums, PNGs) "
+                  "and whether the raw data it was prepared from changed since. Exit status 1 "
+                  "with the offending file named, else 0.")
 flags.DEFINE_integer("workers", None, "Threads decoding and resizing images (default: the "
                      "number of CPUs).", lower_bound=1)
+
+
+def verify(out_dir: str) -> int:
+  """`--verify`: 0 when `out_dir` is intact and its raw data unchanged, else 1 (message printed)."""
+  try:
+    prepare.verify_shards(out_dir, content=True)
+    change = prepare.raw_data_changes(out_dir)
+  except DataError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  if change is not None:
+    print(f"error: {change}", file=sys.stderr)
+    return 1
+  print(f"{out_dir}: every shard is as prepared and the raw data are unchanged")
+  return 0
 
 
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.verify:
+    if not FLAGS.out_dir:
+      raise app.UsageError("--verify needs --out_dir (the prepared folder to check)")
+    return verify(FLAGS.out_dir)
   missing = [name for name in ("raw_dir", "out_dir", "height", "width")
              if getattr(FLAGS, name) is None]
   if missing:

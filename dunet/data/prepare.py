@@ -5,8 +5,15 @@ interrupted run leaves no usable-looking output. The prepared folder holds
 
   {train,valid,test}-SSSSS-of-NNNNN.tfrecord   records (see `dunet.data.records`)
   split.json                                   the split used (see `dunet.data.splits`)
-  summary.json                                 sizes, counts, foreground fractions, shards, skipped
-                                               files, notes, and a fingerprint of the raw files
+  summary.json                                 sizes, counts, foreground fractions, shards (with
+                                               their sizes, record counts and SHA-256 digests),
+                                               skipped files, notes, and a fingerprint of the raw
+                                               files
+  raw_files.json                               each raw file used, with its size and modification
+                                               time, so that a change can be named file by file
+
+Checks against the preparation: `verify_shards` (shards still as written: size at every training
+start, content on request) and `raw_data_changes` / `check_fresh` (the raw folder since then).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 SUMMARY_FILE = "summary.json"
 SPLIT_FILE = "split.json"
+RAW_FILES_FILE = "raw_files.json"
 SUMMARY_FORMAT = "dunet-prepared"
 SUMMARY_VERSION = 1
 # Default shard size: a few shards per split let tf.data read files in parallel and shard across
@@ -44,6 +52,8 @@ SUMMARY_VERSION = 1
 EXAMPLES_PER_SHARD = 256
 # How many notes (conversions) and skips summary.json lists by name; all are counted.
 _LISTED = 50
+# How many changed raw files an error message names per kind (added, removed, modified).
+_NAMED_CHANGES = 5
 
 
 def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width: int,
@@ -128,6 +138,9 @@ def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width:
                        rule=split_rule, separate_test=test_scan is not None)
     summary = _summary(main_scan, test_scan, height, width, seed, split_rule, split_stats,
                        unassigned, skipped, notes)
+    _write_json(staging / RAW_FILES_FILE, {
+        "raw": _raw_listing(main_scan),
+        "test_raw": _raw_listing(test_scan) if test_scan else None})
     _write_json(staging / SUMMARY_FILE, summary)
     _commit(staging, out_dir, overwrite)
   except BaseException:
@@ -174,13 +187,18 @@ def raw_fingerprint(paths: Iterable[Path], root: Path) -> str:
   return digest.hexdigest()
 
 
-def check_fresh(data_dir: PathLike) -> Optional[str]:
-  """Says how the raw data changed since `data_dir` was prepared; None when it did not.
+def raw_data_changes(data_dir: PathLike) -> Optional[DataError]:
+  """How the raw data changed since `data_dir` was prepared, as an error to raise or report.
 
-  The raw folder recorded in summary.json is scanned again and its fingerprint compared. A raw
-  folder that is gone is not a change (prepared data may outlive it).
+  The raw folder(s) recorded in summary.json are scanned again; a file added, removed, or with
+  another size or modification time is a change, named in the message (up to 5 of each kind).
+  A raw folder that is gone is not a change (prepared data may outlive it).
+
+  Returns:
+    A DataError naming the raw folder and the changed files, or None when nothing changed.
   """
   summary = read_summary(data_dir)
+  recorded_files = _read_raw_files(data_dir)
   for key in ("raw", "test_raw"):
     recorded = summary.get(key)
     if not recorded or not Path(recorded["dir"]).is_dir():
@@ -188,11 +206,75 @@ def check_fresh(data_dir: PathLike) -> Optional[str]:
     try:
       scan = layouts.scan(recorded["dir"], recorded["layout"])
     except DataError as error:
-      return f"{recorded['dir']} can no longer be read: {error}"
-    if _scan_fingerprint(scan) != recorded["fingerprint"]:
-      return (f"{recorded['dir']} changed since {data_dir} was prepared (files added, removed "
-              "or modified): prepare it again")
+      return DataError(recorded["dir"], f"can no longer be read as it was when {data_dir} was "
+                       f"prepared: {error}")
+    if _scan_fingerprint(scan) == recorded["fingerprint"]:
+      continue
+    before = recorded_files.get(key)
+    detail = (_describe_changes(before, _raw_listing(scan)) if before is not None
+              else "files added, removed or modified")
+    return DataError(recorded["dir"], f"changed since {data_dir} was prepared ({detail}): "
+                     "prepare it again (tools/prepare_data.py --overwrite)")
   return None
+
+
+def check_fresh(data_dir: PathLike) -> Optional[str]:
+  """Says how the raw data changed since `data_dir` was prepared; None when it did not.
+
+  The message of `raw_data_changes`.
+  """
+  change = raw_data_changes(data_dir)
+  return None if change is None else str(change)
+
+
+def verify_shards(data_dir: PathLike, splits_to_check: Optional[Sequence[str]] = None,
+                  content: bool = False) -> None:
+  """Checks that the record shards are still as preparation wrote them.
+
+  Always: each listed shard exists and has the size summary.json recorded (a stat per file, cheap
+  enough for every start). With `content`: also reads every shard in full (`records.check_shard`:
+  checksums, framing, PNG decoding), compares its record count and SHA-256 digest.
+  Preparations older than these records (no `shard_checks` in summary.json) are checked for
+  existence only.
+
+  Args:
+    data_dir: a prepared folder.
+    splits_to_check: the splits to check (default: all).
+    content: read and hash the shards too.
+
+  Raises:
+    DataError: naming the first shard that is missing, damaged or changed.
+  """
+  summary = read_summary(data_dir)
+  for split in splits_to_check or list(summary["splits"]):
+    stats = summary["splits"][split]
+    expected_by_name = stats.get("shard_checks", {})
+    for name in stats["shards"]:
+      path = Path(data_dir) / name
+      if not path.is_file():
+        raise DataError(path, "listed in summary.json but missing: prepare the data again "
+                        "(tools/prepare_data.py --overwrite)")
+      expected = expected_by_name.get(name)
+      if expected is not None and path.stat().st_size != expected["bytes"]:
+        raise DataError(path, f"is {path.stat().st_size} bytes but was {expected['bytes']} when "
+                        f"prepared ({summary.get('created', 'see summary.json')}): truncated or "
+                        "rewritten since; prepare the data again (tools/prepare_data.py "
+                        "--overwrite)")
+      if not content:
+        continue
+      report = records.check_shard(str(path))
+      if report.problem:
+        raise DataError(path, f"corrupt TFRecord shard ({report.problem}): prepare the data "
+                        "again (tools/prepare_data.py --overwrite)")
+      if expected is None:
+        continue
+      if report.records != expected["records"]:
+        raise DataError(path, f"holds {report.records} records but {expected['records']} were "
+                        "written at preparation: prepare the data again")
+      if _sha256(path) != expected["sha256"]:
+        raise DataError(path, "its content changed since preparation (SHA-256 differs from "
+                        "summary.json): prepare the data again (tools/prepare_data.py "
+                        "--overwrite)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +375,7 @@ def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, 
   bounds = [round(index * count / shards) for index in range(shards + 1)]
   shard_files = [records.shard_name(split, index, shards) for index in range(shards)]
   written, foreground, sizes = 0, [], []
+  per_shard = [0] * shards
   results = _ordered_map(lambda item: _prepared(item, height, width, keep_original), items,
                          workers)
   shard_index, writer = -1, None
@@ -313,6 +396,7 @@ def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, 
       serialized, fraction, size, example_notes = result
       writer.write(serialized)
       written += 1
+      per_shard[shard_index] += 1
       foreground.append(fraction)
       sizes.append(size)
       notes.extend(example_notes)
@@ -323,9 +407,14 @@ def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, 
     tf.io.TFRecordWriter(str(staging / shard_files[index])).close()
   heights = [size[0] for size in sizes] or [0]
   widths = [size[1] for size in sizes] or [0]
+  # What `verify_shards` compares later: a truncated or rewritten shard shows.
+  shard_checks = {name: {"records": per_shard[index], "bytes": (staging / name).stat().st_size,
+                         "sha256": _sha256(staging / name)}
+                  for index, name in enumerate(shard_files)}
   return {
       "count": written,
       "shards": shard_files,
+      "shard_checks": shard_checks,
       "foreground_fraction": float(np.mean(foreground)) if foreground else 0.0,
       "empty_masks": int(sum(fraction == 0 for fraction in foreground)),
       "original_height": {"min": min(heights), "max": max(heights)},
@@ -349,9 +438,57 @@ def _ordered_map(function, items: Sequence, workers: int) -> Iterator:
       yield pending.popleft().result()
 
 
+def _scan_files(scan: layouts.Scan) -> List[Path]:
+  return [Path(path) for pair in scan.pairs for path in (pair.image_path, *pair.mask_paths)]
+
+
 def _scan_fingerprint(scan: layouts.Scan) -> str:
-  files = [path for pair in scan.pairs for path in (pair.image_path, *pair.mask_paths)]
-  return raw_fingerprint(files, scan.raw_dir)
+  return raw_fingerprint(_scan_files(scan), scan.raw_dir)
+
+
+def _raw_listing(scan: layouts.Scan) -> Dict[str, List[int]]:
+  """{file relative to the raw folder: [size, modification time in ns]} of the files used."""
+  listing = {}
+  for path in _scan_files(scan):
+    stat = path.stat()
+    listing[os.path.relpath(path, scan.raw_dir)] = [stat.st_size, stat.st_mtime_ns]
+  return listing
+
+
+def _read_raw_files(data_dir: PathLike) -> dict:
+  path = Path(data_dir) / RAW_FILES_FILE
+  if not path.is_file():  # prepared before raw_files.json existed
+    return {}
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as error:
+    raise DataError(path, f"not valid JSON: {error}") from error
+
+
+def _describe_changes(before: Dict[str, List[int]], after: Dict[str, List[int]]) -> str:
+  """'1 modified: images/a.png; 2 added: images/b.png, masks/b.png' (a few names per kind)."""
+  kinds = {
+      "modified": sorted(name for name in before.keys() & after.keys()
+                         if list(before[name]) != list(after[name])),
+      "added": sorted(after.keys() - before.keys()),
+      "removed": sorted(before.keys() - after.keys()),
+  }
+  parts = []
+  for kind, names in kinds.items():
+    if names:
+      shown = ", ".join(names[:_NAMED_CHANGES])
+      more = f" and {len(names) - _NAMED_CHANGES} more" if len(names) > _NAMED_CHANGES else ""
+      parts.append(f"{len(names)} {kind}: {shown}{more}")
+  # Same files, sizes and times but another fingerprint: only the recorded listing is older.
+  return "; ".join(parts) or "files changed"
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as handle:
+    for block in iter(lambda: handle.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def _summary(main_scan: layouts.Scan, test_scan: Optional[layouts.Scan], height: int, width: int,

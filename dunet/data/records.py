@@ -12,12 +12,24 @@ Validation and test records also hold
   original_mask_png bytes one channel, values {0, 1}, at the original size (scores are computed
                           there); empty in training records.
 
-Shards are named `{split}-{index:05d}-of-{count:05d}.tfrecord`; summary.json lists them.
+Shards are named `{split}-{index:05d}-of-{count:05d}.tfrecord`; summary.json lists them (with
+their sizes, record counts and SHA-256 digests at preparation; see `dunet.data.prepare`).
+
+Damaged shards: TensorFlow reports a corrupt record as "corrupted record at <byte>" without the
+file's name, and silently drops a final record whose header was cut off. `check_shard` reads one
+shard completely and says what is wrong with it; `find_corrupt_shard` finds the first bad shard of
+a list; `name_read_errors` wraps any iteration over records (a tf.data pipeline) so that a read
+error becomes a `DataError` naming the damaged shard:
+
+  for batch in records.name_read_errors(dataset, pipeline.shard_files(data_dir, "test")):
+    ...
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import re
+import struct
+from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import cv2
 import numpy as np
@@ -118,6 +130,117 @@ def decode_mask_png(png: bytes) -> np.ndarray:
   if mask is None:
     raise DataError("<record>", "cannot decode the mask PNG")
   return mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged shards
+# ------------------------------------------------------------------------------------------------
+class ShardReport(NamedTuple):
+  """What `check_shard` found: the records read in full, and the problem (None: intact)."""
+  records: int
+  problem: Optional[str]
+
+
+def check_shard(path: str) -> ShardReport:
+  """Reads a TFRecord shard completely and checks it.
+
+  Every record's checksums (as TensorFlow reads them), that every record parses as a dunet example
+  whose image and mask PNGs decode, and that the file ends exactly after its last record. Reads
+  and decodes the whole file: meant for when something already went wrong, or for an explicit
+  verification, not for every start-up.
+
+  Args:
+    path: a shard file.
+
+  Returns:
+    ShardReport(records, problem): `problem` names the record (0-based) and what is wrong, or is
+    None when the shard is intact.
+  """
+  def decode(serialized):
+    features = parse_example(serialized)
+    image = tf.io.decode_png(features["image_png"], channels=3)
+    mask = tf.io.decode_png(features["mask_png"], channels=1)
+    return tf.size(image) + tf.size(mask)
+
+  count = 0
+  try:
+    for _ in tf.data.TFRecordDataset(path).map(decode):
+      count += 1
+  except tf.errors.OpError as error:
+    return ShardReport(count, f"record {count}: {_short_message(error)}")
+  return ShardReport(count, _framing_problem(path, count))
+
+
+def _framing_problem(path: str, records: int) -> Optional[str]:
+  """Checks that the file ends after its last record (TF ignores a cut-off final header).
+
+  The record lengths were already verified by their checksums while reading.
+  """
+  size = tf.io.gfile.stat(path).length
+  offset = 0
+  with tf.io.gfile.GFile(path, "rb") as handle:
+    for _ in range(records):
+      handle.seek(offset)
+      length, = struct.unpack("<Q", handle.read(8))
+      offset += length + 16  # length (8), its checksum (4), data, data checksum (4)
+  if offset != size:
+    return (f"truncated: {size - offset} stray bytes after record {records - 1} (byte {offset}) "
+            "are the start of a record cut off")
+  return None
+
+
+def find_corrupt_shard(paths: Sequence[str]) -> Optional[DataError]:
+  """Checks `paths` in order (see `check_shard`); a DataError naming the first damaged one.
+
+  Returns:
+    The error to raise, or None when every shard is intact.
+  """
+  for path in paths:
+    report = check_shard(path)
+    if report.problem:
+      return DataError(path, f"corrupt TFRecord shard ({report.problem}): prepare the data "
+                       "again (tools/prepare_data.py --overwrite)")
+  return None
+
+
+Item = TypeVar("Item")
+
+
+def name_read_errors(items: Iterable[Item], shard_paths: Sequence[str]) -> Iterator[Item]:
+  """Yields from `items` (e.g. a tf.data pipeline over `shard_paths`) unchanged.
+
+  When iterating raises a TensorFlow error, the shards are checked: a damaged one is reported as
+  a DataError naming it (raised from the original error); otherwise the original error is
+  re-raised as it was.
+
+  Args:
+    items: any iterable whose iteration reads `shard_paths`.
+    shard_paths: the files it reads.
+
+  Yields:
+    The items of `items`.
+
+  Raises:
+    DataError: naming the damaged shard.
+  """
+  iterator = iter(items)
+  while True:
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as error:
+      found = find_corrupt_shard(shard_paths)
+      if found is None:
+        raise
+      raise found from error
+    yield item
+
+
+def _short_message(error: tf.errors.OpError) -> str:
+  """A TF error's message without the op decorations ({{function_node ...}}, [Op:...])."""
+  message = re.sub(r"\{\{[^}]*\}\}\s*", "", error.message or str(error))
+  return message.split(" [Op:")[0].strip()
 
 
 def _bytes(value: bytes) -> tf.train.Feature:

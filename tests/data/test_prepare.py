@@ -1,7 +1,9 @@
 """Preparation: records, split and summary, written atomically; bad input raised or skipped."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +53,7 @@ def test_prepare_writes_checked_records_split_and_summary(tmp_path):
   summary = prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, num_shards=2,
                                     progress=False)
   assert sorted(os.listdir(out)) == [
-      "split.json", "summary.json", "test-00000-of-00001.tfrecord",
+      "raw_files.json", "split.json", "summary.json", "test-00000-of-00001.tfrecord",
       "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
       "valid-00000-of-00001.tfrecord"]
   split = splits.read_split(out / "split.json")
@@ -205,6 +207,98 @@ def test_fingerprint_detects_changed_raw_data(tmp_path):
   assert "changed since" in prepare.check_fresh(out)
 
 
+def test_raw_changes_are_named_file_by_file(tmp_path):
+  raw = tmp_path / "raw"
+  make_generic(raw, count=10)
+  out = tmp_path / "out"
+  prepare.prepare_dataset(raw, out, height=24, width=32, progress=False)
+  listing = json.loads((out / "raw_files.json").read_text())
+  assert sorted(listing["raw"]) == sorted(f"{kind}/img{i:02d}.png" for i in range(10)
+                                          for kind in ("images", "masks"))
+  assert prepare.raw_data_changes(out) is None
+
+  _, mask = picture(50)
+  write_mask(raw / "masks" / "img03.png", mask)  # other content
+  (raw / "images" / "img07.png").unlink()
+  (raw / "masks" / "img07.png").unlink()
+  make_pairs(raw / "images", raw / "masks", ["img99"], seed=99)
+  change = prepare.raw_data_changes(out)
+  assert change.path == str(raw.resolve())
+  assert (f"changed since {out} was prepared (1 modified: masks/img03.png; 2 added: "
+          "images/img99.png, masks/img99.png; 2 removed: images/img07.png, masks/img07.png)"
+          in change.problem)
+  assert prepare.check_fresh(out) == str(change)
+
+  # A touched file (same bytes, newer time) counts too: only size and time are compared.
+  shutil.rmtree(raw)
+  make_generic(raw, count=10)
+  os.utime(raw / "images" / "img00.png", ns=(1, 1))
+  assert "modified: " in prepare.raw_data_changes(out).problem
+
+  # Preparations without raw_files.json still detect a change, without names.
+  (out / "raw_files.json").unlink()
+  assert "(files added, removed or modified)" in prepare.raw_data_changes(out).problem
+  # Prepared data may outlive its raw folder: that is no change.
+  shutil.rmtree(raw)
+  assert prepare.raw_data_changes(out) is None
+
+
+def test_summary_records_each_shard_and_verify_shards_compares(tmp_path):
+  make_generic(tmp_path / "raw", count=10)
+  out = tmp_path / "out"
+  summary = prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, num_shards=2,
+                                    progress=False)
+  checks = summary["splits"]["train"]["shard_checks"]
+  assert sorted(checks) == summary["splits"]["train"]["shards"]
+  for name, check in checks.items():
+    path = out / name
+    assert check["bytes"] == path.stat().st_size
+    assert check["records"] == len(read_records(path))
+    assert check["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert sum(check["records"] for check in checks.values()) == summary["counts"]["train"]
+  prepare.verify_shards(out)
+  prepare.verify_shards(out, content=True)
+
+  # Truncated: caught by the size alone, at no cost.
+  shard = out / "train-00001-of-00002.tfrecord"
+  original = shard.read_bytes()
+  shard.write_bytes(original[:-10])
+  with pytest.raises(DataError, match=f"^{shard}: is {len(original) - 10} bytes but was "
+                     f"{len(original)} when prepared"):
+    prepare.verify_shards(out, ["train"])
+  prepare.verify_shards(out, ["valid", "test"])
+
+  # A flipped byte keeps the size: found when the content is checked.
+  flipped = bytearray(original)
+  flipped[len(flipped) // 2] ^= 0x01
+  shard.write_bytes(bytes(flipped))
+  prepare.verify_shards(out)
+  with pytest.raises(DataError, match=f"^{shard}: corrupt TFRecord shard \\(record \\d+: "
+                     "corrupted record at"):
+    prepare.verify_shards(out, content=True)
+
+  # Valid records of the same size, other content: only the digest shows it.
+  rewritten = []
+  for serialized in tf.data.TFRecordDataset(str(out / "train-00000-of-00002.tfrecord")):
+    example = tf.train.Example.FromString(serialized.numpy())
+    name = example.features.feature["name"].bytes_list.value[0]
+    example.features.feature["name"].bytes_list.value[0] = name[:-1] + b"X"
+    rewritten.append(example.SerializeToString())
+  shard.write_bytes(original)
+  other = out / "train-00000-of-00002.tfrecord"
+  size = other.stat().st_size
+  with tf.io.TFRecordWriter(str(other)) as writer:
+    for serialized in rewritten:
+      writer.write(serialized)
+  assert other.stat().st_size == size
+  with pytest.raises(DataError, match=f"^{other}: its content changed since preparation"):
+    prepare.verify_shards(out, content=True)
+
+  other.unlink()
+  with pytest.raises(DataError, match=f"^{other}: listed in summary.json but missing"):
+    prepare.verify_shards(out)
+
+
 def test_cli_help_documents_every_flag_and_errors_name_the_file(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run([sys.executable, "tools/prepare_data.py", "--help"], cwd=REPO,
@@ -220,3 +314,19 @@ def test_cli_help_documents_every_flag_and_errors_name_the_file(tmp_path):
       cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
   assert result.returncode == 1
   assert f"error: {bad}: truncated PNG" in result.stderr
+
+
+def test_cli_verify_names_a_damaged_shard(tmp_path):
+  make_generic(tmp_path / "raw", count=10)
+  out = tmp_path / "out"
+  prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, progress=False)
+  shard = out / "valid-00000-of-00001.tfrecord"
+  raw = bytearray(shard.read_bytes())
+  raw[-20] ^= 0x01
+  shard.write_bytes(bytes(raw))
+  result = subprocess.run([sys.executable, "tools/prepare_data.py", "--verify",
+                           f"--out_dir={out}"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert f"error: {shard}: corrupt TFRecord shard (record 0: corrupted record at " in (
+      result.stderr)

@@ -20,7 +20,6 @@ from typing import Dict, List, Optional
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
@@ -38,6 +37,8 @@ from dunet.data import flags as data_flags
 from dunet.data import pipeline
 from dunet.data import prepare
 from dunet.data import preprocess
+from dunet.data import records
+from dunet.data.errors import DataError
 from dunet.models import DoubleUNet
 from dunet.models import vgg19
 from dunet.models.doubleunet import SIZE_DIVISOR
@@ -73,9 +74,14 @@ flags.DEFINE_enum("optimizer", "nadam", ["adam", "nadam"], "Optimizer (the paper
 flags.DEFINE_float("learning_rate", 1e-5, "Initial learning rate.")
 flags.DEFINE_enum("lr_schedule", "plateau", ["constant", "cosine", "plateau"],
                   "constant; cosine decay over all steps (with --warmup_steps); or reduce on "
-                  "plateau of the validation DSC.")
+                  "plateau of the --monitor'ed validation value.")
 flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps for the cosine schedule.")
-flags.DEFINE_float("plateau_factor", 0.1, "Learning-rate factor when validation DSC plateaus.")
+flags.DEFINE_enum("monitor", "dsc", ["dsc", "loss"], "What the plateau schedule and early "
+                  "stopping watch: head 2's validation DSC (higher is better) or the validation "
+                  "loss (lower is better; what the reference code's Keras callbacks watched). "
+                  "The best checkpoint is always the best validation DSC.")
+flags.DEFINE_float("plateau_factor", 0.1, "Learning-rate factor when the monitored value "
+                   "plateaus.")
 flags.DEFINE_integer("plateau_patience", 5, "Validations without improvement before reducing.")
 flags.DEFINE_float("min_learning_rate", 1e-6, "Floor of the plateau and cosine schedules.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many validations without a "
@@ -111,6 +117,9 @@ flags.DEFINE_integer("log_every_steps", 10, "Scalar summaries and progress every
 flags.DEFINE_string("profile_steps", "", "Capture a TensorBoard profiler trace of these steps, "
                     "'START,STOP' inclusive (e.g. 20,25), into the workdir's Profile tab.")
 flags.DEFINE_integer("summary_images", 4, "Validation images shown in TensorBoard overlays.")
+flags.DEFINE_bool("allow_changed_raw_data", False, "Train even though the raw data set changed "
+                  "since --data_dir was prepared from it (files added, removed or modified: by "
+                  "default an error naming them). The prepared records are used as they are.")
 data_flags.define_data_flags()
 # Show the input pipeline's flags in --help too, not only in --helpfull.
 flags.adopt_module_key_flags(data_flags)
@@ -145,27 +154,93 @@ def _head_weights() -> List[float]:
   return weights
 
 
+class Aborted(KeyboardInterrupt):
+  """A second SIGINT/SIGTERM: stop at once, without a final checkpoint."""
+
+  def __init__(self, signal_name: str, signum: int):
+    super().__init__(f"{signal_name} received twice: aborted without saving a checkpoint")
+    self.signum = signum
+
+
 class Stop:
-  """SIGINT/SIGTERM set a flag; the loop checkpoints and exits after the current step."""
+  """SIGINT/SIGTERM set a flag; the loop checkpoints and exits after the current step.
+
+  A second signal raises `Aborted` at once. Checkpoint writes are crash-safe
+  (dunet/checkpoint.py), so aborting in the middle of one leaves the previous checkpoint listed.
+  """
+
+  _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
   def __init__(self):
     self.requested: Optional[str] = None
+    self._previous: Dict[int, object] = {}
 
-  def install(self):
-    for signum in (signal.SIGINT, signal.SIGTERM):
-      signal.signal(signum, self._handle)
+  def install(self) -> None:
+    for signum in self._SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
+
+  def uninstall(self) -> None:
+    """Puts the previous handlers back (training in a process that goes on, e.g. tests)."""
+    for signum, handler in self._previous.items():
+      if handler is not None:  # None: a handler not installed from Python, cannot be restored
+        signal.signal(signum, handler)
+    self._previous.clear()
 
   def _handle(self, signum, frame):
     del frame
-    if self.requested:  # a second signal: give up at once
-      raise KeyboardInterrupt
-    self.requested = signal.Signals(signum).name
-    logging.warning("%s received: saving a checkpoint after this step, then stopping.",
-                    self.requested)
+    name = signal.Signals(signum).name
+    if self.requested:
+      raise Aborted(name, signum)
+    self.requested = name
+    logging.warning("%s received: saving a checkpoint after this step, then stopping (send it "
+                    "again to abort at once).", self.requested)
+
+
+def _check_finite(measured: Dict[str, float], step: int, policy: precision.Policy,
+                  last_good: Optional[str]) -> None:
+  """Stops training (before anything is saved) on a step that went non-finite.
+
+  With float16 the dynamic loss scale skips overflowing steps by design; otherwise a non-finite
+  loss or gradient means training diverged. Parameters that overflow are never acceptable.
+
+  Raises:
+    FloatingPointError: naming the step and the last good checkpoint.
+  """
+  problem = None
+  if not policy.needs_loss_scaling and not math.isfinite(measured["loss/total"]):
+    problem = f"the training loss is {measured['loss/total']}"
+  elif not policy.needs_loss_scaling and not measured["update_applied"]:
+    problem = f"the gradients are not finite (the loss is {measured['loss/total']:.4g})"
+  elif not math.isfinite(measured["norm/parameters"]):
+    problem = "the parameters overflowed after the update (their norm is not finite)"
+  if problem:
+    raise FloatingPointError(
+        f"training diverged at step {step}: {problem} (precision {policy.name}). Stopped without "
+        f"saving this step; the last good checkpoint is {last_good or 'none (none was saved yet)'}"
+        ". Try a lower --learning_rate.")
 
 
 def train(workdir: str) -> Dict[str, float]:
-  """Runs (or resumes) training in `workdir`; returns the final validation metrics."""
+  """Runs (or resumes) training in `workdir`; returns the final validation metrics.
+
+  SIGINT/SIGTERM stop it cleanly after a checkpoint (see `Stop`).
+
+  Raises:
+    FloatingPointError: training diverged (nothing of the bad step is saved).
+    dunet.checkpoint.CheckpointWriteError: the workdir or a checkpoint cannot be written.
+    dunet.checkpoint.CheckpointReadError: checkpoints exist but none can be read.
+    DataError: missing, damaged or changed data, naming the file.
+    Aborted: a second signal.
+  """
+  stop = Stop()
+  stop.install()
+  try:
+    return _train(workdir, stop)
+  finally:
+    stop.uninstall()
+
+
+def _train(workdir: str, stop: Stop) -> Dict[str, float]:
   # ==============================================================================================
   # Setup
   # ==============================================================================================
@@ -177,6 +252,8 @@ def train(workdir: str) -> Dict[str, float]:
   strategy = distribute.make_strategy(FLAGS.strategy)
   replicas = strategy.num_replicas_in_sync
   chief = distribute.is_chief(strategy)
+  if chief:  # fail before any work, naming the folder
+    checkpoint_lib.check_writable(workdir)
   if FLAGS.jit_compile and replicas > 1 and not tf.config.list_physical_devices("GPU"):
     raise app.UsageError("--jit_compile with several replicas needs GPUs: XLA cannot place one "
                          "step's resources across logical CPU devices (use one replica on CPU).")
@@ -204,9 +281,14 @@ def train(workdir: str) -> Dict[str, float]:
         f"`python tools/prepare_data.py --raw_dir=RAW_FOLDER --out_dir={data_dir} --height=H "
         "--width=W`; or pass --demo to train on generated demo data.")
   data_info = pipeline.read_data_info(data_dir)
-  stale = prepare.check_fresh(data_dir)
-  if stale:
-    logging.warning("%s", stale)
+  # Shards still as prepared (their sizes: cheap); damaged records are named when read.
+  prepare.verify_shards(data_dir, ("train", "valid"))
+  changed = prepare.raw_data_changes(data_dir)
+  if changed and not FLAGS.allow_changed_raw_data:
+    raise DataError(changed.path, f"{changed.problem}; or pass --allow_changed_raw_data to train "
+                    "on the prepared records as they are")
+  if changed:
+    logging.warning("%s (training anyway: --allow_changed_raw_data)", changed)
   height, width = data_info["height"], data_info["width"]
   if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
     raise app.UsageError(f"{data_dir} was prepared at {height}x{width}; DoubleU-Net needs sizes "
@@ -235,6 +317,10 @@ def train(workdir: str) -> Dict[str, float]:
     return pipeline.make_eval_dataset(data_dir, "valid", batch_size=FLAGS.batch_size,
                                       preprocessing=FLAGS.preprocessing)
 
+  # A read error in a shard becomes an error naming it (records.name_read_errors).
+  train_shards = pipeline.shard_files(data_dir, "train")
+  valid_shards = pipeline.shard_files(data_dir, "valid")
+
   # ==============================================================================================
   # Model and optimizer
   # ==============================================================================================
@@ -249,9 +335,11 @@ def train(workdir: str) -> Dict[str, float]:
                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     best_dsc = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_dsc",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+  monitor_mode = "max" if FLAGS.monitor == "dsc" else "min"
   plateau = optim.ReduceOnPlateau(factor=FLAGS.plateau_factor, patience=FLAGS.plateau_patience,
-                                  min_lr=FLAGS.min_learning_rate, mode="max")
-  early_stopping = optim.EarlyStopping(patience=FLAGS.early_stopping_patience or 1, mode="max")
+                                  min_lr=FLAGS.min_learning_rate, mode=monitor_mode)
+  early_stopping = optim.EarlyStopping(patience=FLAGS.early_stopping_patience or 1,
+                                       mode=monitor_mode)
   cosine = optim.CosineSchedule(FLAGS.learning_rate, total_steps, warmup_steps=FLAGS.warmup_steps,
                                 final_lr=FLAGS.min_learning_rate)
 
@@ -274,31 +362,36 @@ def train(workdir: str) -> Dict[str, float]:
   state = tf.train.Checkpoint(model=model, optimizer=optimizer, loss_scale=loss_scale,
                               global_step=global_step, best_dsc=best_dsc, plateau=plateau,
                               early_stopping=early_stopping)
-  # Every multi-worker worker writes (collective ops need all of them); only the chief's copy
-  # lands in the workdir.
+  # Every worker resumes from the workdir's newest readable checkpoint (only the chief repairs
+  # it). Every multi-worker worker also writes (collective ops need all of them); only the chief's
+  # copy lands in the workdir. Writes are crash-safe: see dunet/checkpoint.py.
+  restored = checkpoint_lib.restore_newest(
+      state, os.path.join(workdir, checkpoint_lib.CHECKPOINT_SUBDIR), repair=chief)
   write_dir = workdir if chief else tempfile.mkdtemp(prefix="dunet-worker-")
-  latest = tf.train.CheckpointManager(
+  latest = checkpoint_lib.Checkpointer(
       state, os.path.join(write_dir, checkpoint_lib.CHECKPOINT_SUBDIR),
       max_to_keep=FLAGS.keep_checkpoints)
-  best = tf.train.CheckpointManager(
-      state, os.path.join(write_dir, checkpoint_lib.BEST_SUBDIR), max_to_keep=1)
-  if latest.latest_checkpoint:
-    state.restore(latest.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s at step %d", latest.latest_checkpoint, int(global_step.numpy()))
+  best = checkpoint_lib.Checkpointer(state, os.path.join(write_dir, checkpoint_lib.BEST_SUBDIR),
+                                     max_to_keep=1)
+  if restored:
+    logging.info("Resumed from %s at step %d", restored, int(global_step.numpy()))
+    # Killed between writing an improved checkpoint and copying it to best/: copy it now.
+    if chief and float(best_dsc.numpy()) > checkpoint_lib.read_scalar(
+        checkpoint_lib.best_checkpoint(workdir), "best_dsc", default=-1.0):
+      best.adopt(restored)
   else:
     vgg19.maybe_load_imagenet_weights(model, FLAGS.vgg19_weights)
   if chief:
     _write_run_files(workdir, data_dir, height, width, policy.name)
   train_writer = tf.summary.create_file_writer(os.path.join(workdir, "train")) if chief else None
   valid_writer = tf.summary.create_file_writer(os.path.join(workdir, "valid")) if chief else None
+  # Each step is saved at most once (again would only rewrite it), and step 0 never.
+  last_saved = [int(global_step.numpy())]
 
-  def save(manager: tf.train.CheckpointManager) -> None:
-    try:
-      manager.save(checkpoint_number=int(global_step.numpy()))
-    except (OSError, tf.errors.OpError) as error:
-      previous = latest.latest_checkpoint
-      raise RuntimeError(f"could not write a checkpoint into {manager.directory}: {error}. "
-                         f"The previous checkpoint ({previous or 'none'}) is untouched.") from error
+  def save(step: int) -> None:
+    if last_saved[0] != step:
+      latest.save(step)
+      last_saved[0] = step
 
   # ==============================================================================================
   # Eval
@@ -308,7 +401,7 @@ def train(workdir: str) -> Dict[str, float]:
     loss_sums: Dict[str, float] = {}
     count = 0
     shown = False
-    for batch in valid_dataset():
+    for batch in records.name_read_errors(valid_dataset(), valid_shards):
       model_batch = {"image": batch["image"], "mask": batch["mask"]}
       result = eval_function(model_batch)
       batch_size = int(batch["image"].shape[0])
@@ -330,47 +423,45 @@ def train(workdir: str) -> Dict[str, float]:
   # ==============================================================================================
   # Loop
   # ==============================================================================================
-  stop = Stop()
-  stop.install()
   step_profiler = profiler.StepProfiler(
       workdir if chief else write_dir, profiler.parse_step_range(FLAGS.profile_steps))
   step = int(global_step.numpy())
-  progress = ProgressLine(total_steps, FLAGS.batch_size, every=FLAGS.log_every_steps)
+  progress = ProgressLine(total_steps, FLAGS.batch_size, every=FLAGS.log_every_steps,
+                          start_step=step)
   valid_metrics: Dict[str, float] = {}
   start_epoch = step // steps_per_epoch
   stopped_early = False
   for epoch in range(start_epoch, FLAGS.epochs):
     if step >= total_steps or stopped_early or stop.requested:
       break
+    epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
     # The data order of an epoch depends only on (seed, epoch); skipping the batches already
     # done makes a resumed run see exactly what an uninterrupted one would.
-    iterator = iter(train_dataset(epoch))
+    batches = records.name_read_errors(train_dataset(epoch), train_shards)
     for _ in range(step - epoch * steps_per_epoch):
-      next(iterator)
-    while step < min((epoch + 1) * steps_per_epoch, total_steps):
+      next(batches)
+    while step < epoch_end and not stop.requested:
       if FLAGS.lr_schedule == "cosine":
         optimizer.learning_rate.assign(cosine(step))
       with step_profiler.step(step + 1):
-        measured = {k: float(v) for k, v in train_function(next(iterator)).items()}
+        measured = {k: float(v) for k, v in train_function(next(batches)).items()}
       step += 1
-      if not math.isfinite(measured["loss/total"]) and policy.name != "mixed_float16":
-        raise FloatingPointError(
-            f"non-finite training loss {measured['loss/total']} at step {step} (precision "
-            f"{policy.name}); the weights were not updated and the last good checkpoint is "
-            f"{latest.latest_checkpoint or 'none'}. Try a lower --learning_rate.")
+      _check_finite(measured, step, policy, latest.latest)
       progress.update(step, {"loss": measured["loss/total"]})
       if train_writer is not None and (step % FLAGS.log_every_steps == 0 or step == total_steps):
         measured["images_per_second"] = progress.items_per_second
         summaries.write_scalars(train_writer, step, measured)
-      if FLAGS.checkpoint_every_steps and step % FLAGS.checkpoint_every_steps == 0:
-        save(latest)
-      if stop.requested:
-        break
-    if stop.requested:
-      save(latest)
+      # The epoch's last step is saved after its validation, once (see below).
+      if FLAGS.checkpoint_every_steps and step % FLAGS.checkpoint_every_steps == 0 and (
+          step < epoch_end):
+        save(step)
+    if step < epoch_end:  # a signal, in the middle of the epoch
+      save(step)
       break
-    epoch_done = step % steps_per_epoch == 0 or step == total_steps
-    if epoch_done and ((epoch + 1) % FLAGS.eval_every_epochs == 0 or step == total_steps):
+    # End of the epoch (also when a signal came during its last step): validate, then save
+    # once, so that a resumed run never finds an epoch's step saved without its validation.
+    improved = False
+    if (epoch + 1) % FLAGS.eval_every_epochs == 0 or step == total_steps:
       valid_metrics = evaluate(step)
       dsc = valid_metrics["head2/per_image/dsc"]
       if valid_writer is not None:
@@ -378,24 +469,22 @@ def train(workdir: str) -> Dict[str, float]:
       logging.info("epoch %d step %d validation: %s", epoch + 1, step,
                    summaries.flatten_for_log(
                        {k: v for k, v in valid_metrics.items() if k.startswith("head2/per_image")}))
+      monitored = dsc if FLAGS.monitor == "dsc" else valid_metrics["loss/total"]
       if FLAGS.lr_schedule == "plateau":
-        optimizer.learning_rate.assign(plateau.update(dsc, float(optimizer.learning_rate.numpy())))
+        optimizer.learning_rate.assign(plateau.update(monitored,
+                                                      float(optimizer.learning_rate.numpy())))
       improved = dsc > float(best_dsc.numpy())
       if improved:
         best_dsc.assign(dsc)
-      if FLAGS.early_stopping_patience and early_stopping.update(dsc):
-        logging.info("Early stopping: no better validation DSC for %d validations.",
+      if FLAGS.early_stopping_patience and early_stopping.update(monitored):
+        logging.info("Early stopping: no better validation %s for %d validations.", FLAGS.monitor,
                      FLAGS.early_stopping_patience)
         stopped_early = True
-      save(latest)
-      if improved:
-        save(best)
-    elif FLAGS.checkpoint_every_steps == 0 or step % FLAGS.checkpoint_every_steps:
-      save(latest)
+    save(step)
+    if improved:
+      best.adopt(latest.latest)
   progress.close()
   step_profiler.stop()
-  if not stop.requested and step and latest.latest_checkpoint is None:
-    save(latest)
   if not chief:
     shutil.rmtree(write_dir, ignore_errors=True)
   final = {"step": step, "best_valid_dsc": float(best_dsc.numpy()),
@@ -445,10 +534,25 @@ def main(argv):
   if not FLAGS.demo and not FLAGS.data_dir:
     raise app.UsageError("--data_dir is required (or --demo for the synthetic data set)")
   started = time.time()
-  result = train(FLAGS.workdir)
+  try:
+    result = train(FLAGS.workdir)
+  except Aborted as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 128 + error.signum
+  except (FloatingPointError, checkpoint_lib.CheckpointWriteError,
+          checkpoint_lib.CheckpointReadError, DataError) as error:
+    # Expected failures: the message names the step, file or folder; no traceback needed.
+    print(f"error: {error}", file=sys.stderr)
+    return 1
   logging.info("Done in %.0f s: %s", time.time() - started, json.dumps(result))
   print(json.dumps(result))
+  return 0
+
+
+def run() -> None:
+  """The program (console-script entry point `dunet-train`)."""
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -65,7 +65,9 @@ def _model_variables(workdir):
 
 def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
   workdir = tmp_path / "run"
-  result = run_training(workdir, data_dir, epochs=3)
+  # The reference's schedule: reduce on a plateau of the validation LOSS (patience 1 here).
+  result = run_training(workdir, data_dir, epochs=3, lr_schedule="plateau", monitor="loss",
+                        plateau_patience=1, plateau_factor=0.5, min_learning_rate=0.0)
   assert result["step"] == 15
   for name in ("flags.txt", "config.json", "split.json", "metrics.json"):
     assert (workdir / name).is_file(), name
@@ -83,6 +85,16 @@ def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
               "norm/gradients"):
     assert _scalars(workdir / "train", tag), tag
   assert set(_scalars(workdir / "valid", "head2/per_image/dsc")) == {5, 10, 15}
+  # After each validation the rate halves exactly when the validation loss did not improve.
+  valid_loss = _scalars(workdir / "valid", "loss/total")
+  rates = _scalars(workdir / "train", "learning_rate")
+  best, rate = float("inf"), 1e-3
+  for validation_step in (5, 10):
+    if valid_loss[validation_step] < best:
+      best = valid_loss[validation_step]
+    else:
+      rate *= 0.5
+    np.testing.assert_allclose(rates[validation_step + 1], rate, rtol=1e-6)
 
 
 def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_dir):

@@ -43,6 +43,9 @@ def _in_repo_root(monkeypatch):
 def test_paper_configs_compose_with_base_and_hold_the_paper_settings(name):
   values = _parse(f"--flagfile=configs/{name}.flags")
   assert values["batch_size"] == 16 and values["epochs"] == 300  # from base.flags
+  # The reference's callbacks: plateau on the validation loss (patience 20), early stop after 50.
+  assert (values["lr_schedule"], values["monitor"], values["plateau_patience"],
+          values["early_stopping_patience"]) == ("plateau", "loss", 20, 50)
   for flag, expected in PAPER[name].items():
     assert values[flag] == expected, flag
   assert values["workdir"] == f"runs/{name}"

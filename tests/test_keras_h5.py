@@ -218,6 +218,51 @@ def test_converted_checkpoint_reproduces_both_keras_heads(reference, tmp_path):
   assert np.abs(swapped.logits2.numpy()[..., 0] - reference.probabilities[..., 1]).max() > 1e-3
 
 
+def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_path):
+  """What users do with converted weights: dunet's evaluate, predict and export read the workdir
+  as they read a training run (input size and the reference preprocessing from config.json)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  from dunet import evaluate, export, predict, serving  # pylint: disable=g-import-not-at-top
+  from dunet.data import preprocess  # pylint: disable=g-import-not-at-top
+
+  out_dir = tmp_path / "converted"
+  keras_h5.convert_keras_h5(reference.h5_path, str(out_dir))
+  loaded = serving.load_segmenter(str(out_dir))
+  assert (loaded.height, loaded.width, loaded.preprocessing) == (HEIGHT, WIDTH, "reference")
+  rng = np.random.default_rng(5)
+  pictures = rng.integers(0, 256, (2, HEIGHT, WIDTH, 3), dtype=np.uint8)
+  model = DoubleUNet()
+  checkpoint_lib.restore_model(model, str(out_dir))
+  expected = model(preprocess.preprocess(pictures, "reference"), is_training=False)
+  np.testing.assert_allclose(loaded.serve(pictures)["probability"].numpy(),
+                             tf.sigmoid(expected.logits2).numpy(), atol=PROBABILITY_TOLERANCE)
+
+  # A raw images/ + masks/ folder at another size: evaluate and predict at that size.
+  raw = tmp_path / "raw"
+  for folder in ("images", "masks"):
+    (raw / folder).mkdir(parents=True)
+  for index in range(2):
+    picture = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    mask = np.zeros((50, 70), np.uint8)
+    mask[10:30, 20:50] = 255
+    cv2.imwrite(str(raw / "images" / f"{index}.png"), picture)
+    cv2.imwrite(str(raw / "masks" / f"{index}.png"), mask)
+  report = evaluate.evaluate(loaded, raw_dir=str(raw), progress=False)
+  assert report["images"] == 2 and report["resolution"] == "original"
+  assert 0.0 <= report["headline"]["dsc"] <= 1.0
+  summary = predict.predict(loaded, sorted((raw / "images").iterdir()), tmp_path / "predicted",
+                            progress=False)
+  assert summary["written"] == 2 and not summary["skipped"]
+  written = cv2.imread(str(tmp_path / "predicted" / "masks" / "0.png"), cv2.IMREAD_UNCHANGED)
+  assert written.shape == (50, 70)
+
+  exported = export.export_saved_model(str(out_dir), str(tmp_path / "saved_model"))
+  assert max(exported.parity.values()) <= export.DEFAULT_TOLERANCE
+  reloaded = serving.load_segmenter(str(tmp_path / "saved_model"))
+  np.testing.assert_allclose(reloaded.serve(pictures)["probability"].numpy(),
+                             loaded.serve(pictures)["probability"].numpy(), atol=1e-5)
+
+
 def test_mapping_table_anchors(baseline):
   """Spot checks of the creation-order table against the Keras 3 file's auto names."""
   expected = {

@@ -1,0 +1,646 @@
+r"""Scores a trained DoubleU-Net: `python -m dunet.evaluate --checkpoint=RUN [--split=test]`.
+
+What is evaluated:
+  * a split of prepared data (tools/prepare_data.py; default: the data the run trained on, from
+    its config.json): the prepared uint8 pictures go through the model (dunet.serving: resized to
+    the model's input, preprocessed as in training), both heads' probabilities are resized back
+    (bilinear) to each picture's ORIGINAL size and thresholded there, and counted against the
+    original-resolution mask the validation and test records keep. Training records keep no
+    original mask: their scores are at the prepared size, and the report says so.
+  * or a whole raw data set folder as distributed (--raw_dir, e.g. ETIS-Larib as downloaded), read
+    with dunet's checked readers at its original resolution, in any layout of
+    dunet/data/layouts.py.
+
+What is reported, for head 2 (the final output), head 1, and "mean" (the two heads'
+probabilities averaged, then thresholded), at --threshold (foreground where probability >= it):
+DSC, IoU, precision, recall (the paper's four), F2 and accuracy, each as
+  per_image: the mean over images of each image's score. The HEADLINE statistic: the paper's
+             tables report mean DSC and mIoU over test images (the authors' code averaged Keras
+             metrics per test batch, over both heads and soft masks, which is neither statistic
+             exactly); the per-image mean of head 2 at the original resolution is the
+             well-defined version of it, and what dunet compares with the paper.
+  pooled:    one score from the confusion counts summed over all pixels of all images (large
+             objects weigh more).
+Images whose prediction and ground truth are both empty score 1.0; a prediction on an empty
+ground truth, or an empty prediction on a non-empty one, scores 0.0 (dunet/metrics.py); the report
+counts the empty ground truths and predictions.
+
+Written into --out_dir (default: <workdir>/eval/<split>[-latest][-tta], or
+<workdir>/eval/raw-<folder name>[...] with --raw_dir), each file complete or not at all:
+  metrics.json   everything above, plus the model, data, settings and skipped files
+  metrics.md     the table printed at the end, with the same notes
+  per_image.csv  one row per image: name, split, size scored, resolution, head 2's counts and
+                 scores, to find the failures
+
+Examples:
+  python -m dunet.evaluate --checkpoint=runs/cvc                       # best checkpoint, test
+  python -m dunet.evaluate --checkpoint=runs/cvc --split=valid --prefer=latest --tta
+  python -m dunet.evaluate --checkpoint=runs/cvc --raw_dir=/data/ETIS-LaribPolypDB
+  python -m dunet.evaluate --checkpoint=exported/cvc --data_dir=data/cvc --out_dir=eval/cvc
+
+Exit status: 0 when the evaluation was written; 1 on an error (message on stderr).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import os
+import sys
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
+
+from dunet import checkpoint as checkpoint_lib
+from dunet import metrics
+from dunet import precision
+from dunet import predict as predict_lib
+from dunet import serving
+from dunet.data import layouts
+from dunet.data import pipeline
+from dunet.data import prepare
+from dunet.data import readers
+from dunet.data import records
+from dunet.data import splits as splits_lib
+from dunet.data.errors import DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+SegmentFn = Callable[[np.ndarray], Dict[str, np.ndarray]]
+
+# Report order: the final output first.
+HEADS = ("head2", "head1", "mean")
+HEAD_TITLES = {"head2": "head 2 (final output)", "head1": "head 1",
+               "mean": "mean of heads 1 and 2"}
+STATISTIC_TITLES = {"per_image": "mean over images", "pooled": "pooled over pixels"}
+# Columns of the table: the paper's four in its order, then F2 and accuracy.
+TABLE_SCORES = (("dsc", "DSC"), ("iou", "mIoU / IoU"), ("recall", "recall"),
+                ("precision", "precision"), ("f2", "F2"), ("accuracy", "accuracy"))
+SPLIT_CHOICES = ("test", "valid", "train", "all")
+ORIGINAL, PREPARED = "original", "prepared"
+RAW_SPLIT = "raw"
+METRICS_JSON, METRICS_MD, PER_IMAGE_CSV = "metrics.json", "metrics.md", "per_image.csv"
+REPORT_FORMAT, REPORT_VERSION = "dunet-eval", 1
+STATISTICS_NOTE = (
+    "per_image = the mean over images of each image's score (the headline: the paper's tables "
+    "report mean DSC and mIoU over test images; the authors' code averaged per-batch Keras "
+    "metrics over both heads on soft masks, which is neither statistic exactly); pooled = one "
+    "score from the counts summed over all pixels of all images.")
+EMPTY_MASK_NOTE = (
+    "an image whose prediction and ground truth are both empty scores 1.0; a prediction on an "
+    "empty ground truth, or an empty prediction on a non-empty one, scores 0.0 (accuracy is "
+    "always defined).")
+
+
+class EvaluationError(ValueError):
+  """A problem with what was asked to be evaluated; the message says what and where."""
+
+
+@dataclasses.dataclass
+class Example:
+  """One picture to score.
+
+  Attributes:
+    name: its name (record name or file stem).
+    split: "train", "valid", "test", or "raw" for a raw folder.
+    image: uint8 RGB [h, w, 3], what the model is given (prepared or original pixels).
+    truth: uint8 {0, 1} [H, W], the mask scored against (original or prepared size).
+    resolution: "original" or "prepared": where `truth` lives.
+  """
+  name: str
+  split: str
+  image: np.ndarray
+  truth: np.ndarray
+  resolution: str
+
+
+@dataclasses.dataclass
+class ImageScore:
+  """One image's confusion counts (tp, fp, fn, tn) per head, at the size it was scored."""
+  name: str
+  split: str
+  height: int
+  width: int
+  resolution: str
+  counts: Dict[str, np.ndarray]
+
+
+# ================================================================================================
+# Examples: prepared splits and raw folders
+# ================================================================================================
+
+
+def splits_to_evaluate(data_dir: PathLike, split: str) -> Dict[str, int]:
+  """The prepared splits `split` names, with their example counts.
+
+  Args:
+    data_dir: a prepared folder.
+    split: one of SPLIT_CHOICES ("all": every non-empty split).
+
+  Returns:
+    {split name: examples}, in train, valid, test order.
+
+  Raises:
+    DataError: `data_dir` is not a prepared folder (the message hints at tools/prepare_data.py).
+    EvaluationError: an unknown split, or one the data does not have.
+  """
+  if split not in SPLIT_CHOICES:
+    raise EvaluationError(f"unknown split {split!r}; expected one of {SPLIT_CHOICES}")
+  counts = pipeline.read_data_info(data_dir)["counts"]
+  if split == "all":
+    chosen = {name: int(counts.get(name, 0)) for name in splits_lib.SPLITS
+              if int(counts.get(name, 0)) > 0}
+    if not chosen:
+      raise EvaluationError(f"{data_dir}: the prepared data holds no examples (counts {counts})")
+    return chosen
+  if int(counts.get(split, 0)) <= 0:
+    raise EvaluationError(f"{data_dir}: the prepared data has no {split!r} examples (counts "
+                          f"{counts}); choose another --split, or prepare the data again with "
+                          "tools/prepare_data.py (e.g. --test_raw_dir for a separate test set)")
+  return {split: int(counts[split])}
+
+
+def prepared_batches(data_dir: PathLike, split_names: Iterable[str],
+                     batch_size: int) -> Iterator[List[Example]]:
+  """Batches of prepared examples, each split in file order.
+
+  Validation and test records are scored against their original-resolution mask; training
+  records (which keep none) against the prepared mask.
+  """
+  for split in split_names:
+    dataset = pipeline.make_eval_dataset(data_dir, split, batch_size=batch_size,
+                                         preprocessing=None)
+    # A damaged shard is reported as a DataError naming it, not as a bare TF read error.
+    for batch in records.name_read_errors(dataset.as_numpy_iterator(),
+                                          pipeline.shard_files(data_dir, split)):
+      examples = []
+      for index, name in enumerate(batch["name"]):
+        png = batch["original_mask_png"][index]
+        if png:
+          truth, resolution = records.decode_mask_png(png), ORIGINAL
+          expected = (int(batch["original_height"][index]), int(batch["original_width"][index]))
+          if truth.shape != expected:
+            raise DataError(data_dir, f"record {name.decode()!r} of the {split} split holds a "
+                            f"{truth.shape} original mask but records the size {expected}: "
+                            "prepare the data again")
+        else:
+          truth, resolution = batch["mask"][index, :, :, 0].astype(np.uint8), PREPARED
+        examples.append(Example(name.decode(), split, batch["image"][index], truth, resolution))
+      yield examples
+
+
+def raw_examples(raw_dir: PathLike, layout: str = "auto", on_error: str = "raise",
+                 skipped: Optional[List[Dict[str, str]]] = None) -> Iterator[Example]:
+  """The pairs of a raw data set folder, read at their original resolution.
+
+  Args:
+    raw_dir: the data set as distributed.
+    layout: a name from dunet.data.layouts.LAYOUTS, or "auto".
+    on_error: "raise" stops at the first bad file; "skip" leaves it out, lists it in `skipped`
+      and goes on (the report then says how many were left out).
+    skipped: receives {"file", "reason"} for each file left out.
+
+  Yields:
+    Examples in stem order.
+
+  Raises:
+    DataError: naming the file (on_error="raise") or the folder (nothing to evaluate).
+  """
+  if on_error not in layouts.ON_ERROR:
+    raise ValueError(f"on_error must be one of {layouts.ON_ERROR}, got {on_error!r}")
+  skipped = skipped if skipped is not None else []
+  scan = layouts.scan(raw_dir, layout)
+  for problem in scan.problems:
+    if on_error == "raise":
+      raise problem.error()
+    logging.warning("skipped %s: %s", problem.path, problem.problem)
+    skipped.append({"file": problem.path, "reason": problem.problem})
+  if not scan.pairs:
+    raise DataError(scan.raw_dir, f"no image/mask pairs found (layout {scan.layout})")
+  for pair in scan.pairs:
+    try:
+      example = readers.read_pair(pair)
+    except DataError as error:
+      if on_error == "raise":
+        raise
+      logging.warning("skipped %s", error)
+      skipped.append({"file": error.path, "reason": error.problem})
+      continue
+    yield Example(pair.stem, RAW_SPLIT, example.image, example.mask, ORIGINAL)
+
+
+# ================================================================================================
+# Scoring
+# ================================================================================================
+
+
+def score_batch(segment: SegmentFn, examples: Sequence[Example],
+                threshold: float) -> List[ImageScore]:
+  """Runs one batch of same-size pictures and counts each head against each image's mask.
+
+  Head 2, head 1 and their mean (probabilities averaged at the model's output size, then
+  thresholded) are resized bilinearly from the pictures' size to each mask's size when these
+  differ, and pixels with probability >= threshold count as foreground.
+  """
+  outputs = segment(np.stack([example.image for example in examples]))
+  head2 = outputs[serving.PROBABILITY]
+  head1 = outputs[serving.PROBABILITY_HEAD1]
+  maps = np.concatenate([head2, head1, metrics.mean_of_heads(head1, head2)], axis=-1)
+  scores = []
+  for index, example in enumerate(examples):
+    probabilities = maps[index]
+    if probabilities.shape[:2] != example.truth.shape:
+      probabilities = serving.resize_probabilities(
+          probabilities[None], tf.constant(example.truth.shape, tf.int32))[0].numpy()
+    truth = example.truth > 0
+    counts = {head: metrics.confusion_counts_np(
+        metrics.binarize(probabilities[:, :, channel], threshold), truth)
+              for channel, head in enumerate(HEADS)}
+    scores.append(ImageScore(example.name, example.split, truth.shape[0], truth.shape[1],
+                             example.resolution, counts))
+  return scores
+
+
+def score_batches(segment: SegmentFn, batches: Iterable[Sequence[Example]], threshold: float,
+                  total: Optional[int] = None, progress: bool = True) -> List[ImageScore]:
+  """`score_batch` over batches, with a progress line on stderr when `progress`."""
+  bar = predict_lib.ImageProgress(total or 0, progress)
+  scores: List[ImageScore] = []
+  for batch in batches:
+    scores.extend(score_batch(segment, batch, threshold))
+    bar.advance(len(batch))
+  bar.close()  # ends the line when files were skipped
+  return scores
+
+
+def summarize(scores: Sequence[ImageScore]) -> Dict[str, Dict[str, Dict[str, float]]]:
+  """{head: {"per_image" | "pooled": {score: value}}} over `scores`.
+
+  Raises:
+    EvaluationError: no image was scored.
+  """
+  if not scores:
+    raise EvaluationError("no image was scored")
+  result = {}
+  for head in HEADS:
+    accumulator = metrics.MetricAccumulator()
+    accumulator.update(np.stack([score.counts[head] for score in scores]))
+    result[head] = accumulator.nested_result()
+  return result
+
+
+# ================================================================================================
+# The evaluation and its report
+# ================================================================================================
+
+
+def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = None,
+             split: str = "test", raw_dir: Optional[PathLike] = None, layout: str = "auto",
+             on_error: str = "raise", threshold: float = 0.5, tta: bool = False,
+             flips: Sequence[str] = tuple(serving.FLIPS), batch_size: int = 8,
+             progress: bool = True) -> Dict[str, object]:
+  """Evaluates a model on a prepared split or a raw data set folder.
+
+  Args:
+    loaded: the model, from `dunet.serving.load_segmenter`.
+    data_dir: a prepared folder (give this or `raw_dir`).
+    split: one of SPLIT_CHOICES, for `data_dir`.
+    raw_dir: a data set folder as distributed, evaluated whole at its original resolution.
+    layout: the layout of `raw_dir` (dunet.data.layouts.LAYOUTS or "auto").
+    on_error: for `raw_dir`: "raise" or "skip" unreadable or unpaired files.
+    threshold: foreground where probability >= threshold.
+    tta: flip test-time augmentation (dunet.serving.flip_tta).
+    flips: the flips averaged with `tta`.
+    batch_size: pictures per model call.
+    progress: show a progress line on stderr.
+
+  Returns:
+    The report (see `build_report`), with the per-image scores under "_scores" (not written to
+    metrics.json; `write_report` puts them into per_image.csv).
+
+  Raises:
+    DataError: bad or missing data, naming the file or folder.
+    EvaluationError: nothing to evaluate, an unknown or missing split, bad settings.
+  """
+  if (data_dir is None) == (raw_dir is None):
+    raise EvaluationError("give exactly one of a prepared data folder (--data_dir) and a raw data "
+                          "set folder (--raw_dir)")
+  if batch_size <= 0:
+    raise EvaluationError(f"batch size must be positive, got {batch_size}")
+  if not 0.0 <= threshold <= 1.0:
+    raise EvaluationError(f"threshold must be in [0, 1], got {threshold}")
+  segment = predict_lib.make_segment_fn(loaded, tta, flips)
+  skipped: List[Dict[str, str]] = []
+  if data_dir is not None:
+    chosen = splits_to_evaluate(data_dir, split)
+    info = pipeline.read_data_info(data_dir)
+    prepare.verify_shards(data_dir, list(chosen))  # missing or truncated shards, named
+    stale = prepare.check_fresh(data_dir)
+    if stale:
+      logging.warning("%s", stale)
+    if (info["height"], info["width"]) != (loaded.height, loaded.width):
+      logging.warning("%s was prepared at %dx%d but the model takes %dx%d: pictures are resized "
+                      "twice (the model resizes its inputs)", data_dir, info["height"],
+                      info["width"], loaded.height, loaded.width)
+    data = {"data_dir": os.path.abspath(data_dir), "split": split, "splits": chosen,
+            "prepared_height": info["height"], "prepared_width": info["width"],
+            "layout": info.get("layout")}
+    batches: Iterable[Sequence[Example]] = prepared_batches(data_dir, chosen, batch_size)
+    total = sum(chosen.values())
+  else:
+    scan = layouts.scan(raw_dir, layout)  # early: a bad folder fails before the model runs
+    data = {"raw_dir": os.path.abspath(raw_dir), "layout": scan.layout, "split": RAW_SPLIT}
+    batches = predict_lib.batches_by_size(
+        raw_examples(raw_dir, scan.layout, on_error, skipped),
+        lambda example: example.image.shape[:2], batch_size)
+    total = len(scan.pairs)
+  scores = score_batches(segment, batches, threshold, total=total, progress=progress)
+  if not scores:
+    raise EvaluationError(f"no image could be evaluated ({len(skipped)} skipped)")
+  report = build_report(scores, loaded=loaded, data=data, threshold=threshold,
+                        flips=list(flips) if tta else None, skipped=skipped)
+  report["_scores"] = scores
+  return report
+
+
+def build_report(scores: Sequence[ImageScore], *, loaded: serving.LoadedSegmenter,
+                 data: Dict[str, object], threshold: float, flips: Optional[List[str]],
+                 skipped: Sequence[Dict[str, str]]) -> Dict[str, object]:
+  """The evaluation as a JSON-ready dict (what metrics.json holds)."""
+  results = summarize(scores)
+  by_resolution = {name: sum(score.resolution == name for score in scores)
+                   for name in (ORIGINAL, PREPARED)}
+  resolution = ("mixed" if all(by_resolution.values())
+                else ORIGINAL if by_resolution[ORIGINAL] else PREPARED)
+  notes = []
+  if by_resolution[PREPARED]:
+    notes.append(f"{by_resolution[PREPARED]} image(s) of the train split were scored at the "
+                 "prepared size (training records keep no original-resolution mask); score a "
+                 "whole data set at its original size with --raw_dir")
+  if skipped:
+    notes.append(f"{len(skipped)} file(s) skipped (listed under 'skipped'): these scores leave "
+                 "them out")
+  headline = results["head2"][metrics.HEADLINE_STATISTIC]
+  empty_truth = sum(not score.counts["head2"][[metrics.TP, metrics.FN]].any() for score in scores)
+  empty_prediction = {head: int(sum(not score.counts[head][[metrics.TP, metrics.FP]].any()
+                                    for score in scores)) for head in HEADS}
+  return {
+      "format": REPORT_FORMAT,
+      "version": REPORT_VERSION,
+      "model": {"source": loaded.source, "kind": loaded.kind, "input_height": loaded.height,
+                "input_width": loaded.width, "preprocessing": loaded.preprocessing},
+      "data": data,
+      "images": len(scores),
+      "resolution": resolution,
+      "images_by_resolution": by_resolution,
+      "threshold": threshold,
+      "tta": flips,
+      "headline": {"head": "head2", "statistic": metrics.HEADLINE_STATISTIC,
+                   "dsc": headline["dsc"], "iou": headline["iou"],
+                   "recall": headline["recall"], "precision": headline["precision"]},
+      "statistics": STATISTICS_NOTE,
+      "empty_masks": {"convention": EMPTY_MASK_NOTE, "ground_truth": int(empty_truth),
+                      "prediction": empty_prediction},
+      "metrics": results,
+      "notes": notes,
+      "skipped": list(skipped),
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv),
+  }
+
+
+def format_markdown(report: Dict[str, object]) -> str:
+  """The report as markdown: a few lines of context, the table, and the notes."""
+  model, data = report["model"], report["data"]
+  if "raw_dir" in data:
+    where = f"raw data set `{data['raw_dir']}` (layout {data['layout']})"
+  else:
+    where = f"`{data['data_dir']}`, split {data['split']}"
+  flips = report["tta"]
+  headline = report["headline"]
+  lines = [
+      "# DoubleU-Net evaluation",
+      "",
+      f"- model: `{model['source']}` ({model['kind']}, input {model['input_height']}x"
+      f"{model['input_width']}, preprocessing {model['preprocessing']})",
+      f"- data: {where}: {report['images']} images, scored {_resolution_text(report)}",
+      f"- threshold {report['threshold']:g}; test-time augmentation: "
+      f"{'flips ' + ', '.join(flips) if flips else 'none'}",
+      f"- headline (head 2, mean over images): DSC {headline['dsc']:.4f}, mIoU "
+      f"{headline['iou']:.4f}, recall {headline['recall']:.4f}, precision "
+      f"{headline['precision']:.4f}",
+      "",
+      "| output | statistic | " + " | ".join(title for _, title in TABLE_SCORES) + " |",
+      "| --- | --- |" + " ---: |" * len(TABLE_SCORES),
+  ]
+  for head in HEADS:
+    for statistic in metrics.STATISTICS:
+      values = report["metrics"][head][statistic]
+      lines.append(f"| {HEAD_TITLES[head]} | {STATISTIC_TITLES[statistic]} | "
+                   + " | ".join(f"{values[name]:.4f}" for name, _ in TABLE_SCORES) + " |")
+  empty = report["empty_masks"]
+  lines += [
+      "",
+      f"Statistics: {report['statistics']}",
+      "",
+      f"Empty masks: {empty['ground_truth']} empty ground truth(s), "
+      f"{empty['prediction']['head2']} empty head-2 prediction(s); {empty['convention']}",
+  ]
+  for note in report["notes"]:
+    lines += ["", f"Note: {note}"]
+  return "\n".join(lines) + "\n"
+
+
+def _resolution_text(report: Dict[str, object]) -> str:
+  counts = report["images_by_resolution"]
+  if report["resolution"] == ORIGINAL:
+    return "at their original resolution"
+  if report["resolution"] == PREPARED:
+    return "at the prepared size (training records keep no original-resolution mask)"
+  return (f"at their original resolution ({counts[ORIGINAL]}) and at the prepared size "
+          f"({counts[PREPARED]}, training records)")
+
+
+def per_image_csv(scores: Sequence[ImageScore]) -> str:
+  """One CSV row per image with head 2's counts and scores, sorted by split and name."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(["name", "split", "height", "width", "resolution", "tp", "fp", "fn", "tn",
+                   "dsc", "iou", "precision", "recall"])
+  order = {name: index for index, name in enumerate((*splits_lib.SPLITS, RAW_SPLIT))}
+  for score in sorted(scores, key=lambda s: (order.get(s.split, len(order)), s.name)):
+    counts = score.counts["head2"]
+    values = metrics.scores_from_counts(counts)
+    writer.writerow([score.name, score.split, score.height, score.width, score.resolution,
+                     *(int(c) for c in counts),
+                     *(f"{float(values[name]):.6f}" for name in ("dsc", "iou", "precision",
+                                                                   "recall"))])
+  return buffer.getvalue()
+
+
+def write_report(report: Dict[str, object], out_dir: PathLike) -> Dict[str, str]:
+  """Writes metrics.json, metrics.md and per_image.csv atomically; returns their paths."""
+  tf.io.gfile.makedirs(os.fspath(out_dir))
+  paths = {name: os.path.join(os.fspath(out_dir), name)
+           for name in (METRICS_JSON, METRICS_MD, PER_IMAGE_CSV)}
+  document = {key: value for key, value in report.items() if not key.startswith("_")}
+  predict_lib.write_text_atomic(paths[METRICS_JSON], json.dumps(document, indent=1) + "\n")
+  predict_lib.write_text_atomic(paths[METRICS_MD], format_markdown(report))
+  predict_lib.write_text_atomic(paths[PER_IMAGE_CSV], per_image_csv(report["_scores"]))
+  return paths
+
+
+def find_workdir(checkpoint: str) -> Optional[str]:
+  """The run folder a checkpoint path belongs to; None for SavedModels and loose prefixes."""
+  if serving.is_saved_model(checkpoint):
+    return None
+  if tf.io.gfile.isdir(checkpoint):
+    folder = os.path.normpath(checkpoint)
+    if os.path.basename(folder) in (checkpoint_lib.BEST_SUBDIR, checkpoint_lib.CHECKPOINT_SUBDIR):
+      return os.path.dirname(folder)
+    return folder
+  folder = os.path.dirname(os.path.normpath(checkpoint))
+  if os.path.basename(folder) in (checkpoint_lib.BEST_SUBDIR, checkpoint_lib.CHECKPOINT_SUBDIR):
+    return os.path.dirname(folder)
+  if tf.io.gfile.exists(os.path.join(folder, checkpoint_lib.CONFIG_FILENAME)):
+    return folder
+  return None
+
+
+def default_out_dir(checkpoint: str, split: str, raw_dir: Optional[str], tta: bool,
+                    prefer: str = "best") -> Optional[str]:
+  """<workdir>/eval/<split or raw-NAME>[-latest][-tta]; None when there is no workdir.
+
+  "-latest" marks workdir evaluations of the latest (not the best) checkpoint.
+  """
+  workdir = find_workdir(checkpoint)
+  if workdir is None:
+    return None
+  name = (f"raw-{os.path.basename(os.path.normpath(raw_dir))}" if raw_dir else split)
+  if prefer == "latest" and tf.io.gfile.isdir(checkpoint):
+    name += "-latest"
+  return os.path.join(workdir, "eval", name + ("-tta" if tta else ""))
+
+
+# ================================================================================================
+# Command line
+# ================================================================================================
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines the command-line flags (only when run as a program: dunet.predict and dunet.train
+  define flags of the same names, and tests import them all)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("checkpoint", None, "What to evaluate (required): a training workdir (see "
+                      "--prefer), a converted Keras workdir, a checkpoint prefix such as "
+                      "RUN/best/ckpt-12, or a SavedModel folder from dunet.export.", **fv)
+  flags.DEFINE_enum("prefer", "best", ["best", "latest"], "For workdirs: the best-by-validation "
+                    "checkpoint or the latest training checkpoint (falling back to the other).",
+                    **fv)
+  flags.DEFINE_string("data_dir", None, "A prepared data folder (tools/prepare_data.py). Default: "
+                      "the data_dir in the run's config.json (the data it trained on).", **fv)
+  flags.DEFINE_enum("split", "test", list(SPLIT_CHOICES), "The prepared split to evaluate: test, "
+                    "valid, train (scored at the prepared size: training records keep no "
+                    "original-resolution mask) or all of them.", **fv)
+  flags.DEFINE_string("raw_dir", None, "Evaluate a whole raw data set folder as distributed "
+                      "instead (e.g. ETIS-LaribPolypDB), read at its original resolution; "
+                      "replaces --data_dir and --split.", **fv)
+  flags.DEFINE_enum("layout", "auto", ["auto", *layouts.LAYOUTS], "Folder layout of --raw_dir "
+                    "(auto: detected from its sub-folder names; see tools/prepare_data.py "
+                    "--help).", **fv)
+  flags.DEFINE_enum("on_error", "raise", list(layouts.ON_ERROR), "Bad files in --raw_dir "
+                    "(unreadable, unpaired, size mismatch): raise = stop naming the file; skip = "
+                    "leave them out and list them in metrics.json (the scores then omit them).",
+                    **fv)
+  flags.DEFINE_float("threshold", 0.5, "A pixel is foreground where the probability is >= this.",
+                     lower_bound=0.0, upper_bound=1.0, **fv)
+  flags.DEFINE_bool("tta", False, "Flip test-time augmentation: the mean probability over the "
+                    "flips in --tta_flips (each flipped back); one model call per flip.", **fv)
+  flags.DEFINE_list("tta_flips", list(serving.FLIPS), "Flips averaged with --tta, from "
+                    f"{sorted(serving.FLIPS)}.", **fv)
+  flags.DEFINE_integer("batch_size", 8, "Pictures per model call (raw pictures of one size are "
+                       "batched together).", lower_bound=1, **fv)
+  flags.DEFINE_string("out_dir", None, "Where metrics.json, metrics.md and per_image.csv go. "
+                      "Default: <workdir>/eval/<split>[-latest][-tta] (eval/raw-<folder name>... "
+                      "with --raw_dir), replaced by the next run with the same settings; "
+                      "required for SavedModels and checkpoint prefixes outside a workdir.", **fv)
+  flags.DEFINE_integer("height", 0, "Model input height, for runs whose config.json records "
+                       "none (converted Keras files); 0: from the run.", lower_bound=0, **fv)
+  flags.DEFINE_integer("width", 0, "Model input width, as --height.", lower_bound=0, **fv)
+  flags.DEFINE_enum("precision", "float32", [*precision.POLICY_NAMES, precision.AUTO],
+                    "Compute precision for checkpoints (SavedModels keep the one they were "
+                    "exported with); float32 by default, whatever the run trained with.", **fv)
+  flags.DEFINE_bool("progress", True, "Show a progress line on stderr.", **fv)
+  predict_lib.declare_key_flags(
+      flag_values, ["checkpoint", "prefer", "data_dir", "split", "raw_dir", "layout", "on_error",
+                    "threshold", "tta", "tta_flips", "batch_size", "out_dir", "height", "width",
+                    "precision", "progress"])
+
+
+def _resolve_data_dir(checkpoint: str) -> str:
+  """--data_dir, or the run's recorded data_dir; checked to be prepared data."""
+  if FLAGS.data_dir:
+    pipeline.read_data_info(FLAGS.data_dir)  # DataError naming it, with the hint
+    return FLAGS.data_dir
+  config = {} if serving.is_saved_model(checkpoint) else serving.find_run_config(checkpoint)
+  recorded = config.get("data_dir")
+  if not recorded:
+    raise EvaluationError(f"{checkpoint} records no data folder (no config.json with a "
+                          "data_dir): pass --data_dir (a folder prepared with "
+                          "tools/prepare_data.py) or --raw_dir (a data set as distributed)")
+  try:
+    pipeline.read_data_info(recorded)
+  except DataError as error:
+    raise DataError(recorded, f"the run's config.json names this data folder, but it is not "
+                    f"usable ({error.problem}); pass --data_dir or --raw_dir") from error
+  return recorded
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.checkpoint:
+    raise app.UsageError("--checkpoint is required (a workdir, checkpoint prefix or SavedModel)")
+  if FLAGS.raw_dir and (FLAGS.data_dir or FLAGS["split"].present):
+    raise app.UsageError("--raw_dir evaluates a whole raw folder: leave out --data_dir and "
+                         "--split")
+  try:
+    # The checkpoint first: its absence is the likelier mistake, and the error names the path.
+    loaded = serving.load_segmenter(FLAGS.checkpoint, prefer=FLAGS.prefer,
+                                    height=FLAGS.height or None, width=FLAGS.width or None,
+                                    precision_name=FLAGS.precision)
+    out_dir = FLAGS.out_dir or default_out_dir(FLAGS.checkpoint, FLAGS.split, FLAGS.raw_dir,
+                                               FLAGS.tta, FLAGS.prefer)
+    if out_dir is None:
+      raise EvaluationError(f"{FLAGS.checkpoint} is not inside a training workdir: pass "
+                            "--out_dir for the results")
+    data_dir = None if FLAGS.raw_dir else _resolve_data_dir(FLAGS.checkpoint)
+    report = evaluate(loaded, data_dir=data_dir, split=FLAGS.split, raw_dir=FLAGS.raw_dir,
+                      layout=FLAGS.layout, on_error=FLAGS.on_error, threshold=FLAGS.threshold,
+                      tta=FLAGS.tta, flips=FLAGS.tta_flips, batch_size=FLAGS.batch_size,
+                      progress=FLAGS.progress)
+    paths = write_report(report, out_dir)
+  except (checkpoint_lib.CheckpointNotFoundError, DataError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(format_markdown(report))
+  print(f"Wrote {paths[METRICS_JSON]}, {paths[METRICS_MD]} and {paths[PER_IMAGE_CSV]}")
+  return 0
+
+
+def run() -> None:
+  """The program: defines the flags and runs `main` (console-script entry point)."""
+  define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

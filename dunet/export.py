@@ -325,6 +325,11 @@ def main(argv: Sequence[str]) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The program: defines the flags and runs `main` (console-script entry point)."""
   define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

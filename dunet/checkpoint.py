@@ -45,6 +45,8 @@ import tensorflow as tf
 # pylint: disable-next=g-direct-tensorflow-import
 from tensorflow.python.checkpoint import checkpoint_management
 
+from dunet import fileio
+
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"
 BROKEN_SUBDIR = "broken"
@@ -486,11 +488,7 @@ def all_finite(prefix: str) -> bool:
 def write_config(workdir: str, config: Dict[str, Any]) -> None:
   """Writes the run configuration atomically (a reader never sees a half-written file)."""
   tf.io.gfile.makedirs(workdir)
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  temporary = path + ".tmp"
-  with tf.io.gfile.GFile(temporary, "w") as handle:
-    json.dump(config, handle, indent=2, sort_keys=True)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
+  fileio.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME), config)
 
 
 def read_config(workdir: str) -> Dict[str, Any]:

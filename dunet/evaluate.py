@@ -47,7 +47,6 @@ import csv
 import dataclasses
 import datetime
 import io
-import json
 import os
 import sys
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -59,8 +58,8 @@ from absl import flags
 from absl import logging
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import fileio
 from dunet import metrics
-from dunet import precision
 from dunet import predict as predict_lib
 from dunet import serving
 from dunet.data import layouts
@@ -212,17 +211,8 @@ def raw_examples(raw_dir: PathLike, layout: str = "auto", on_error: str = "raise
   Raises:
     DataError: naming the file (on_error="raise") or the folder (nothing to evaluate).
   """
-  if on_error not in layouts.ON_ERROR:
-    raise ValueError(f"on_error must be one of {layouts.ON_ERROR}, got {on_error!r}")
   skipped = skipped if skipped is not None else []
-  scan = layouts.scan(raw_dir, layout)
-  for problem in scan.problems:
-    if on_error == "raise":
-      raise problem.error()
-    logging.warning("skipped %s: %s", problem.path, problem.problem)
-    skipped.append({"file": problem.path, "reason": problem.problem})
-  if not scan.pairs:
-    raise DataError(scan.raw_dir, f"no image/mask pairs found (layout {scan.layout})")
+  scan = layouts.scan_checked(raw_dir, layout, on_error=on_error, skipped=skipped)
   for pair in scan.pairs:
     try:
       example = readers.read_pair(pair)
@@ -490,9 +480,9 @@ def write_report(report: Dict[str, object], out_dir: PathLike) -> Dict[str, str]
   paths = {name: os.path.join(os.fspath(out_dir), name)
            for name in (METRICS_JSON, METRICS_MD, PER_IMAGE_CSV)}
   document = {key: value for key, value in report.items() if not key.startswith("_")}
-  predict_lib.write_text_atomic(paths[METRICS_JSON], json.dumps(document, indent=1) + "\n")
-  predict_lib.write_text_atomic(paths[METRICS_MD], format_markdown(report))
-  predict_lib.write_text_atomic(paths[PER_IMAGE_CSV], per_image_csv(report["_scores"]))
+  fileio.write_json_atomic(paths[METRICS_JSON], document, indent=1, sort_keys=False)
+  fileio.write_text_atomic(paths[METRICS_MD], format_markdown(report))
+  fileio.write_text_atomic(paths[PER_IMAGE_CSV], per_image_csv(report["_scores"]))
   return paths
 
 
@@ -539,12 +529,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines the command-line flags (only when run as a program: dunet.predict and dunet.train
   define flags of the same names, and tests import them all)."""
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_string("checkpoint", None, "What to evaluate (required): a training workdir (see "
-                      "--prefer), a converted Keras workdir, a checkpoint prefix such as "
-                      "RUN/best/ckpt-12, or a SavedModel folder from dunet.export.", **fv)
-  flags.DEFINE_enum("prefer", "best", ["best", "latest"], "For workdirs: the best-by-validation "
-                    "checkpoint or the latest training checkpoint (falling back to the other).",
-                    **fv)
+  model_flags = serving.define_model_flags(flag_values)
   flags.DEFINE_string("data_dir", None, "A prepared data folder (tools/prepare_data.py). Default: "
                       "the data_dir in the run's config.json (the data it trained on).", **fv)
   flags.DEFINE_enum("split", "test", list(SPLIT_CHOICES), "The prepared split to evaluate: test, "
@@ -562,27 +547,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     **fv)
   flags.DEFINE_float("threshold", 0.5, "A pixel is foreground where the probability is >= this.",
                      lower_bound=0.0, upper_bound=1.0, **fv)
-  flags.DEFINE_bool("tta", False, "Flip test-time augmentation: the mean probability over the "
-                    "flips in --tta_flips (each flipped back); one model call per flip.", **fv)
-  flags.DEFINE_list("tta_flips", list(serving.FLIPS), "Flips averaged with --tta, from "
-                    f"{sorted(serving.FLIPS)}.", **fv)
   flags.DEFINE_integer("batch_size", 8, "Pictures per model call (raw pictures of one size are "
                        "batched together).", lower_bound=1, **fv)
   flags.DEFINE_string("out_dir", None, "Where metrics.json, metrics.md and per_image.csv go. "
                       "Default: <workdir>/eval/<split>[-latest][-tta] (eval/raw-<folder name>... "
                       "with --raw_dir), replaced by the next run with the same settings; "
                       "required for SavedModels and checkpoint prefixes outside a workdir.", **fv)
-  flags.DEFINE_integer("height", 0, "Model input height, for runs whose config.json records "
-                       "none (converted Keras files); 0: from the run.", lower_bound=0, **fv)
-  flags.DEFINE_integer("width", 0, "Model input width, as --height.", lower_bound=0, **fv)
-  flags.DEFINE_enum("precision", "float32", [*precision.POLICY_NAMES, precision.AUTO],
-                    "Compute precision for checkpoints (SavedModels keep the one they were "
-                    "exported with); float32 by default, whatever the run trained with.", **fv)
-  flags.DEFINE_bool("progress", True, "Show a progress line on stderr.", **fv)
-  predict_lib.declare_key_flags(
-      flag_values, ["checkpoint", "prefer", "data_dir", "split", "raw_dir", "layout", "on_error",
-                    "threshold", "tta", "tta_flips", "batch_size", "out_dir", "height", "width",
-                    "precision", "progress"])
+  serving.declare_key_flags(flag_values, model_flags + [
+      "data_dir", "split", "raw_dir", "layout", "on_error", "threshold", "batch_size", "out_dir"])
 
 
 def _resolve_data_dir(checkpoint: str) -> str:

@@ -23,14 +23,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -38,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import fileio
 from dunet import serving
 from dunet.data import demo
 from dunet.data import preprocess
@@ -114,54 +112,6 @@ def max_abs_difference(first: Dict[str, tf.Tensor], second: Dict[str, tf.Tensor]
              for key in first)
 
 
-@contextlib.contextmanager
-def staged_directory(out_dir: str, overwrite: bool, purpose: str = "export") -> Iterator[str]:
-  """Yields a fresh hidden folder next to `out_dir`; on success it becomes `out_dir`.
-
-  On any exception (including KeyboardInterrupt) the folder is removed and `out_dir` is left as
-  it was. With `overwrite`, an existing `out_dir` is moved aside first and deleted after the
-  rename, so `out_dir` is never half old, half new.
-
-  Args:
-    out_dir: the folder to create (a local path).
-    overwrite: replace an existing non-empty `out_dir`.
-    purpose: a word in the temporary folder's name (".NAME.PURPOSE-xxxx").
-
-  Raises:
-    FileExistsError: `out_dir` exists (and is not an empty folder) and `overwrite` is False.
-  """
-  out_dir = os.path.abspath(out_dir)
-  check_out_dir(out_dir, overwrite)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.{purpose}-", dir=parent)
-  # mkdtemp makes the folder private (0700); the output gets the usual umask permissions.
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(staging, 0o777 & ~umask)
-  try:
-    yield staging
-    if os.path.lexists(out_dir):
-      retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.replaced-", dir=parent)
-      os.rename(out_dir, os.path.join(retired, "old"))
-      os.rename(staging, out_dir)
-      shutil.rmtree(retired, ignore_errors=True)
-    else:
-      os.rename(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-
-
-def check_out_dir(out_dir: str, overwrite: bool) -> None:
-  """Raises FileExistsError if `out_dir` holds something and `overwrite` is False."""
-  if not os.path.lexists(out_dir) or overwrite:
-    return
-  if os.path.isdir(out_dir) and not os.listdir(out_dir):
-    return
-  raise FileExistsError(f"{out_dir} already exists; choose another --out_dir or pass --overwrite")
-
-
 def export_saved_model(checkpoint: str, out_dir: str, *, prefer: str = "best",
                        height: Optional[int] = None, width: Optional[int] = None,
                        preprocessing: Optional[str] = None, overwrite: bool = False,
@@ -192,14 +142,14 @@ def export_saved_model(checkpoint: str, out_dir: str, *, prefer: str = "best",
   if tolerance < 0:
     raise ValueError(f"tolerance must be >= 0, got {tolerance}")
   out_dir = os.path.abspath(out_dir)
-  check_out_dir(out_dir, overwrite)  # before the slow part
+  fileio.check_out_dir(out_dir, overwrite)  # before the slow part
   if serving.is_saved_model(checkpoint):
     raise ExportError(f"{checkpoint} is already a SavedModel; pass the training workdir or "
                       "checkpoint it came from")
   loaded = serving.load_segmenter(checkpoint, prefer=prefer, height=height, width=width,
                                   preprocessing=preprocessing)
   segmenter = loaded.module
-  with staged_directory(out_dir, overwrite) as staging:
+  with fileio.staged_directory(out_dir, overwrite, purpose="export") as staging:
     tf.saved_model.save(segmenter, staging, signatures=segmenter.signatures())
     parity = verify_saved_model(staging, segmenter)
     info = {

@@ -577,16 +577,11 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str,
     KerasH5Error: the file cannot be read or is not the reference DoubleU-Net.
     FileExistsError: `out_dir` exists, is not empty, and `overwrite` is False.
   """
-  import shutil
-  import tempfile
-
   from dunet import checkpoint as checkpoint_lib
+  from dunet import fileio
 
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) \
-      and not overwrite:
-    raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out_dir or pass "
-                          "--overwrite")
+  fileio.check_out_dir(out_dir, overwrite)  # before reading a large file
   keras_file = read_keras_h5(keras_h5_path)
   model = DoubleUNet()
   assignments = match_doubleunet(keras_file, model)
@@ -607,31 +602,13 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str,
     # multiple of 16.
     config["height"], config["width"] = (int(size) for size in keras_file.input_shape[:2])
 
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.converting-", dir=parent)
-  # mkdtemp makes the folder private (0700); the workdir gets the usual umask permissions.
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(staging, 0o777 & ~umask)
-  try:
+  with fileio.staged_directory(out_dir, overwrite, purpose="converting") as staging:
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(model=model),
         os.path.join(staging, checkpoint_lib.BEST_SUBDIR), max_to_keep=1)
     manager.save(checkpoint_number=1)
     checkpoint_lib.write_config(staging, config)
     _verify_checkpoint(staging, assignments)
-    if os.path.exists(out_dir):
-      # Move the old folder aside first so that out_dir is never half old, half new.
-      retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.replaced-", dir=parent)
-      os.rename(out_dir, os.path.join(retired, "old"))
-      os.rename(staging, out_dir)
-      shutil.rmtree(retired, ignore_errors=True)
-    else:
-      os.rename(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   prefix = checkpoint_lib.resolve_checkpoint(out_dir)
 
   trainable_ids = {id(variable) for variable in model.trainable_variables}

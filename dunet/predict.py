@@ -31,10 +31,8 @@ Examples:
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import datetime
 import glob
-import json
 import os
 import sys
 from pathlib import Path
@@ -49,8 +47,8 @@ from absl import flags
 from absl import logging
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import fileio
 from dunet import metrics
-from dunet import precision
 from dunet import serving
 from dunet import summaries
 from dunet.data import layouts
@@ -138,23 +136,6 @@ def batches_by_size(items: Iterable[T], size_of: Callable[[T], Hashable], batch_
     yield queue
 
 
-def ordered_map(function: Callable[[T], object], items: Sequence[T],
-                workers: int) -> Iterator[object]:
-  """`map(function, items)` on a few threads (OpenCV decodes without the GIL), in order."""
-  if workers <= 1:
-    yield from map(function, items)
-    return
-  window = 2 * workers
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    pending: "collections.deque[concurrent.futures.Future]" = collections.deque()
-    for item in items:
-      pending.append(pool.submit(function, item))
-      if len(pending) >= window:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
-
-
 class ImageProgress:
   """A progress line counted in images and updated once per batch, so that its throughput is
   measured over whole batches; at most about `reports` lines when stderr is not a terminal."""
@@ -183,20 +164,6 @@ class ImageProgress:
     """Ends the line if the total was not reached."""
     if self.bar is not None and self.done < self.total:
       self.bar.close()
-
-
-def write_bytes_atomic(path: PathLike, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see the old file or the whole new one."""
-  path = os.fspath(path)
-  temporary = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(temporary, "wb") as handle:
-    handle.write(data)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
-def write_text_atomic(path: PathLike, text: str) -> None:
-  """`write_bytes_atomic` for UTF-8 text."""
-  write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -309,15 +276,15 @@ def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, probability: np.
                    threshold: float, overlays: bool, probabilities: bool) -> Dict[str, object]:
   mask = metrics.binarize(probability, threshold).astype(np.uint8)
   record: Dict[str, object] = {"mask": f"{MASKS_DIR}/{stem}.png"}
-  write_bytes_atomic(out_dir / MASKS_DIR / f"{stem}.png", encode_png(mask * 255))
+  fileio.write_bytes_atomic(out_dir / MASKS_DIR / f"{stem}.png", encode_png(mask * 255))
   if overlays:
     record["overlay"] = f"{OVERLAYS_DIR}/{stem}.png"
-    write_bytes_atomic(out_dir / OVERLAYS_DIR / f"{stem}.png",
+    fileio.write_bytes_atomic(out_dir / OVERLAYS_DIR / f"{stem}.png",
                        encode_png(overlay_picture(image, mask)))
   if probabilities:
     record["probability"] = f"{PROBABILITIES_DIR}/{stem}.png"
     scaled = np.round(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
-    write_bytes_atomic(out_dir / PROBABILITIES_DIR / f"{stem}.png", encode_png(scaled))
+    fileio.write_bytes_atomic(out_dir / PROBABILITIES_DIR / f"{stem}.png", encode_png(scaled))
   record["foreground_fraction"] = round(float(mask.mean()), 6)
   return record
 
@@ -380,7 +347,8 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
     return path, image, notes
 
   def readable() -> Iterator[Tuple[Path, np.ndarray]]:
-    for path, image, notes in ordered_map(read, paths, workers or min(4, os.cpu_count() or 1)):
+    workers_used = workers or min(4, os.cpu_count() or 1)
+    for path, image, notes in readers.ordered_map(read, paths, workers_used):
       if isinstance(image, DataError):
         # Named at once on stderr, so a long run shows the problem before it ends.
         bar.message(f"skipped {image}")
@@ -419,7 +387,7 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join(sys.argv),
   }
-  write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+  fileio.write_json_atomic(out_dir / SUMMARY_FILE, summary, indent=1, sort_keys=False)
   return summary
 
 
@@ -434,12 +402,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines the command-line flags (only when run as a program: dunet.evaluate defines flags of
   the same names, and both modules are imported by tests and by each other)."""
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_string("checkpoint", None, "What to load (required): a training workdir (its best "
-                      "checkpoint, see --prefer), a converted Keras workdir, a checkpoint prefix "
-                      "such as RUN/best/ckpt-12, or a SavedModel folder from dunet.export.", **fv)
-  flags.DEFINE_enum("prefer", "best", ["best", "latest"], "For workdirs: the best-by-validation "
-                    "checkpoint or the latest training checkpoint (falling back to the other).",
-                    **fv)
+  model_flags = serving.define_model_flags(flag_values)
   flags.DEFINE_list("input", None, "The pictures (required): a folder (its image files: "
                     f"{', '.join(layouts.IMAGE_EXTENSIONS)}, any case), glob patterns (quote "
                     "them) or files, comma-separated. Listed files are read whatever their "
@@ -455,32 +418,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        "the model).", lower_bound=1, **fv)
   flags.DEFINE_float("threshold", 0.5, "A pixel is foreground where head 2's probability is >= "
                      "this.", lower_bound=0.0, upper_bound=1.0, **fv)
-  flags.DEFINE_bool("tta", False, "Flip test-time augmentation: the mean probability over the "
-                    "flips in --tta_flips (each flipped back); costs one model call per flip.",
-                    **fv)
-  flags.DEFINE_list("tta_flips", list(serving.FLIPS), "Flips averaged with --tta, from "
-                    f"{sorted(serving.FLIPS)}.", **fv)
   flags.DEFINE_bool("overlays", True, "Write overlays/<stem>.png: the picture with the mask "
                     "blended in and outlined.", **fv)
   flags.DEFINE_bool("probabilities", False, "Write probabilities/<stem>.png: head 2's "
                     "probability x 255 as an 8-bit picture.", **fv)
-  flags.DEFINE_integer("height", 0, "Model input height, for runs whose config.json records "
-                       "none (converted Keras files); 0: from the run.", lower_bound=0, **fv)
-  flags.DEFINE_integer("width", 0, "Model input width, as --height.", lower_bound=0, **fv)
-  flags.DEFINE_enum("precision", "float32", [*precision.POLICY_NAMES, precision.AUTO],
-                    "Compute precision for checkpoints (SavedModels keep the one they were "
-                    "exported with); float32 whatever the run trained with, by default.", **fv)
-  flags.DEFINE_bool("progress", True, "Show a progress line on stderr.", **fv)
-  declare_key_flags(flag_values, ["checkpoint", "prefer", "input", "recursive", "out_dir",
-                                   "batch_size", "threshold", "tta", "tta_flips", "overlays",
-                                   "probabilities", "height", "width", "precision", "progress"])
-
-
-def declare_key_flags(flag_values: flags.FlagValues, names: Sequence[str]) -> None:
-  # --help lists the main module's key flags; make these ones even when a console script (not
-  # this module) is the main program.
-  for name in names:
-    flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
+  serving.declare_key_flags(flag_values, model_flags + [
+      "input", "recursive", "out_dir", "batch_size", "threshold", "overlays", "probabilities"])
 
 
 def main(argv: Sequence[str]) -> int:

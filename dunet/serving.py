@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Dict, Optional, Sequence
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
 
+from absl import flags
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
@@ -283,3 +285,44 @@ def flip_tta(serve: ServeFunction, images: tf.Tensor,
       value = tf.reverse(value, axes) if axes else value
       total[key] = value if key not in total else total[key] + value
   return {key: value / len(flips) for key, value in total.items()}
+
+
+# ================================================================================================
+# Command-line flags shared by dunet.evaluate and dunet.predict
+# ================================================================================================
+def define_model_flags(flag_values: flags.FlagValues) -> List[str]:
+  """Defines the flags that choose and run the model: --checkpoint, --prefer, --tta,
+  --tta_flips, --height, --width, --precision and --progress.
+
+  Returns:
+    Their names, for `declare_key_flags`.
+  """
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("checkpoint", None, "The model (required): a training workdir (see "
+                      "--prefer), a converted Keras workdir, a checkpoint prefix such as "
+                      "RUN/best/ckpt-12, or a SavedModel folder from dunet.export.", **fv)
+  flags.DEFINE_enum("prefer", "best", ["best", "latest"], "For workdirs: the best-by-validation "
+                    "checkpoint or the latest training checkpoint (falling back to the other).",
+                    **fv)
+  flags.DEFINE_bool("tta", False, "Flip test-time augmentation: the mean probability over the "
+                    "flips in --tta_flips (each flipped back); one model call per flip.", **fv)
+  flags.DEFINE_list("tta_flips", list(FLIPS), f"Flips averaged with --tta, from {sorted(FLIPS)}.",
+                    **fv)
+  flags.DEFINE_integer("height", 0, "Model input height, for runs whose config.json records "
+                       "none (converted Keras files); 0: from the run.", lower_bound=0, **fv)
+  flags.DEFINE_integer("width", 0, "Model input width, as --height.", lower_bound=0, **fv)
+  flags.DEFINE_enum("precision", "float32", [*precision.POLICY_NAMES, precision.AUTO],
+                    "Compute precision for checkpoints (SavedModels keep the one they were "
+                    "exported with); float32 by default, whatever the run trained with.", **fv)
+  flags.DEFINE_bool("progress", True, "Show a progress line on stderr.", **fv)
+  return ["checkpoint", "prefer", "tta", "tta_flips", "height", "width", "precision", "progress"]
+
+
+def declare_key_flags(flag_values: flags.FlagValues, names: Sequence[str]) -> None:
+  """Makes `names` key flags of the program, so that --help lists them.
+
+  --help lists the main module's key flags; this makes them key flags even when a console script
+  (not the module that defined them) is the main program.
+  """
+  for name in names:
+    flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
 from dunet import distribute
+from dunet import fileio
 from dunet import losses
 from dunet import metrics
 from dunet import optim
@@ -491,7 +492,7 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
            "stopped_by": stop.requested or ("early_stopping" if stopped_early else None),
            "valid": valid_metrics}
   if chief:
-    _write_json_atomic(os.path.join(workdir, "metrics.json"), final)
+    fileio.write_json_atomic(os.path.join(workdir, "metrics.json"), final)
   return final
 
 
@@ -517,13 +518,6 @@ def _write_run_files(workdir: str, data_dir: str, height: int, width: int,
   split = os.path.join(data_dir, "split.json")
   if tf.io.gfile.exists(split):
     tf.io.gfile.copy(split, os.path.join(workdir, "split.json"), overwrite=True)
-
-
-def _write_json_atomic(path: str, value) -> None:
-  temporary = path + ".tmp"
-  with tf.io.gfile.GFile(temporary, "w") as handle:
-    json.dump(value, handle, indent=2, sort_keys=True)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def main(argv):

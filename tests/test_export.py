@@ -198,26 +198,6 @@ def test_a_saved_model_is_not_exported_again(exported, tmp_path):
     export.export_saved_model(exported.out_dir, str(tmp_path / "again"))
 
 
-def test_staged_directory_commits_only_on_success(tmp_path):
-  target = tmp_path / "out"
-  with export.staged_directory(str(target), overwrite=False) as staging:
-    assert os.path.dirname(staging) == str(tmp_path) and not target.exists()
-    with open(os.path.join(staging, "a.txt"), "w") as handle:
-      handle.write("new")
-  assert (target / "a.txt").read_text() == "new"
-  with pytest.raises(RuntimeError):
-    with export.staged_directory(str(target), overwrite=True) as staging:
-      with open(os.path.join(staging, "b.txt"), "w") as handle:
-        handle.write("half")
-      raise RuntimeError("boom")
-  assert sorted(os.listdir(target)) == ["a.txt"]
-  with export.staged_directory(str(target), overwrite=True) as staging:
-    with open(os.path.join(staging, "c.txt"), "w") as handle:
-      handle.write("replacement")
-  assert sorted(os.listdir(target)) == ["c.txt"]
-  assert leftovers(tmp_path) == []
-
-
 def _run_cli(*args):
   return subprocess.run([sys.executable, "-m", "dunet.export", *args], cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=600,

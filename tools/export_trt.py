@@ -76,6 +76,7 @@ import tensorflow as tf  # noqa: E402
 
 from dunet import checkpoint as checkpoint_lib  # noqa: E402
 from dunet import export as export_lib  # noqa: E402
+from dunet import fileio  # noqa: E402
 from dunet import serving  # noqa: E402
 from dunet.models import DoubleUNet  # noqa: E402
 
@@ -256,10 +257,7 @@ def name_batch_dimension(proto, name: str = "batch") -> None:
 
 def save_onnx(proto, path: str) -> None:
   """Writes an ONNX model (via a temporary name, so `path` is whole or absent)."""
-  import onnx  # pylint: disable=g-import-not-at-top
-  temporary = path + ".tmp"
-  onnx.save(proto, temporary)
-  os.replace(temporary, path)
+  fileio.write_bytes_atomic(path, proto.SerializeToString())
 
 
 def onnxruntime_session(path: str, providers: Sequence[str]):
@@ -454,10 +452,7 @@ def build_engine(trt: Any, onnx_path: str, engine_path: str, input_name: str, he
     raise ExportError(f"TensorRT could not build an engine from {onnx_path} (its log above "
                       "says why)")
   data = memoryview(serialized).tobytes()
-  temporary = engine_path + ".tmp"
-  with open(temporary, "wb") as handle:
-    handle.write(data)
-  os.replace(temporary, engine_path)
+  fileio.write_bytes_atomic(engine_path, data)
   return len(data)
 
 
@@ -790,7 +785,7 @@ def export_trt(settings: Settings, log: Callable[[str], None] = print) -> Dict[s
   """
   _validate(settings)
   out_dir = os.path.abspath(settings.out_dir)
-  export_lib.check_out_dir(out_dir, settings.overwrite)
+  fileio.check_out_dir(out_dir, settings.overwrite)
   trt, missing = None, []
   if settings.tensorrt != "skip" and settings.engines:
     trt, missing = tensorrt_requirements()
@@ -798,7 +793,7 @@ def export_trt(settings: Settings, log: Callable[[str], None] = print) -> Dict[s
       raise ExportError("--tensorrt=require, but TensorRT cannot build here; missing: "
                         + "; ".join(missing))
   report: Dict[str, Any] = {"tensorflow_version": tf.__version__, "opset": settings.opset}
-  with export_lib.staged_directory(out_dir, settings.overwrite, purpose="export_trt") as staging:
+  with fileio.staged_directory(out_dir, settings.overwrite, purpose="export_trt") as staging:
     saved_model_dir = _saved_model_step(settings, staging, out_dir, report, log)
     loaded = serving.load_segmenter(saved_model_dir, height=settings.height, width=settings.width,
                                     preprocessing=settings.preprocessing)

@@ -125,16 +125,18 @@ def scan(raw_dir: PathLike, layout: str = "auto") -> Scan:
   return Scan(raw_dir=root, layout=layout, pairs=pairs, problems=problems)
 
 
-def find_pairs(raw_dir: PathLike, layout: str = "auto", *, on_error: str = "raise") -> List[Pair]:
-  """The image/mask pairs of a raw data set, sorted by stem.
+def scan_checked(raw_dir: PathLike, layout: str = "auto", *, on_error: str = "raise",
+                 skipped: Optional[List[dict]] = None) -> Scan:
+  """`scan`, with the files that do not pair either raised or logged and skipped.
 
   Args:
     raw_dir: the data set folder.
     layout: one of `LAYOUTS` or "auto".
     on_error: "raise" stops at the first file that does not pair; "skip" logs each and goes on.
+    skipped: if given, receives {"file", "reason"} for each file left out.
 
   Returns:
-    The pairs.
+    The Scan (its `problems` are those that were skipped).
 
   Raises:
     DataError: naming the file, when something does not pair and `on_error` is "raise", or when
@@ -147,9 +149,16 @@ def find_pairs(raw_dir: PathLike, layout: str = "auto", *, on_error: str = "rais
     if on_error == "raise":
       raise problem.error()
     logging.warning("skipped %s: %s", problem.path, problem.problem)
+    if skipped is not None:
+      skipped.append({"file": problem.path, "reason": problem.problem})
   if not result.pairs:
     raise DataError(result.raw_dir, f"no image/mask pairs found (layout {result.layout})")
-  return result.pairs
+  return result
+
+
+def find_pairs(raw_dir: PathLike, layout: str = "auto", *, on_error: str = "raise") -> List[Pair]:
+  """The image/mask pairs of a raw data set, sorted by stem (`scan_checked`'s pairs)."""
+  return scan_checked(raw_dir, layout, on_error=on_error).pairs
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ start, content on request) and `raw_data_changes` / `check_fresh` (the raw folde
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -27,15 +25,15 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dunet import fileio
 from dunet import progress as progress_lib
 from dunet.data import layouts, readers, records, splits
 from dunet.data.errors import DataError
@@ -100,16 +98,16 @@ def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width:
   _check_out_dir(out_dir, overwrite)
 
   skipped: List[dict] = []
-  main_scan = _scan(raw_dir, layout, on_error, skipped)
-  test_scan = _scan(test_raw_dir, test_layout, on_error, skipped) if test_raw_dir else None
+  main_scan = layouts.scan_checked(raw_dir, layout, on_error=on_error, skipped=skipped)
+  test_scan = (layouts.scan_checked(test_raw_dir, test_layout, on_error=on_error, skipped=skipped)
+               if test_raw_dir else None)
   split, unassigned, split_rule = _choose_split(main_scan, test_scan, split_file, seed,
                                                 valid_fraction, test_fraction)
   by_stem = {pair.stem: (pair, main_scan.raw_dir) for pair in main_scan.pairs}
   test_by_stem = ({pair.stem: (pair, test_scan.raw_dir) for pair in test_scan.pairs}
                   if test_scan else by_stem)
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+  staging = Path(fileio.make_staging_dir(out_dir, "partial"))
   try:
     notes: List[str] = []
     split_stats = {}
@@ -290,18 +288,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                     "--overwrite")
 
 
-def _scan(raw_dir: PathLike, layout: str, on_error: str, skipped: List[dict]) -> layouts.Scan:
-  scan = layouts.scan(raw_dir, layout)
-  for problem in scan.problems:
-    if on_error == "raise":
-      raise problem.error()
-    logging.warning("skipped %s: %s", problem.path, problem.problem)
-    skipped.append({"file": problem.path, "reason": problem.problem})
-  if not scan.pairs:
-    raise DataError(scan.raw_dir, f"no image/mask pairs found (layout {scan.layout})")
-  return scan
-
-
 def _choose_split(main_scan: layouts.Scan, test_scan: Optional[layouts.Scan],
                   split_file: Optional[PathLike], seed: int, valid_fraction: float,
                   test_fraction: float) -> Tuple[Dict[str, List[str]], List[str], str]:
@@ -376,8 +362,8 @@ def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, 
   shard_files = [records.shard_name(split, index, shards) for index in range(shards)]
   written, foreground, sizes = 0, [], []
   per_shard = [0] * shards
-  results = _ordered_map(lambda item: _prepared(item, height, width, keep_original), items,
-                         workers)
+  results = readers.ordered_map(lambda item: _prepared(item, height, width, keep_original),
+                                items, workers)
   shard_index, writer = -1, None
   try:
     for position, result in enumerate(results):
@@ -420,22 +406,6 @@ def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, 
       "original_height": {"min": min(heights), "max": max(heights)},
       "original_width": {"min": min(widths), "max": max(widths)},
   }
-
-
-def _ordered_map(function, items: Sequence, workers: int) -> Iterator:
-  """`map(function, items)` on a thread pool (OpenCV releases the GIL), at most a few ahead."""
-  if workers <= 1:
-    yield from map(function, items)
-    return
-  window = 4 * workers
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    pending = collections.deque()
-    for item in items:
-      pending.append(pool.submit(function, item))
-      if len(pending) >= window:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
 
 
 def _scan_files(scan: layouts.Scan) -> List[Path]:
@@ -532,10 +502,4 @@ def _commit(staging: Path, out_dir: Path, overwrite: bool) -> None:
   if out_dir.exists() and not overwrite:
     # Another process finished first (e.g. two workers preparing the demo data at once).
     raise DataError(out_dir, "appeared while this preparation ran; it was left as it is")
-  if out_dir.exists():
-    retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    out_dir.rename(retired)
-    staging.rename(out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
-  else:
-    staging.rename(out_dir)
+  fileio.replace_directory(staging, out_dir)

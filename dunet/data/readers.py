@@ -8,15 +8,19 @@ Offline code: numpy and OpenCV.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Callable, Iterator, List, Sequence, Tuple, TypeVar
 
 import cv2
 import numpy as np
 
 from dunet.data.errors import DataError
 from dunet.data.layouts import Pair
+
+T = TypeVar("T")
 
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
@@ -152,3 +156,24 @@ def _binarize(path: Path, pixels: np.ndarray, notes: List[str]) -> np.ndarray:
   notes.append(f"{path}: mask is not binary ({len(values)} values from {values[0]} to "
                f"{values[-1]}); thresholded at {threshold}")
   return (pixels >= threshold).astype(np.uint8)
+
+
+def ordered_map(function: Callable[[T], object], items: Sequence[T],
+                workers: int) -> Iterator[object]:
+  """`map(function, items)` on a few threads, results in order, at most 4 x `workers` ahead.
+
+  OpenCV decodes and resizes without holding the GIL, so threads read pictures in parallel; the
+  window bounds how many decoded pictures wait in memory.
+  """
+  if workers <= 1:
+    yield from map(function, items)
+    return
+  window = 4 * workers
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending: "collections.deque[concurrent.futures.Future]" = collections.deque()
+    for item in items:
+      pending.append(pool.submit(function, item))
+      if len(pending) >= window:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()

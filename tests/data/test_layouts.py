@@ -131,6 +131,19 @@ def test_missing_mask_and_missing_image_name_the_file(tmp_path):
   assert set(problems) == {"images/img01.png", "masks/img02.png"}
   assert "no image for this mask" in problems["masks/img02.png"]
   assert stems(layouts.find_pairs(tmp_path, on_error="skip")) == ["img00"]
+  skipped = []
+  checked = layouts.scan_checked(tmp_path, on_error="skip", skipped=skipped)
+  assert stems(checked.pairs) == ["img00"]
+  assert sorted(Path(entry["file"]).name for entry in skipped) == ["img01.png", "img02.png"]
+  with pytest.raises(ValueError, match="on_error"):
+    layouts.scan_checked(tmp_path, on_error="ignore")
+
+
+def test_nothing_paired_is_an_error_naming_the_folder_even_when_skipping(tmp_path):
+  make_generic(tmp_path, count=1)
+  (tmp_path / "masks" / "img00.png").unlink()
+  with pytest.raises(DataError, match="no image/mask pairs found"):
+    layouts.scan_checked(tmp_path, on_error="skip")
 
 
 def test_duplicate_stems_are_reported(tmp_path):

@@ -22,6 +22,18 @@ if tf.config.get_logical_device_configuration(_cpu) is None:
       _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Files holding slow tests run first (a stable sort: the order is otherwise kept).
+
+  The suite runs on two pytest-xdist workers with --dist=loadfile (README): started first, the
+  long end-to-end files spread over both workers and they finish together, instead of one worker
+  running a long file alone at the end.
+  """
+  del config
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(autouse=True)
 def _restore_op_determinism():
   """dunet.train --deterministic switches TF op determinism on for the whole process; a test that

@@ -17,9 +17,9 @@ import tensorflow as tf
 from dunet import checkpoint as checkpoint_lib
 from dunet import evaluate
 from dunet import serving
-from dunet.data import prepare, preprocess
+from dunet.data import prepare
 from dunet.data.errors import DataError
-from dunet.models import DoubleUNet
+from tests import testing_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAW_SIZE = (48, 80)       # raw pictures: NOT the model's size
@@ -68,20 +68,10 @@ def data_dir(raw_dir, tmp_path_factory):
 
 
 def calibrated_model(seed=11):
-  """A random DoubleU-Net whose masks are about half foreground with few probabilities near 0.5:
-  both heads' kernels are scaled up (sharper probabilities) and their biases centred on the
-  median logit of some pictures like the test data (head 1 first: it feeds network 2)."""
-  tf.random.set_seed(seed)
-  model = DoubleUNet()
+  """`testing_utils.calibrated_model` centred on pictures like the test data."""
   pictures = np.stack([cv2.resize(_raw_pair(i)[0], MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA)
                        for i in range(4)])
-  inputs = preprocess.preprocess(pictures, "unit")
-  for head in (model.head1, model.head2):
-    head.kernel.assign(head.kernel * 400.0)
-  for name, head in (("logits1", model.head1), ("logits2", model.head2)):
-    logits = getattr(model(inputs, is_training=False), name).numpy()
-    head.bias.assign(head.bias - float(np.median(logits)))
-  return model
+  return testing_utils.calibrated_model(pictures, seed)
 
 
 @pytest.fixture(scope="module")

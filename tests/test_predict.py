@@ -15,8 +15,7 @@ import tensorflow as tf
 from dunet import checkpoint as checkpoint_lib
 from dunet import predict
 from dunet import serving
-from dunet.data import preprocess
-from dunet.models import DoubleUNet
+from tests import testing_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_SIZE = (32, 32)
@@ -35,15 +34,8 @@ def _picture(index, size):
 def workdir(tmp_path_factory):
   """A run with a random DoubleU-Net whose head 2 is sharpened and centred on its median logit,
   so that masks are about half foreground."""
-  tf.random.set_seed(5)
-  model = DoubleUNet()
   pictures = np.stack([cv2.resize(_picture(i, (40, 56)), MODEL_SIZE[::-1]) for i in range(3)])
-  inputs = preprocess.preprocess(pictures, "unit")
-  for head in (model.head1, model.head2):
-    head.kernel.assign(head.kernel * 400.0)
-  for name, head in (("logits1", model.head1), ("logits2", model.head2)):
-    logits = getattr(model(inputs, is_training=False), name).numpy()
-    head.bias.assign(head.bias - float(np.median(logits)))
+  model = testing_utils.calibrated_model(pictures, seed=5)
   root = tmp_path_factory.mktemp("run")
   prefix = tf.train.Checkpoint(model=model).write(str(root / "best" / "ckpt-1"))
   tf.compat.v1.train.update_checkpoint_state(str(root / "best"), prefix)

@@ -1,8 +1,11 @@
-"""Helpers shared by the losses/metrics/optim/precision/distribute tests."""
+"""Helpers shared by several test files."""
 
+import numpy as np
 import tensorflow as tf
 
 from dunet import distribute
+from dunet.data import preprocess
+from dunet.models import DoubleUNet
 
 # TensorFlow's own tests space collective keys this far apart (strategy_combinations.py).
 _COLLECTIVE_KEY_STRIDE = 100_000
@@ -22,3 +25,23 @@ def mirrored_strategy_without_merge_call(monkeypatch) -> tf.distribute.MirroredS
   tf.distribute.MirroredStrategy._collective_key_base += _COLLECTIVE_KEY_STRIDE
   monkeypatch.setattr(strategy.extended, "_use_merge_call", lambda: False)
   return strategy
+
+
+def calibrated_model(pictures: np.ndarray, seed: int) -> DoubleUNet:
+  """A random DoubleU-Net whose masks of `pictures`-like inputs are about half foreground, with
+  few probabilities near 0.5.
+
+  Both heads' kernels are scaled up (sharper probabilities) and their biases centred on the
+  median logit of `pictures` (uint8 RGB at the model size, "unit" preprocessing), head 1 first
+  since it feeds network 2. Evaluation and prediction tests need such masks: an untrained net's
+  are all one value.
+  """
+  tf.random.set_seed(seed)
+  model = DoubleUNet()
+  inputs = preprocess.preprocess(pictures, "unit")
+  for head in (model.head1, model.head2):
+    head.kernel.assign(head.kernel * 400.0)
+  for name, head in (("logits1", model.head1), ("logits2", model.head2)):
+    logits = getattr(model(inputs, is_training=False), name).numpy()
+    head.bias.assign(head.bias - float(np.median(logits)))
+  return model

@@ -25,6 +25,8 @@ class Descriptor(NamedTuple):
   input_shape: tuple
   # apply(module, inputs, is_training) -> a tensor or a nest of tensors.
   apply: Callable
+  # Absolute tolerance of compiled (XLA) against eager outputs.
+  xla_atol: float = 1e-4
 
 
 def _plain(module, inputs, is_training):
@@ -53,5 +55,8 @@ DESCRIPTORS = (
     Descriptor("vgg19", VGG19Encoder, (2, 16, 16, 3), _with_mode),
     Descriptor("encoder2", Encoder2, (2, 16, 16, 3), _with_mode),
     Descriptor("decoder", lambda: Decoder(8, [4, 4], [8, 8]), (2, 4, 4, 8), _decoder),
-    Descriptor("double_u_net", DoubleUNet, (2, 32, 32, 3), _with_mode),
+    # The whole network in training mode normalises its 2x2 bottleneck by batch statistics of 8
+    # values per channel, which magnifies float32 reassociation differences between XLA's fused
+    # kernels and TF's; 1.4e-4 was seen on one of 2,048 outputs of order 0.3.
+    Descriptor("double_u_net", DoubleUNet, (2, 32, 32, 3), _with_mode, xla_atol=1e-3),
 )

@@ -39,7 +39,7 @@ def test_xla_compiles_and_matches_eager(descriptor, is_training):
   for variable, value in zip(module.variables, snapshot):
     variable.assign(value)
   compiled = tf.function(lambda x: descriptor.apply(module, x, is_training), jit_compile=True)
-  _assert_nests_close(eager, compiled(inputs), atol=1e-4)
+  _assert_nests_close(eager, compiled(inputs), atol=descriptor.xla_atol)
 
 
 @pytest.mark.parametrize("descriptor", DESCRIPTORS, ids=_IDS)

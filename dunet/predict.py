@@ -280,7 +280,7 @@ def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, probability: np.
   if overlays:
     record["overlay"] = f"{OVERLAYS_DIR}/{stem}.png"
     fileio.write_bytes_atomic(out_dir / OVERLAYS_DIR / f"{stem}.png",
-                       encode_png(overlay_picture(image, mask)))
+                              encode_png(overlay_picture(image, mask)))
   if probabilities:
     record["probability"] = f"{PROBABILITIES_DIR}/{stem}.png"
     scaled = np.round(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -1,10 +1,24 @@
-"""Segmentation losses from logits, per example, and the deep-supervision weighting of both heads.
+"""Segmentation losses from logits, and the two ways of combining both heads over a batch.
 
-Every loss here takes logits (not probabilities) and binary masks, computes in float32 whatever the
-model's compute dtype, and returns one value per example (shape [B]). Per-example losses are what
-distributed training needs: each replica divides the sum of its examples' losses by the GLOBAL batch
-size (`tf.nn.compute_average_loss`), so summing the replicas' shares gives the mean over the global
-batch, whatever the number of replicas.
+Two reductions (`make_heads_loss(name, reduction)`):
+
+  per_image  (dunet's default) every loss is computed per example from logits, in float32
+             whatever the model's compute dtype (shape [B]); each head's per-example losses are
+             averaged over the GLOBAL batch (`tf.nn.compute_average_loss`: each replica divides
+             its sum by the global batch size, so the replicas' shares add up to the mean), and
+             the heads are summed with their weights: w1·L(head 1) + w2·L(head 2).
+  reference  exactly what the authors' train.py computes: ONE loss over both heads
+             concatenated and the whole batch (Keras `model.fit` on `concat([out1, out2])`
+             against `concat([y, y])`). BCE is Keras' probability-space cross-entropy
+             (sigmoid, clipped to [1e-7, 1 - 1e-7]) averaged over every pixel of both heads;
+             Dice is one ratio 1 - (2·Σp·y + s)/(Σp + Σy + s) over every pixel of both heads
+             and images, with the reference's s = 1e-15; bce_dice is their sum. A batch-level
+             Dice is not a sum of per-example terms, so across replicas the sums are
+             all-reduced before the ratio (gradients flow through the all-reduce): the value,
+             and the gradients, do not change with the number of replicas.
+
+`head_weights` (1, 1) reproduce the reference; other weights make the reference reduction a
+weighted mean of the heads' cross-entropies and a Dice over the heads' weighted sums.
 """
 
 from __future__ import annotations
@@ -14,6 +28,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import tensorflow as tf
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+BatchSize = Optional[Union[int, tf.Tensor]]
+PER_IMAGE, REFERENCE = "per_image", "reference"
+REDUCTIONS = (PER_IMAGE, REFERENCE)
+# Keras' epsilon(): the reference's probabilities are clipped to [EPSILON, 1 - EPSILON].
+KERAS_EPSILON = 1e-7
+# The reference train.py's Dice smoothing (its metrics.py; predict.py scores with 1.0).
+REFERENCE_DICE_SMOOTH = 1e-15
 
 
 def _as_float32(logits: tf.Tensor, masks: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -51,15 +72,15 @@ def binary_cross_entropy(logits: tf.Tensor, masks: tf.Tensor) -> tf.Tensor:
 def dice_loss(logits: tf.Tensor, masks: tf.Tensor, smooth: float = 1.0) -> tf.Tensor:
   """Soft Dice loss of each image: 1 - (2·Σ p·y + s) / (Σ p + Σ y + s), with p = sigmoid(logits).
 
-  Computed per image. The reference code summed over the whole batch (one Dice for the batch);
-  a batch-level Dice is not a sum of per-example terms, so it cannot be split across replicas and
-  would change with the number of devices. Per image, an empty mask with an empty prediction
-  scores a loss near 0 thanks to `smooth`.
+  Computed per image (the reference code computes one Dice over the whole batch and both heads:
+  `ReferenceLoss`). Per image, an empty mask with an empty prediction scores a loss near 0
+  thanks to `smooth`.
 
   Args:
     logits: [B, H, W, 1] (or any [B, ...]) logits of any float dtype.
     masks: binary masks of the same shape.
-    smooth: added to numerator and denominator (the reference: 1.0).
+    smooth: added to numerator and denominator (1.0 keeps a per-image Dice of an empty mask
+      finite and smooth; the reference's batch-level Dice uses 1e-15).
 
   Returns:
     [B] float32 Dice loss of each image, in [0, 1].
@@ -128,3 +149,112 @@ def deep_supervision_loss(
     per_head.append(tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size))
   total = tf.add_n([float(weight) * loss for weight, loss in zip(head_weights, per_head)])
   return total, per_head
+
+
+# ==================================================================================================
+# Combining both heads over a batch: the two reductions
+# ==================================================================================================
+class HeadsLoss:
+  """A loss over all heads and a (replica's share of a) batch.
+
+  Called as `loss(logits_per_head, masks, head_weights, global_batch_size)`; returns
+  `(total, per_head)`: this replica's shares (summing them over the replicas gives the value
+  over the global batch) of the weighted total and of each head's own loss.
+  """
+
+  reduction: str = ""
+
+  def __call__(self, logits_per_head: Sequence[tf.Tensor], masks: tf.Tensor,
+               head_weights: Sequence[float],
+               global_batch_size: BatchSize) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+    raise NotImplementedError
+
+
+class PerImageLoss(HeadsLoss):
+  """dunet's default: a per-example loss averaged over the global batch, heads summed."""
+
+  reduction = PER_IMAGE
+
+  def __init__(self, loss_fn: LossFn):
+    self.loss_fn = loss_fn
+
+  def __call__(self, logits_per_head, masks, head_weights, global_batch_size):
+    return deep_supervision_loss(logits_per_head, masks, self.loss_fn, head_weights,
+                                 global_batch_size)
+
+
+class ReferenceLoss(HeadsLoss):
+  """The authors' train.py loss: one BCE, Dice or BCE + Dice over both heads and the batch.
+
+  Each replica sums, per head, the cross-entropy of its pixels and the Dice sums Σp·y, Σp, Σy,
+  and counts its pixels; one all-reduce gives every replica the global sums, from which it
+  computes the global value and returns 1/replicas of it (the step's convention). The
+  all-reduce's gradient is an all-reduce too, so the gradients summed over replicas are those
+  of the global value: one device and several give the same loss and the same update.
+  """
+
+  reduction = REFERENCE
+  NAMES = ("bce", "dice", "bce_dice")
+
+  def __init__(self, name: str, smooth: float = REFERENCE_DICE_SMOOTH):
+    if name not in self.NAMES:
+      raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(self.NAMES)}")
+    self.name = name
+    self.smooth = smooth
+
+  def __call__(self, logits_per_head, masks, head_weights, global_batch_size):
+    del global_batch_size  # the pixel count is all-reduced: exact for partial batches too
+    logits_per_head = list(logits_per_head)
+    if len(logits_per_head) != len(head_weights):
+      raise ValueError(f"{len(head_weights)} head weights for {len(logits_per_head)} heads")
+    masks = tf.cast(masks, tf.float32)
+    # [heads, 5]: cross-entropy sum, Σp·y, Σp, Σy, pixels.
+    local = tf.stack([self._sums(logits, masks) for logits in logits_per_head])
+    replicas = 1
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+      replicas = context.num_replicas_in_sync
+      local = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+    cross_entropy_sum, overlap, predicted, truth, pixels = tf.unstack(local, axis=1)
+    weights = tf.constant([float(w) for w in head_weights], tf.float32)
+    cross_entropy = cross_entropy_sum / pixels
+    dice = 1.0 - (2.0 * overlap + self.smooth) / (predicted + truth + self.smooth)
+    total_cross_entropy = tf.reduce_sum(weights * cross_entropy) / tf.reduce_sum(weights)
+    total_dice = 1.0 - (2.0 * tf.reduce_sum(weights * overlap) + self.smooth) / (
+        tf.reduce_sum(weights * (predicted + truth)) + self.smooth)
+    if self.name == "bce":
+      total, per_head = total_cross_entropy, cross_entropy
+    elif self.name == "dice":
+      total, per_head = total_dice, dice
+    else:
+      total, per_head = total_cross_entropy + total_dice, cross_entropy + dice
+    share = 1.0 / replicas
+    return total * share, [value * share for value in tf.unstack(per_head)]
+
+  @staticmethod
+  def _sums(logits: tf.Tensor, masks: tf.Tensor) -> tf.Tensor:
+    """[5] float32: Keras-BCE sum, Σp·y, Σp, Σy and the pixel count of one head."""
+    probabilities = tf.sigmoid(tf.cast(logits, tf.float32))
+    clipped = tf.clip_by_value(probabilities, KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+    cross_entropy = -(masks * tf.math.log(clipped) + (1.0 - masks) * tf.math.log(1.0 - clipped))
+    pixels = tf.cast(tf.size(masks), tf.float32)
+    return tf.stack([tf.reduce_sum(cross_entropy), tf.reduce_sum(probabilities * masks),
+                     tf.reduce_sum(probabilities), tf.reduce_sum(masks), pixels])
+
+
+def make_heads_loss(name: str, reduction: str = PER_IMAGE) -> HeadsLoss:
+  """The loss called `name` (bce, dice, bce_dice) with the given reduction (REDUCTIONS).
+
+  Raises:
+    ValueError: an unknown name or reduction, listing the valid ones.
+  """
+  if reduction == PER_IMAGE:
+    return PerImageLoss(get_loss(name))
+  if reduction == REFERENCE:
+    return ReferenceLoss(name)
+  raise ValueError(f"unknown loss reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+
+
+def as_heads_loss(loss: Union[HeadsLoss, LossFn]) -> HeadsLoss:
+  """`loss` itself if it is a HeadsLoss; a per-example function becomes a PerImageLoss."""
+  return loss if isinstance(loss, HeadsLoss) else PerImageLoss(loss)

@@ -7,8 +7,11 @@ outside the compiled step, on the measurements these functions return.
 
 What a train step does, in order:
   1. forward both heads in training mode (BatchNorm uses batch statistics);
-  2. deep supervision: loss = w1 * L(head 1) + w2 * L(head 2), in float32 from logits, each
-     per-example loss divided by the GLOBAL batch size so that summing replicas gives the mean;
+  2. deep supervision on both heads, in float32 from logits, as this replica's share of the
+     global-batch value (summing the replicas' shares gives it): by default
+     w1 * L(head 1) + w2 * L(head 2) with per-example losses divided by the GLOBAL batch size;
+     with the reference reduction, one loss over both heads and the global batch
+     (dunet/losses.py);
   3. scale the loss (float16 only), differentiate, all-reduce the gradients across replicas;
   4. unscale, decide "all finite" on the reduced gradients (so every replica agrees);
   5. apply the optimizer only if finite (else nothing moves), then grow/shrink the loss scale.
@@ -35,8 +38,8 @@ def compute_loss(model: tf.Module, batch: Batch, loss_fn: Callable, head_weights
     each head's loss; losses are this replica's share of the global mean.
   """
   outputs = model(batch["image"], is_training=is_training)
-  total_loss, per_head_losses = losses.deep_supervision_loss(
-      outputs, batch["mask"], loss_fn, head_weights, global_batch_size)
+  total_loss, per_head_losses = losses.as_heads_loss(loss_fn)(
+      outputs, batch["mask"], head_weights, global_batch_size)
   return outputs, total_loss, per_head_losses
 
 
@@ -98,7 +101,9 @@ def train_step(model: tf.Module, optimizer, loss_scale, batch: Batch, loss_fn: C
     optimizer: dunet.optim optimizer (applies already-reduced gradients).
     loss_scale: dunet.precision loss scale (a no-op one for float32/bfloat16).
     batch: {"image": [b, H, W, 3], "mask": [b, H, W, 1]}.
-    loss_fn: per-example loss from logits, e.g. dunet.losses.binary_cross_entropy.
+    loss_fn: a dunet.losses.HeadsLoss (`losses.make_heads_loss(name, reduction)`), or a
+      per-example loss from logits (e.g. dunet.losses.binary_cross_entropy), which is reduced
+      per image.
     head_weights: deep-supervision weight per head.
     global_batch_size: batch size summed over replicas.
 

@@ -155,3 +155,74 @@ def randomize_weights(model: keras.Model, seed: int = 0, head_gain: float = 10.0
         # spreads the logits over a few units and makes the comparison sensitive.
         new_weights[0] *= head_gain
       layer.set_weights(new_weights)
+
+
+# ================================================================================================
+# Training as the authors' train.py does: one loss over both heads, Keras optimizers, fit steps
+# ================================================================================================
+# metrics.py of the reference: the Dice smoothing its train.py trains with.
+REFERENCE_DICE_SMOOTH = 1e-15
+
+
+def reference_dice_coef(y_true, y_pred):
+  """metrics.py's dice_coef: ONE ratio over every pixel of the batch and of both heads."""
+  y_true = keras.ops.reshape(y_true, [-1])
+  y_pred = keras.ops.reshape(y_pred, [-1])
+  intersection = keras.ops.sum(y_true * y_pred)
+  return (2.0 * intersection + REFERENCE_DICE_SMOOTH) / (
+      keras.ops.sum(y_true) + keras.ops.sum(y_pred) + REFERENCE_DICE_SMOOTH)
+
+
+def reference_dice_loss(y_true, y_pred):
+  return 1.0 - reference_dice_coef(y_true, y_pred)
+
+
+def reference_bce_dice_loss(y_true, y_pred):
+  """metrics.py's bce_dice_loss: Keras BCE on probabilities (per pixel) plus the batch Dice."""
+  return keras.losses.binary_crossentropy(y_true, y_pred) + reference_dice_loss(y_true, y_pred)
+
+
+# The names dunet's --loss uses, mapped to the reference's loss functions. Keras' BCE applies to
+# the sigmoid outputs (clipped to [1e-7, 1 - 1e-7]), as the reference's model.output is.
+REFERENCE_LOSSES = {
+    "bce": keras.losses.binary_crossentropy,
+    "dice": reference_dice_loss,
+    "bce_dice": reference_bce_dice_loss,
+}
+REFERENCE_OPTIMIZERS = {"adam": keras.optimizers.Adam, "nadam": keras.optimizers.Nadam}
+
+
+def compile_for_training(model: keras.Model, optimizer: str = "nadam",
+                         learning_rate: float = 1e-4, loss: str = "bce",
+                         epsilon: float = 1e-7) -> None:
+  """`model.compile(loss=..., optimizer=...)` as the reference train.py does it.
+
+  Args:
+    model: from `build_reference_model`.
+    optimizer: "adam" or "nadam" (Keras', default betas).
+    learning_rate: constant learning rate.
+    loss: "bce", "dice" or "bce_dice" (the reference's functions, on both heads at once).
+    epsilon: the optimizer's epsilon (Keras' default 1e-7).
+  """
+  model.compile(optimizer=REFERENCE_OPTIMIZERS[optimizer](learning_rate, epsilon=epsilon),
+                loss=REFERENCE_LOSSES[loss])
+
+
+def both_heads(masks: np.ndarray) -> np.ndarray:
+  """[B, H, W, 1] masks -> [B, H, W, 2]: the target the reference trains both heads against."""
+  return np.concatenate([masks, masks], axis=-1)
+
+
+def train_on_batches(model: keras.Model, batches: Sequence[Tuple[np.ndarray, np.ndarray]]
+                     ) -> List[float]:
+  """One `fit` step per (images, masks) batch (`train_on_batch` runs fit's train function).
+
+  Returns:
+    The loss of each step, computed before that step's update (as Keras reports it).
+  """
+  return [float(model.train_on_batch(images, both_heads(masks))) for images, masks in batches]
+
+
+def layer_weights_by_role(model: keras.Model, layer_name: str) -> dict:
+  """{role: variable} of one Keras layer (kernel, bias, gamma, beta, moving_mean, ...)."""
+  return {weight.name: weight for weight in model.get_layer(layer_name).weights}

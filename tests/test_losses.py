@@ -135,3 +135,115 @@ def test_replica_shares_sum_to_the_single_device_mean(name):
   shares = [float(v) for v in strategy.experimental_local_results(per_replica)]
   assert len(shares) == 2 and shares[0] != shares[1]
   np.testing.assert_allclose(sum(shares), single.numpy(), rtol=1e-6)
+
+
+# --- the reference reduction: one loss over both heads and the whole batch --------------------
+
+
+def _numpy_keras_bce(probabilities, masks):
+  """Keras' binary_crossentropy on probabilities: clipped to [1e-7, 1 - 1e-7], no logits."""
+  p = np.clip(probabilities, 1e-7, 1 - 1e-7)
+  return -(masks * np.log(p) + (1 - masks) * np.log(1 - p))
+
+
+def _numpy_reference(name, logits_per_head, masks):
+  """The reference train.py's loss on concat([out1, out2]) against concat([y, y]), in float64."""
+  p = np.concatenate([_sigmoid(l) for l in logits_per_head], axis=-1)
+  y = np.concatenate([masks] * len(logits_per_head), axis=-1).astype(np.float64)
+  bce = _numpy_keras_bce(p, y).mean()
+  dice = 1 - (2 * (p * y).sum() + 1e-15) / (p.sum() + y.sum() + 1e-15)
+  return {"bce": bce, "dice": dice, "bce_dice": bce + dice}[name]
+
+
+@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice"])
+def test_reference_reduction_is_one_loss_over_both_heads_and_the_batch(name):
+  head1, masks = _example(seed=7, batch=3)
+  head2, _ = _example(seed=8, batch=3)
+  loss = losses.make_heads_loss(name, losses.REFERENCE)
+  total, per_head = loss([head1, head2], masks, (1.0, 1.0), 3)
+  np.testing.assert_allclose(total.numpy(), _numpy_reference(name, [head1, head2], masks),
+                             rtol=1e-5)
+  for logits, value in zip((head1, head2), per_head):  # each head's own batch-level loss
+    np.testing.assert_allclose(value.numpy(), _numpy_reference(name, [logits], masks), rtol=1e-5)
+  if name == "dice":  # one ratio over everything: not the mean of the heads' (or images') Dice
+    assert not np.isclose(total.numpy(), np.mean([v.numpy() for v in per_head]), rtol=1e-4)
+    per_image = losses.make_heads_loss("dice")([head1, head2], masks, (1.0, 1.0), 3)[0]
+    assert not np.isclose(total.numpy(), per_image.numpy() / 2, rtol=1e-3)
+
+
+def test_reference_bce_is_keras_probability_space_cross_entropy():
+  # Confidently wrong pixels: Keras clips the probability to [1e-7, 1 - 1e-7] (in float32), so
+  # the loss saturates near -log(1e-7) = 16.1 instead of the logit (100) that the per-image BCE
+  # from logits gives.
+  logits = np.array([[[[100.0]], [[-100.0]]]], np.float32).reshape(1, 2, 1, 1)
+  masks = np.array([0.0, 1.0], np.float32).reshape(1, 2, 1, 1)
+  total, _ = losses.make_heads_loss("bce", losses.REFERENCE)([logits], masks, (1.0,), 1)
+  low, high = np.float32(1e-7), np.float32(1) - np.float32(1e-7)
+  expected = -(np.log(low) + np.log(np.float32(1) - high)) / 2  # both pixels clipped
+  np.testing.assert_allclose(total.numpy(), expected, rtol=1e-5)
+  per_image, _ = losses.make_heads_loss("bce")([logits], masks, (1.0,), 1)
+  np.testing.assert_allclose(per_image.numpy(), 100.0, rtol=1e-5)
+
+
+def test_reference_head_weights_weigh_the_heads_sums():
+  head1, masks = _example(seed=9, batch=2)
+  head2, _ = _example(seed=10, batch=2)
+  p1, p2 = _sigmoid(head1), _sigmoid(head2)
+  y = masks.astype(np.float64)
+  weights = (0.5, 2.0)
+  dice, _ = losses.make_heads_loss("dice", losses.REFERENCE)([head1, head2], masks, weights, 2)
+  expected = 1 - (2 * (0.5 * (p1 * y).sum() + 2.0 * (p2 * y).sum()) + 1e-15) / (
+      0.5 * (p1.sum() + y.sum()) + 2.0 * (p2.sum() + y.sum()) + 1e-15)
+  np.testing.assert_allclose(dice.numpy(), expected, rtol=1e-5)
+  bce, _ = losses.make_heads_loss("bce", losses.REFERENCE)([head1, head2], masks, weights, 2)
+  expected = (0.5 * _numpy_keras_bce(p1, y).mean() + 2.0 * _numpy_keras_bce(p2, y).mean()) / 2.5
+  np.testing.assert_allclose(bce.numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dice", "bce_dice"])
+def test_reference_reduction_value_and_gradients_do_not_change_with_two_replicas(name):
+  """Two logical CPUs, each with half the batch: the Dice numerator and denominator are
+  all-reduced, so the summed shares are the one-device value, and the gradients (summed over
+  replicas, as dunet's step all-reduces them) are the one-device gradients."""
+  logits, masks = _example(seed=11, batch=4)
+  loss = losses.make_heads_loss(name, losses.REFERENCE)
+  weights = (1.0, 0.5)
+
+  def value_and_gradient(logits_variable, masks):
+    with tf.GradientTape() as tape:
+      total, per_head = loss([logits_variable, 2.0 * logits_variable], masks, weights, 4)
+    return total, per_head, tape.gradient(total, logits_variable)
+
+  variable = tf.Variable(logits)
+  single, single_heads, single_gradient = value_and_gradient(variable, masks)
+
+  strategy = distribute.make_strategy("mirrored")
+  dataset = tf.data.Dataset.from_tensors((logits, masks))
+  batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
+
+  def replica_fn(half_logits, half_masks):
+    with tf.GradientTape() as tape:
+      tape.watch(half_logits)
+      total, per_head = loss([half_logits, 2.0 * half_logits], half_masks, weights, 4)
+    return total, per_head, tape.gradient(total, half_logits)
+
+  per_replica = strategy.run(tf.function(replica_fn), args=batch)
+  totals, heads, gradients = (strategy.experimental_local_results(part) for part in per_replica)
+  np.testing.assert_allclose(sum(float(t) for t in totals), single.numpy(), rtol=1e-6)
+  for head in range(2):
+    np.testing.assert_allclose(sum(float(h[head]) for h in heads), single_heads[head].numpy(),
+                               rtol=1e-6)
+  # Each replica's gradient is for its own half of the batch; all-reduced (summed) by the step,
+  # the halves concatenated are the one-device gradient.
+  np.testing.assert_allclose(np.concatenate([g.numpy() for g in gradients]),
+                             single_gradient.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_make_heads_loss_names_and_reductions():
+  assert isinstance(losses.make_heads_loss("bce"), losses.PerImageLoss)
+  assert isinstance(losses.make_heads_loss("dice", "reference"), losses.ReferenceLoss)
+  assert losses.as_heads_loss(losses.dice_loss).reduction == losses.PER_IMAGE
+  with pytest.raises(ValueError, match="'sum'.*valid: per_image, reference"):
+    losses.make_heads_loss("bce", "sum")
+  with pytest.raises(ValueError, match="'focal'"):
+    losses.make_heads_loss("focal", "reference")

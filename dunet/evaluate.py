@@ -60,6 +60,7 @@ from absl import logging
 from dunet import checkpoint as checkpoint_lib
 from dunet import fileio
 from dunet import metrics
+from dunet import precise_bn
 from dunet import predict as predict_lib
 from dunet import serving
 from dunet.data import layouts
@@ -121,13 +122,17 @@ class Example:
 
 @dataclasses.dataclass
 class ImageScore:
-  """One image's confusion counts (tp, fp, fn, tn) per head, at the size it was scored."""
+  """One image's confusion counts (tp, fp, fn, tn) per head, at the size it was scored.
+
+  `swept` holds head 2's counts at other thresholds ({threshold: counts}), when asked for.
+  """
   name: str
   split: str
   height: int
   width: int
   resolution: str
   counts: Dict[str, np.ndarray]
+  swept: Dict[float, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 # ================================================================================================
@@ -230,13 +235,14 @@ def raw_examples(raw_dir: PathLike, layout: str = "auto", on_error: str = "raise
 # ================================================================================================
 
 
-def score_batch(segment: SegmentFn, examples: Sequence[Example],
-                threshold: float) -> List[ImageScore]:
+def score_batch(segment: SegmentFn, examples: Sequence[Example], threshold: float,
+                sweep: Sequence[float] = ()) -> List[ImageScore]:
   """Runs one batch of same-size pictures and counts each head against each image's mask.
 
   Head 2, head 1 and their mean (probabilities averaged at the model's output size, then
   thresholded) are resized bilinearly from the pictures' size to each mask's size when these
-  differ, and pixels with probability >= threshold count as foreground.
+  differ, and pixels with probability >= threshold count as foreground. Head 2 is also counted
+  at each threshold of `sweep` (ImageScore.swept).
   """
   outputs = segment(np.stack([example.image for example in examples]))
   head2 = outputs[serving.PROBABILITY]
@@ -252,18 +258,21 @@ def score_batch(segment: SegmentFn, examples: Sequence[Example],
     counts = {head: metrics.confusion_counts_np(
         metrics.binarize(probabilities[:, :, channel], threshold), truth)
               for channel, head in enumerate(HEADS)}
+    swept = {float(value): metrics.confusion_counts_np(
+        metrics.binarize(probabilities[:, :, 0], value), truth) for value in sweep}
     scores.append(ImageScore(example.name, example.split, truth.shape[0], truth.shape[1],
-                             example.resolution, counts))
+                             example.resolution, counts, swept))
   return scores
 
 
 def score_batches(segment: SegmentFn, batches: Iterable[Sequence[Example]], threshold: float,
-                  total: Optional[int] = None, progress: bool = True) -> List[ImageScore]:
+                  total: Optional[int] = None, progress: bool = True,
+                  sweep: Sequence[float] = ()) -> List[ImageScore]:
   """`score_batch` over batches, with a progress line on stderr when `progress`."""
   bar = predict_lib.ImageProgress(total or 0, progress)
   scores: List[ImageScore] = []
   for batch in batches:
-    scores.extend(score_batch(segment, batch, threshold))
+    scores.extend(score_batch(segment, batch, threshold, sweep))
     bar.advance(len(batch))
   bar.close()  # ends the line when files were skipped
   return scores
@@ -285,6 +294,39 @@ def summarize(scores: Sequence[ImageScore]) -> Dict[str, Dict[str, Dict[str, flo
   return result
 
 
+# Thresholds tried on the validation split for head 2 (`choose_threshold`).
+THRESHOLD_GRID = tuple(round(0.05 * step, 2) for step in range(1, 20))
+THRESHOLD_NOTE = (
+    "the validation-optimal threshold maximises head 2's mean per-image DSC over the validation "
+    "split (thresholds 0.05 to 0.95 in steps of 0.05; ties go to the one nearest 0.5); it is "
+    "chosen on validation only and then applied to the evaluated split, never tuned on the "
+    "test split.")
+
+
+def best_threshold(scores: Sequence[ImageScore], default: float = 0.5) -> Dict[str, float]:
+  """The swept threshold with the highest mean per-image head-2 DSC over `scores`.
+
+  Returns:
+    {"threshold", "dsc" (at it), "dsc_at_default"}; ties go to the threshold nearest `default`.
+  """
+  thresholds = sorted(scores[0].swept)
+  if not thresholds:
+    raise ValueError("the scores hold no swept thresholds")
+  mean_dsc = {t: float(np.mean([metrics.scores_from_counts(score.swept[t])["dsc"]
+                                for score in scores])) for t in thresholds}
+  chosen = max(thresholds, key=lambda t: (round(mean_dsc[t], 9), -abs(t - default)))
+  at_default = (mean_dsc[default] if default in mean_dsc else float(np.mean(
+      [metrics.scores_from_counts(score.counts["head2"])["dsc"] for score in scores])))
+  return {"threshold": chosen, "dsc": mean_dsc[chosen], "dsc_at_default": at_default}
+
+
+def summarize_swept(scores: Sequence[ImageScore], threshold: float) -> Dict[str, Dict[str, float]]:
+  """Head 2's {"per_image", "pooled"} scores at a swept threshold."""
+  accumulator = metrics.MetricAccumulator()
+  accumulator.update(np.stack([score.swept[threshold] for score in scores]))
+  return accumulator.nested_result()
+
+
 # ================================================================================================
 # The evaluation and its report
 # ================================================================================================
@@ -294,7 +336,7 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
              split: str = "test", raw_dir: Optional[PathLike] = None, layout: str = "auto",
              on_error: str = "raise", threshold: float = 0.5, tta: bool = False,
              flips: Sequence[str] = tuple(serving.FLIPS), batch_size: int = 8,
-             progress: bool = True) -> Dict[str, object]:
+             progress: bool = True, choose_threshold: bool = True) -> Dict[str, object]:
   """Evaluates a model on a prepared split or a raw data set folder.
 
   Args:
@@ -309,6 +351,10 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
     flips: the flips averaged with `tta`.
     batch_size: pictures per model call.
     progress: show a progress line on stderr.
+    choose_threshold: for prepared data with a validation split, also choose head 2's
+      validation-optimal threshold (THRESHOLD_GRID) and report the evaluated split's scores at
+      it ("validation_threshold"); for the valid split itself the choice is tuned on it, and
+      the report says so.
 
   Returns:
     The report (see `build_report`), with the per-image scores under "_scores" (not written to
@@ -350,18 +396,101 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
         raw_examples(raw_dir, scan.layout, on_error, skipped),
         lambda example: example.image.shape[:2], batch_size)
     total = len(scan.pairs)
-  scores = score_batches(segment, batches, threshold, total=total, progress=progress)
+  sweep = THRESHOLD_GRID if choose_threshold and data_dir is not None else ()
+  scores = score_batches(segment, batches, threshold, total=total, progress=progress,
+                         sweep=sweep)
   if not scores:
     raise EvaluationError(f"no image could be evaluated ({len(skipped)} skipped)")
+  validation_threshold = (choose_validation_threshold(segment, data_dir, scores, threshold,
+                                                      batch_size, progress) if sweep else None)
   report = build_report(scores, loaded=loaded, data=data, threshold=threshold,
-                        flips=list(flips) if tta else None, skipped=skipped)
+                        flips=list(flips) if tta else None, skipped=skipped,
+                        validation_threshold=validation_threshold)
   report["_scores"] = scores
   return report
 
 
+def choose_validation_threshold(segment: SegmentFn, data_dir: PathLike,
+                                scores: Sequence[ImageScore], threshold: float, batch_size: int,
+                                progress: bool) -> Optional[Dict[str, object]]:
+  """Head 2's validation-optimal threshold and the evaluated images' scores at it.
+
+  The validation images are those among `scores` when the evaluation covers the valid split,
+  else they are scored now. None when the prepared data has no validation split.
+  """
+  valid_count = int(pipeline.read_data_info(data_dir)["counts"].get("valid", 0))
+  if not valid_count:
+    return None
+  valid_scores = [score for score in scores if score.split == "valid"]
+  includes_valid = bool(valid_scores)
+  if not includes_valid:
+    valid_scores = score_batches(segment, prepared_batches(data_dir, ["valid"], batch_size),
+                                 threshold, total=valid_count, progress=progress,
+                                 sweep=THRESHOLD_GRID)
+  choice = best_threshold(valid_scores, default=threshold)
+  return {
+      "threshold": choice["threshold"],
+      "valid_dsc": choice["dsc"],
+      "valid_dsc_at_threshold": choice["dsc_at_default"],
+      "chosen_on": ("valid (also evaluated here: its scores at this threshold are optimistic)"
+                    if includes_valid else "valid"),
+      "rule": THRESHOLD_NOTE,
+      "head2": summarize_swept(scores, choice["threshold"]),
+  }
+
+
+PRECISE_BN_SUBDIR = "precise_bn"
+
+
+def recompute_batch_norm(loaded: serving.LoadedSegmenter, data_dir: PathLike, batches: int,
+                         batch_size: int, out_dir: PathLike, seed: int = 42) -> Dict[str, object]:
+  """Recomputes the loaded model's BatchNorm statistics and saves the model with them.
+
+  The population statistics over `batches` unaugmented training batches of `data_dir`
+  (dunet/precise_bn.py) replace the model's, for the evaluation that follows, and the model is
+  written to `out_dir/precise_bn` (a workdir: `best/ckpt-1` and the run's config.json), which
+  evaluate, predict and export read like any run.
+
+  Returns:
+    {"images", "batches", "checkpoint"}: what was pooled and where the model went.
+
+  Raises:
+    EvaluationError: a SavedModel (its statistics are constants), or data at another size.
+  """
+  if loaded.kind != "checkpoint":
+    raise EvaluationError(f"{loaded.source}: --recompute_bn needs a checkpoint; a SavedModel's "
+                          "BatchNorm statistics are constants (recompute before exporting)")
+  info = pipeline.read_data_info(data_dir)
+  if (int(info["height"]), int(info["width"])) != (loaded.height, loaded.width):
+    raise EvaluationError(f"{data_dir} was prepared at {info['height']}x{info['width']}, the "
+                          f"model takes {loaded.height}x{loaded.width}: BatchNorm statistics "
+                          "must come from pictures of the model's size")
+  model = loaded.module.model
+  dataset = pipeline.make_statistics_dataset(
+      data_dir, global_batch_size=batch_size, batches=batches,
+      preprocessing=loaded.preprocessing, seed=seed)
+  summary = precise_bn.recompute_statistics(
+      model, records.name_read_errors(dataset, pipeline.shard_files(data_dir, "train")))
+  folder = os.path.join(os.fspath(out_dir), PRECISE_BN_SUBDIR)
+  config = dict(serving.find_run_config(loaded.source))
+  config.update(preprocessing=loaded.preprocessing, height=loaded.height, width=loaded.width,
+                batch_norm_statistics=precise_bn.PRECISE,
+                recomputed_from={"checkpoint": loaded.source, "data_dir": os.path.abspath(
+                    data_dir), "images": summary.images, "batches": summary.batches})
+  with fileio.staged_directory(folder, overwrite=True, purpose="precise-bn") as staging:
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                               os.path.join(staging, checkpoint_lib.BEST_SUBDIR),
+                               max_to_keep=1).save(checkpoint_number=1)
+    checkpoint_lib.write_config(staging, config)
+  logging.info("BatchNorm statistics recomputed over %d training images; model saved in %s",
+               summary.images, folder)
+  return {"images": summary.images, "batches": summary.batches, "checkpoint": folder}
+
+
 def build_report(scores: Sequence[ImageScore], *, loaded: serving.LoadedSegmenter,
                  data: Dict[str, object], threshold: float, flips: Optional[List[str]],
-                 skipped: Sequence[Dict[str, str]]) -> Dict[str, object]:
+                 skipped: Sequence[Dict[str, str]],
+                 validation_threshold: Optional[Dict[str, object]] = None) -> Dict[str, object]:
   """The evaluation as a JSON-ready dict (what metrics.json holds)."""
   results = summarize(scores)
   by_resolution = {name: sum(score.resolution == name for score in scores)
@@ -398,6 +527,7 @@ def build_report(scores: Sequence[ImageScore], *, loaded: serving.LoadedSegmente
       "empty_masks": {"convention": EMPTY_MASK_NOTE, "ground_truth": int(empty_truth),
                       "prediction": empty_prediction},
       "metrics": results,
+      "validation_threshold": validation_threshold,
       "notes": notes,
       "skipped": list(skipped),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -434,6 +564,17 @@ def format_markdown(report: Dict[str, object]) -> str:
       values = report["metrics"][head][statistic]
       lines.append(f"| {HEAD_TITLES[head]} | {STATISTIC_TITLES[statistic]} | "
                    + " | ".join(f"{values[name]:.4f}" for name, _ in TABLE_SCORES) + " |")
+  chosen = report.get("validation_threshold")
+  if chosen:
+    values = chosen["head2"]["per_image"]
+    lines += [
+        "",
+        f"Validation-optimal threshold {chosen['threshold']:g} (chosen on {chosen['chosen_on']};"
+        f" validation DSC {chosen['valid_dsc']:.4f} there, {chosen['valid_dsc_at_threshold']:.4f}"
+        f" at {report['threshold']:g}): head 2 on this split, mean over images: DSC "
+        f"{values['dsc']:.4f}, mIoU {values['iou']:.4f}, recall {values['recall']:.4f}, "
+        f"precision {values['precision']:.4f}.",
+    ]
   empty = report["empty_masks"]
   lines += [
       "",
@@ -547,6 +688,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     **fv)
   flags.DEFINE_float("threshold", 0.5, "A pixel is foreground where the probability is >= this.",
                      lower_bound=0.0, upper_bound=1.0, **fv)
+  flags.DEFINE_integer("recompute_bn", 0, "Before evaluating, recompute the BatchNorm "
+                       "statistics over this many unaugmented training batches (of "
+                       "--batch_size) of the run's data, and save the model with them in "
+                       "<out_dir>/precise_bn (0: use the checkpoint's statistics).",
+                       lower_bound=0, **fv)
+  flags.DEFINE_bool("choose_threshold", True, "Also report head 2's validation-optimal "
+                    "threshold (chosen on the prepared data's valid split, never on the test "
+                    "split) and the scores at it, beside --threshold.", **fv)
   flags.DEFINE_integer("batch_size", 8, "Pictures per model call (raw pictures of one size are "
                        "batched together).", lower_bound=1, **fv)
   flags.DEFINE_string("out_dir", None, "Where metrics.json, metrics.md and per_image.csv go. "
@@ -554,7 +703,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       "with --raw_dir), replaced by the next run with the same settings; "
                       "required for SavedModels and checkpoint prefixes outside a workdir.", **fv)
   serving.declare_key_flags(flag_values, model_flags + [
-      "data_dir", "split", "raw_dir", "layout", "on_error", "threshold", "batch_size", "out_dir"])
+      "data_dir", "split", "raw_dir", "layout", "on_error", "threshold", "choose_threshold",
+      "recompute_bn", "batch_size", "out_dir"])
 
 
 def _resolve_data_dir(checkpoint: str) -> str:
@@ -595,10 +745,21 @@ def main(argv: Sequence[str]) -> int:
       raise EvaluationError(f"{FLAGS.checkpoint} is not inside a training workdir: pass "
                             "--out_dir for the results")
     data_dir = None if FLAGS.raw_dir else _resolve_data_dir(FLAGS.checkpoint)
+    recomputed = None
+    if FLAGS.recompute_bn:
+      recomputed = recompute_batch_norm(
+          loaded, data_dir or _resolve_data_dir(FLAGS.checkpoint), FLAGS.recompute_bn,
+          FLAGS.batch_size, out_dir,
+          seed=int(serving.find_run_config(loaded.source).get("seed", 42)))
     report = evaluate(loaded, data_dir=data_dir, split=FLAGS.split, raw_dir=FLAGS.raw_dir,
                       layout=FLAGS.layout, on_error=FLAGS.on_error, threshold=FLAGS.threshold,
                       tta=FLAGS.tta, flips=FLAGS.tta_flips, batch_size=FLAGS.batch_size,
-                      progress=FLAGS.progress)
+                      progress=FLAGS.progress, choose_threshold=FLAGS.choose_threshold)
+    if recomputed:
+      report["batch_norm_recomputed"] = recomputed
+      report["notes"].append(
+          f"BatchNorm statistics recomputed over {recomputed['images']} training images "
+          f"before scoring; the model with them is in {recomputed['checkpoint']}")
     paths = write_report(report, out_dir)
   except (checkpoint_lib.CheckpointNotFoundError, DataError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)

@@ -555,8 +555,8 @@ def _variables_by_path(model: DoubleUNet) -> Iterator[Tuple[str, str, tf.Variabl
       yield slot.dunet_path, role, variable
 
 
-def convert_keras_h5(keras_h5_path: str, out_dir: str,
-                     overwrite: bool = False) -> ConversionSummary:
+def convert_keras_h5(keras_h5_path: str, out_dir: str, overwrite: bool = False,
+                     preprocessing: str = REFERENCE_PREPROCESSING) -> ConversionSummary:
   """Converts the authors' Keras DoubleU-Net file into a dunet workdir, atomically.
 
   The workdir holds `best/ckpt-1` (written by a CheckpointManager, so `best/checkpoint` exists and
@@ -569,6 +569,8 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str,
     out_dir: the workdir to create (a local path).
     overwrite: replace `out_dir` if it exists; otherwise an existing non-empty `out_dir` is an
       error.
+    preprocessing: what the Keras model was trained on (recorded in config.json, applied by
+      evaluate/predict/export): the reference code's "reference" unless it was changed.
 
   Returns:
     A ConversionSummary.
@@ -580,6 +582,11 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str,
   from dunet import checkpoint as checkpoint_lib
   from dunet import fileio
 
+  from dunet.data import preprocess
+
+  if preprocessing not in preprocess.PREPROCESSING:
+    raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
+                     f"{preprocess.PREPROCESSING}")
   out_dir = os.path.abspath(out_dir)
   fileio.check_out_dir(out_dir, overwrite)  # before reading a large file
   keras_file = read_keras_h5(keras_h5_path)
@@ -589,7 +596,7 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str,
     assignment.variable.assign(assignment.value)
 
   config: Dict[str, Any] = {
-      "preprocessing": REFERENCE_PREPROCESSING,
+      "preprocessing": preprocessing,
       "source": {
           "format": "keras_h5",
           "path": os.path.abspath(keras_h5_path),

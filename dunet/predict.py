@@ -289,6 +289,30 @@ def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, probability: np.
   return record
 
 
+# A mask at least this full (or this empty) is "nearly all foreground (background)"; when more
+# than half of the masks are, predict warns: a model whose BatchNorm statistics or training went
+# wrong predicts one class everywhere (a real data set rarely gives most pictures either mask).
+NEARLY_ALL = 0.98
+NEARLY_NONE = 0.0005
+
+
+def degenerate_masks_warning(foreground_fractions: Sequence[float]) -> Optional[str]:
+  """A warning when most masks are nearly all foreground or nearly all background; else None."""
+  count = len(foreground_fractions)
+  if count < 2:
+    return None
+  full = sum(fraction >= NEARLY_ALL for fraction in foreground_fractions)
+  empty = sum(fraction <= NEARLY_NONE for fraction in foreground_fractions)
+  for number, what in ((full, "nearly all foreground"), (empty, "nearly all background")):
+    if number * 2 > count:
+      return (f"{number} of {count} masks are {what} (a sign of a degenerate model: one that "
+              "predicts one class everywhere, e.g. from BatchNorm statistics that do not match "
+              "its weights; try `python -m dunet.evaluate --recompute_bn=8` on the run, and "
+              "check its validation DSC). Ignore this if most pictures really show "
+              + ("only the object." if what.endswith("foreground") else "no object."))
+  return None
+
+
 # ================================================================================================
 # Library entry point
 # ================================================================================================
@@ -318,7 +342,8 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
 
   Returns:
     The summary also written to `out_dir/summary.json`: "written" (count), "skipped" ([{"file",
-    "reason"}]), "images" (one record per picture written) and the settings.
+    "reason"}]), "images" (one record per picture written), "warnings" (e.g.
+    `degenerate_masks_warning`, also logged) and the settings.
 
   Raises:
     ValueError: duplicate stems, a bad batch size or threshold.
@@ -373,6 +398,10 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
     unreported[0] = 0
   bar.advance(unreported[0])
   bar.close()
+  warnings = [text for text in [degenerate_masks_warning(
+      [record["foreground_fraction"] for record in records])] if text]
+  for text in warnings:
+    logging.warning("%s", text)
 
   summary = {
       "format": SUMMARY_FORMAT,
@@ -383,6 +412,7 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
       "output": "head 2 (the final output)",
       "written": len(records),
       "skipped": skipped,
+      "warnings": warnings,
       "images": sorted(records, key=lambda record: record["file"]),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join(sys.argv),

@@ -28,6 +28,7 @@ from dunet import fileio
 from dunet import losses
 from dunet import metrics
 from dunet import optim
+from dunet import precise_bn
 from dunet import precision
 from dunet import profiler
 from dunet import runner
@@ -60,14 +61,29 @@ flags.DEFINE_integer("height", 0, "Input height for --demo preparation (0: use t
                      "size). Must be divisible by 16.")
 flags.DEFINE_integer("width", 0, "Input width, as --height.")
 flags.DEFINE_float("batch_norm_momentum", 0.99, "Decay of the BatchNorm moving statistics "
-                   "(Keras' 0.99 in the reference). Short runs need less (the demo uses 0.9): "
-                   "validation uses the moving statistics.")
+                   "(Keras' 0.99 in the reference). With --batch_norm_statistics=moving, short "
+                   "runs need less: validation then uses the moving statistics.")
+flags.DEFINE_enum("batch_norm_statistics", precise_bn.MOVING, list(precise_bn.STATISTICS_CHOICES),
+                  "What inference-mode BatchNorm uses at validation and in the saved "
+                  "checkpoints: moving = the exponential moving averages of training (as the "
+                  "reference); precise = before each validation, the population statistics "
+                  "recomputed for the current weights over --precise_bn_batches training "
+                  "batches (unaugmented), stored in the checkpoint.")
+flags.DEFINE_integer("precise_bn_batches", 8, "Training batches (of --batch_size) pooled by "
+                     "--batch_norm_statistics=precise (at most one epoch's worth).",
+                     lower_bound=1)
 flags.DEFINE_integer("batch_size", 16, "Global batch size (summed over replicas; the paper: 16).")
 flags.DEFINE_integer("epochs", 300, "Training epochs (the paper: 300).")
 flags.DEFINE_integer("max_steps", 0, "Stop after this many optimisation steps in total "
                      "(0: epochs x steps per epoch).")
 flags.DEFINE_enum("loss", "bce", sorted(losses.LOSSES), "Loss applied to both heads: bce (CVC, "
                   "MICCAI 2015), dice (ISIC 2018, DSB 2018) or bce_dice.")
+flags.DEFINE_enum("loss_reduction", losses.PER_IMAGE, list(losses.REDUCTIONS),
+                  "How the loss combines heads and images: per_image = each image's loss, "
+                  "averaged over the global batch, heads summed with --head_weights; "
+                  "reference = exactly the authors' train.py: one loss over both heads "
+                  "concatenated and the whole batch (Dice smooth 1e-15, Keras' BCE on "
+                  "probabilities; across replicas the Dice sums are all-reduced).")
 flags.DEFINE_list("head_weights", ["1", "1"], "Deep-supervision weights of head 1 and head 2 "
                   "(the reference weighs both equally).")
 flags.DEFINE_enum("optimizer", "nadam", ["adam", "nadam"], "Optimizer (the paper: Nadam for "
@@ -108,7 +124,15 @@ flags.DEFINE_bool("deterministic", False, "Enable TF op determinism: two runs wi
                   "give the same losses and weights (slower).")
 flags.DEFINE_string("vgg19_weights", None, "Keras' ImageNet VGG19 notop h5 file for network 1's "
                     "encoder (vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5). Never "
-                    "downloaded. Without it the encoder starts from random initialisers.")
+                    "downloaded. Without it the encoder starts from --vgg19_init.")
+flags.DEFINE_enum("vgg19_init", "glorot_uniform", ["glorot_uniform", "he_normal"],
+                  "Initialiser of network 1's VGG19 kernels when no --vgg19_weights are given: "
+                  "glorot_uniform as Keras' VGG19 (the reference); he_normal keeps the "
+                  "activations' scale through its 16 ReLU layers (Glorot halves it at each).")
+flags.DEFINE_string("init_checkpoint", None, "Start a new run from these model weights: a "
+                    "training workdir (its best checkpoint), a checkpoint prefix, or a workdir "
+                    "converted from the authors' Keras model.h5 (tools/convert_keras_h5.py). "
+                    "Only the model is read (not the optimizer); ignored when resuming.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept (the best is kept apart).")
 flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps (0: at the end "
                      "of every epoch only).")
@@ -263,7 +287,7 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
                          f"{replicas} replicas")
   policy = precision.Policy(precision.resolve_policy_name(FLAGS.precision))
   head_weights = _head_weights()
-  loss_fn = losses.get_loss(FLAGS.loss)
+  loss_fn = losses.make_heads_loss(FLAGS.loss, FLAGS.loss_reduction)
   logging.info("%d replica(s), precision %s, jit_compile=%s", replicas, policy.name,
                FLAGS.jit_compile)
 
@@ -318,6 +342,14 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
     return pipeline.make_eval_dataset(data_dir, "valid", batch_size=FLAGS.batch_size,
                                       preprocessing=FLAGS.preprocessing)
 
+  def statistics_dataset() -> tf.distribute.DistributedDataset:
+    # Shared between replicas as training shares its batches.
+    return strategy.distribute_datasets_from_function(
+        lambda context: pipeline.make_statistics_dataset(
+            data_dir, global_batch_size=FLAGS.batch_size, batches=FLAGS.precise_bn_batches,
+            preprocessing=FLAGS.preprocessing, seed=FLAGS.seed, input_context=context,
+            shuffle_buffer=FLAGS.shuffle_buffer))
+
   # A read error in a shard becomes an error naming it (records.name_read_errors).
   train_shards = pipeline.shard_files(data_dir, "train")
   valid_shards = pipeline.shard_files(data_dir, "valid")
@@ -327,7 +359,8 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
   # ==============================================================================================
   with strategy.scope():
     model = DoubleUNet(compute_dtype=policy.compute_dtype,
-                       batch_norm_momentum=FLAGS.batch_norm_momentum)
+                       batch_norm_momentum=FLAGS.batch_norm_momentum,
+                       vgg19_kernel_init=FLAGS.vgg19_init)
     optimizer = optim.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate,
                                      model.trainable_variables)
     loss_scale = precision.make_loss_scale(policy, initial_scale=FLAGS.initial_loss_scale,
@@ -381,6 +414,9 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
         checkpoint_lib.best_checkpoint(workdir), "best_dsc", default=-1.0):
       best.adopt(restored)
   else:
+    if FLAGS.init_checkpoint:
+      logging.info("Starting from the weights of %s",
+                   checkpoint_lib.restore_model(model, FLAGS.init_checkpoint))
     vgg19.maybe_load_imagenet_weights(model, FLAGS.vgg19_weights)
   if chief:
     _write_run_files(workdir, data_dir, height, width, policy.name)
@@ -397,6 +433,16 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
   # ==============================================================================================
   # Eval
   # ==============================================================================================
+  moments_function = (precise_bn.make_moments_function(model, strategy)
+                      if FLAGS.batch_norm_statistics == precise_bn.PRECISE else None)
+
+  def recompute_batch_norm_statistics(step: int) -> None:
+    summary = precise_bn.recompute_statistics(
+        model, records.name_read_errors(statistics_dataset(), train_shards), strategy=strategy,
+        moments_function=moments_function)
+    logging.info("step %d: BatchNorm statistics recomputed over %d training images (%d "
+                 "batches) in %.1f s", step, summary.images, summary.batches, summary.seconds)
+
   def evaluate(step: int) -> Dict[str, float]:
     accumulators = {head: metrics.MetricAccumulator() for head in ("head1", "head2")}
     loss_sums: Dict[str, float] = {}
@@ -463,6 +509,8 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
     # once, so that a resumed run never finds an epoch's step saved without its validation.
     improved = False
     if (epoch + 1) % FLAGS.eval_every_epochs == 0 or step == total_steps:
+      if moments_function is not None:
+        recompute_batch_norm_statistics(step)
       valid_metrics = evaluate(step)
       dsc = valid_metrics["head2/per_image/dsc"]
       if valid_writer is not None:
@@ -513,8 +561,10 @@ def _write_run_files(workdir: str, data_dir: str, height: int, width: int,
     handle.write(FLAGS.flags_into_string())
   checkpoint_lib.write_config(workdir, {
       "preprocessing": FLAGS.preprocessing, "height": height, "width": width,
-      "data_dir": os.path.abspath(data_dir), "loss": FLAGS.loss, "precision": precision_name,
-      "threshold": FLAGS.threshold})
+      "data_dir": os.path.abspath(data_dir), "loss": FLAGS.loss,
+      "loss_reduction": FLAGS.loss_reduction, "precision": precision_name,
+      "batch_norm_statistics": FLAGS.batch_norm_statistics, "threshold": FLAGS.threshold,
+      "batch_size": FLAGS.batch_size, "seed": FLAGS.seed})
   split = os.path.join(data_dir, "split.json")
   if tf.io.gfile.exists(split):
     tf.io.gfile.copy(split, os.path.join(workdir, "split.json"), overwrite=True)
@@ -527,6 +577,9 @@ def main(argv):
     raise app.UsageError("--workdir is required (checkpoints, summaries and metrics go there)")
   if not FLAGS.demo and not FLAGS.data_dir:
     raise app.UsageError("--data_dir is required (or --demo for the synthetic data set)")
+  if FLAGS.init_checkpoint and FLAGS.vgg19_weights:
+    raise app.UsageError("--init_checkpoint already holds network 1's encoder: leave out "
+                         "--vgg19_weights")
   started = time.time()
   try:
     result = train(FLAGS.workdir)

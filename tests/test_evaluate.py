@@ -435,3 +435,87 @@ def test_cli_help_documents_every_flag():
                "precision", "progress"):
     assert f"--{flag}:" in completed.stdout or f"--[no]{flag}:" in completed.stdout, flag
   assert "per_image" in completed.stdout and "HEADLINE" in completed.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The validation-optimal threshold, and BatchNorm statistics recomputed on demand
+# ------------------------------------------------------------------------------------------------
+
+
+def _mean_dsc(loaded, raw_dir, stems, threshold):
+  """Head 2's mean per-image DSC over `stems` at `threshold`, computed here from the raw files."""
+  raw = [_read_raw(raw_dir, stem) for stem in stems]
+  prepared = [cv2.resize(image, MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA)
+              for image, _ in raw]
+  head2, _ = _serve(loaded, np.stack(prepared))
+  values = []
+  for probability, (_, mask) in zip(head2, raw):
+    predicted = _resize(probability, mask.shape) >= np.float32(threshold)
+    tp, fp, fn = (np.sum(predicted & mask), np.sum(predicted & ~mask), np.sum(~predicted & mask))
+    values.append(_scores(tp, fp, fn, 0)["dsc"])
+  return float(np.mean(values))
+
+
+def test_threshold_is_chosen_on_validation_and_applied_to_test(loaded, raw_dir, data_dir):
+  report = evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
+  chosen = report["validation_threshold"]
+  grid = evaluate.THRESHOLD_GRID
+  valid_dsc = {t: _mean_dsc(loaded, raw_dir, SPLIT["valid"], t) for t in grid}
+  best = max(valid_dsc.values())
+  # The best on VALIDATION (ties: the one nearest 0.5), not on the test split.
+  expected = min((t for t in grid if valid_dsc[t] >= best - 1e-9), key=lambda t: abs(t - 0.5))
+  assert chosen["threshold"] == expected
+  assert chosen["valid_dsc"] == pytest.approx(best, abs=1e-9)
+  assert chosen["valid_dsc_at_threshold"] == pytest.approx(valid_dsc[0.5], abs=1e-9)
+  assert chosen["chosen_on"] == "valid"
+  assert chosen["head2"]["per_image"]["dsc"] == pytest.approx(
+      _mean_dsc(loaded, raw_dir, SPLIT["test"], expected), abs=1e-9)
+  # The headline stays at --threshold.
+  assert report["metrics"]["head2"]["per_image"]["dsc"] == pytest.approx(
+      _mean_dsc(loaded, raw_dir, SPLIT["test"], 0.5), abs=1e-9)
+  assert "Validation-optimal threshold" in evaluate.format_markdown(report)
+  # Evaluating the valid split itself says that the choice is tuned on it.
+  on_valid = evaluate.evaluate(loaded, data_dir=str(data_dir), split="valid", progress=False)
+  assert on_valid["validation_threshold"]["threshold"] == expected
+  assert "optimistic" in on_valid["validation_threshold"]["chosen_on"]
+  # Off, and for raw folders (no validation split): none.
+  assert evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False,
+                           choose_threshold=False)["validation_threshold"] is None
+  assert evaluate.evaluate(loaded, raw_dir=str(raw_dir),
+                           progress=False)["validation_threshold"] is None
+
+
+def test_best_threshold_ties_go_to_the_nearest_to_the_default():
+  def score(counts_at):
+    return evaluate.ImageScore("x", "valid", 1, 1, "original", {"head2": np.zeros(4)},
+                               {t: np.array(c) for t, c in counts_at.items()})
+  perfect, wrong = (1, 0, 0, 1), (0, 1, 1, 0)
+  scores = [score({0.3: perfect, 0.45: perfect, 0.5: wrong, 0.7: perfect})]
+  assert evaluate.best_threshold(scores)["threshold"] == 0.45
+  assert evaluate.best_threshold(scores)["dsc_at_default"] == 0.0
+
+
+def test_cli_recompute_bn_saves_a_model_that_scores_what_was_reported(workdir, data_dir, tmp_path):
+  out = tmp_path / "eval"
+  completed = _cli(f"--checkpoint={workdir}", "--recompute_bn=1", "--batch_size=2",
+                   f"--out_dir={out}", "--noprogress")
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  document = json.loads((out / "metrics.json").read_text())
+  recomputed = document["batch_norm_recomputed"]
+  assert (recomputed["images"], recomputed["batches"]) == (2, 1)
+  saved = recomputed["checkpoint"]
+  assert saved == str(out / "precise_bn")
+  # The saved model holds statistics of its own (not the run's), and scores what was reported.
+  original = serving.load_segmenter(str(workdir))
+  again = serving.load_segmenter(saved)
+  assert again.preprocessing == "unit" and (again.height, again.width) == MODEL_SIZE
+  norms = [module for module in again.module.model.submodules
+           if type(module).__name__ == "BatchNorm"]
+  originals = [module for module in original.module.model.submodules
+               if type(module).__name__ == "BatchNorm"]
+  assert any(not np.allclose(a.moving_variance.numpy(), b.moving_variance.numpy())
+             for a, b in zip(norms, originals))
+  rescored = evaluate.evaluate(again, data_dir=str(data_dir), split="test", progress=False)
+  assert rescored["metrics"]["head2"]["per_image"]["dsc"] == pytest.approx(
+      document["metrics"]["head2"]["per_image"]["dsc"], abs=1e-6)
+  assert "recomputed" in (out / "metrics.md").read_text()

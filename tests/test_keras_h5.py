@@ -428,3 +428,13 @@ def test_tool_reports_errors_without_a_traceback(tmp_path):
   assert result.returncode == 1
   assert "error: Keras weight file not found" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_conversion_records_the_preprocessing_the_model_was_trained_with(reference, tmp_path):
+  summary = keras_h5.convert_keras_h5(reference.h5_path, str(tmp_path / "unit"),
+                                      preprocessing="unit")
+  assert summary.config["preprocessing"] == "unit"
+  assert checkpoint_lib.read_config(str(tmp_path / "unit"))["preprocessing"] == "unit"
+  with pytest.raises(ValueError, match="unknown preprocessing 'bgr'"):
+    keras_h5.convert_keras_h5(reference.h5_path, str(tmp_path / "bad"), preprocessing="bgr")
+  assert not (tmp_path / "bad").exists()

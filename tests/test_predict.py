@@ -251,3 +251,33 @@ def test_cli_errors_and_help(tmp_path, inputs):
                "progress"):
     assert f"--{flag}:" in completed.stdout or f"--[no]{flag}:" in completed.stdout, flag
   assert "Exit status" in completed.stdout
+
+
+def test_degenerate_masks_warning_rule():
+  assert predict.degenerate_masks_warning([0.3, 0.1, 0.99, 0.0]) is None  # a mixed set
+  assert predict.degenerate_masks_warning([1.0]) is None                  # too few to say
+  full = predict.degenerate_masks_warning([0.99, 1.0, 0.2])
+  assert full and "2 of 3 masks are nearly all foreground" in full and "recompute_bn" in full
+  empty = predict.degenerate_masks_warning([0.0, 0.0001, 0.0, 0.4])
+  assert empty and "3 of 4 masks are nearly all background" in empty
+  assert predict.degenerate_masks_warning([0.0, 0.0, 0.5, 0.5]) is None  # half is not most
+
+
+def test_a_model_predicting_foreground_everywhere_is_warned_about(workdir, inputs, tmp_path):
+  model = serving.load_segmenter(str(workdir)).module.model
+  model.head2.bias.assign(model.head2.bias + 1e4)  # head 2's logits: huge everywhere
+  degenerate = tmp_path / "run"
+  prefix = tf.train.Checkpoint(model=model).write(str(degenerate / "best" / "ckpt-1"))
+  tf.compat.v1.train.update_checkpoint_state(str(degenerate / "best"), prefix)
+  checkpoint_lib.write_config(str(degenerate), {"height": MODEL_SIZE[0], "width": MODEL_SIZE[1],
+                                                "preprocessing": "unit"})
+  summary = predict.predict(serving.load_segmenter(str(degenerate)),
+                            [inputs / f"{name}.png" for name in SIZES], tmp_path / "out",
+                            progress=False)
+  assert len(summary["warnings"]) == 1 and "nearly all foreground" in summary["warnings"][0]
+  assert json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"] == (
+      summary["warnings"])
+  normal = predict.predict(serving.load_segmenter(str(workdir)),
+                           [inputs / f"{name}.png" for name in SIZES], tmp_path / "normal",
+                           progress=False)
+  assert normal["warnings"] == []

@@ -159,6 +159,27 @@ def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] =
   return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def make_statistics_dataset(data_dir: PathLike, *, global_batch_size: int, batches: int,
+                            preprocessing: str = "reference", seed: int = 42,
+                            input_context: Optional[tf.distribute.InputContext] = None,
+                            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> tf.data.Dataset:
+  """Training batches to recompute BatchNorm statistics from (dunet/precise_bn.py).
+
+  The first `batches` batches of epoch 0's training order, unaugmented: the same every time
+  (a resumed run recomputes exactly what an uninterrupted one did), a random sample of the
+  training images, as the validation and test images are (not augmented). At most one epoch.
+
+  Returns:
+    Batches {"image", "mask"} as `make_train_dataset` yields them.
+  """
+  if batches <= 0:
+    raise ValueError(f"batches must be positive, got {batches}")
+  return make_train_dataset(
+      data_dir, global_batch_size=global_batch_size, preprocessing=preprocessing,
+      augment_config=augment_lib.AugmentConfig.none(), seed=seed, epoch=0,
+      input_context=input_context, shuffle_buffer=shuffle_buffer).take(batches)
+
+
 def make_eval_dataset(data_dir: PathLike, split: str, *, batch_size: int,
                       preprocessing: Optional[str] = "reference") -> tf.data.Dataset:
   """Every example of a split once, in file order, not augmented.

@@ -130,6 +130,7 @@ class DoubleUNet(tf.Module):
                compute_dtype: tf.DType = tf.float32,
                aspp_filters: int = 64,
                batch_norm_momentum: float = 0.99,
+               vgg19_kernel_init: str = "glorot_uniform",
                name: Optional[str] = "double_u_net"):
     """Builds every variable.
 
@@ -139,6 +140,9 @@ class DoubleUNet(tf.Module):
       batch_norm_momentum: decay of every BatchNorm's moving statistics (Keras' 0.99 in the
         reference; a short run, like the CPU demo, needs less, e.g. 0.9, or inference-mode
         statistics are still mostly their initial values when it ends).
+      vgg19_kernel_init: initialiser of network 1's VGG19 kernels ("glorot_uniform" as the
+        reference's Keras VGG19; "he_normal": see VGG19Encoder). ImageNet weights, when loaded,
+        replace them.
       name: module name.
     """
     super().__init__(name=name)
@@ -150,7 +154,7 @@ class DoubleUNet(tf.Module):
     bn = dict(batch_norm_momentum=batch_norm_momentum)
     with self.name_scope:
       # Network 1.
-      self.vgg19 = VGG19Encoder(name="vgg19", **kw)
+      self.vgg19 = VGG19Encoder(name="vgg19", kernel_init=vgg19_kernel_init, **kw)
       self.aspp1 = ASPP(VGG_BOTTLENECK_CHANNELS, aspp_filters, name="aspp1", **bn, **kw)
       self.decoder1 = Decoder(aspp_filters, VGG_SKIP_CHANNELS[::-1], name="decoder1", **bn,
                              **kw)

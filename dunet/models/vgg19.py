@@ -10,6 +10,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from dunet.nn import initializers
 from dunet.nn.conv import Conv2D
 from dunet.nn.resize import max_pool_2x2
 
@@ -47,13 +48,20 @@ class VGG19Encoder(tf.Module):
   by name.
   """
 
-  def __init__(self, compute_dtype: tf.DType = tf.float32, name: Optional[str] = "vgg19"):
+  def __init__(self, compute_dtype: tf.DType = tf.float32, name: Optional[str] = "vgg19",
+               kernel_init: str = "glorot_uniform"):
     """Args:
       compute_dtype: dtype of the arithmetic and of the outputs.
       name: module name.
+      kernel_init: initialiser of the 16 kernels when no ImageNet weights are loaded
+        (dunet.nn.initializers.KERNEL_INITIALIZERS): "glorot_uniform" as Keras' VGG19 (the
+        reference); "he_normal" keeps the activations' scale through the 16 ReLU layers, which
+        Glorot halves at every layer (the bottleneck starts about 2^-8 smaller than the input).
     """
     super().__init__(name=name)
     self.compute_dtype = tf.as_dtype(compute_dtype)
+    self.kernel_init = kernel_init
+    kernel_initializer = initializers.get_kernel_initializer(kernel_init)
     self.layer_names = VGG19_LAYER_NAMES
     with self.name_scope:
       input_channels = 3
@@ -61,6 +69,7 @@ class VGG19Encoder(tf.Module):
         for index in range(1, count + 1):
           layer_name = f"block{block}_conv{index}"
           setattr(self, layer_name, Conv2D(input_channels, filters, 3, with_bias=True,
+                                           kernel_init=kernel_initializer,
                                            compute_dtype=compute_dtype, name=layer_name))
           input_channels = filters
 
@@ -92,6 +101,9 @@ class VGG19Encoder(tf.Module):
         if layer_name in SKIP_LAYER_NAMES:
           skips.append(x)
     return EncoderOutputs(skips=tuple(skips), bottleneck=x)
+
+
+_INIT_TITLES = {"glorot_uniform": "Glorot-uniform", "he_normal": "He-normal"}
 
 
 class WeightFileError(ValueError):
@@ -209,8 +221,10 @@ def maybe_load_imagenet_weights(encoder_or_model: tf.Module, path: Optional[str]
     The number of scalars loaded (0 without a file).
   """
   if not path:
-    logging.info("No VGG19 weight file given: network 1's encoder starts from the Glorot-uniform "
+    encoder = getattr(encoder_or_model, "vgg19", encoder_or_model)
+    init_name = getattr(encoder, "kernel_init", "glorot_uniform")
+    logging.info("No VGG19 weight file given: network 1's encoder starts from the %s "
                  "initialisers, not ImageNet (pass --vgg19_weights=%s to start from ImageNet).",
-                 IMAGENET_NOTOP_FILENAME)
+                 _INIT_TITLES.get(init_name, init_name), IMAGENET_NOTOP_FILENAME)
     return 0
   return load_imagenet_weights(encoder_or_model, path)

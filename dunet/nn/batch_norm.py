@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, List, Optional, Tuple
 
 import tensorflow as tf
 
 from dunet.nn import initializers
+
+
+class MomentsRecorder:
+  """What training-mode BatchNorms computed while `recording_moments()` was active.
+
+  `records` holds (batch_norm, batch_mean, batch_variance) in call order: float32 [C] tensors,
+  the biased variance (dunet/precise_bn.py pools them into population statistics).
+  """
+
+  def __init__(self):
+    self.records: List[Tuple["BatchNorm", tf.Tensor, tf.Tensor]] = []
+
+
+_active_recorders: List[MomentsRecorder] = []
+
+
+@contextlib.contextmanager
+def recording_moments() -> Iterator[MomentsRecorder]:
+  """Within this block, training-mode BatchNorms record their batch moments and leave their
+  moving statistics alone (they normalise with the batch moments, as in training).
+
+  It acts when the BatchNorms are called, i.e. while a `tf.function` is being traced (or
+  eagerly): wrap the model call inside the traced function, not the call of the function.
+  """
+  recorder = MomentsRecorder()
+  _active_recorders.append(recorder)
+  try:
+    yield recorder
+  finally:
+    _active_recorders.remove(recorder)
 
 
 class BatchNorm(tf.Module):
@@ -83,6 +114,9 @@ class BatchNorm(tf.Module):
     # No gradient flows through the statistics update.
     batch_mean = tf.stop_gradient(batch_mean)
     batch_variance = tf.stop_gradient(batch_variance)
+    if _active_recorders:
+      _active_recorders[-1].records.append((self, batch_mean, batch_variance))
+      return outputs
     self.moving_mean.assign_sub((self.moving_mean - batch_mean) * decay)
     self.moving_variance.assign_sub((self.moving_variance - batch_variance) * decay)
     return outputs

@@ -7,7 +7,7 @@ global seed (`tf.random.set_seed`) makes them reproducible, as it does for Keras
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Dict, Sequence
 
 import tensorflow as tf
 
@@ -44,3 +44,24 @@ def zeros(shape: Sequence[int], dtype: tf.DType = tf.float32) -> tf.Tensor:
 
 def ones(shape: Sequence[int], dtype: tf.DType = tf.float32) -> tf.Tensor:
   return tf.ones(shape, dtype=dtype)
+
+
+Initializer = Callable[..., tf.Tensor]
+# The kernel initialisers a model can be asked for by name (e.g. --vgg19_init).
+KERNEL_INITIALIZERS: Dict[str, Initializer] = {
+    "glorot_uniform": glorot_uniform,
+    "he_normal": he_normal,
+}
+
+
+def get_kernel_initializer(name: str) -> Initializer:
+  """The kernel initialiser called `name` (one of KERNEL_INITIALIZERS).
+
+  Raises:
+    ValueError: for an unknown name, listing the valid ones.
+  """
+  try:
+    return KERNEL_INITIALIZERS[name]
+  except KeyError:
+    raise ValueError(f"unknown initialiser {name!r}; valid names: "
+                     f"{', '.join(sorted(KERNEL_INITIALIZERS))}") from None

@@ -142,3 +142,23 @@ def test_without_a_file_logs_one_line(monkeypatch):
 def test_unknown_layer_name():
   with pytest.raises(KeyError, match="block6_conv1"):
     vgg19.VGG19Encoder().layer("block6_conv1")
+
+
+def test_he_normal_initialisation_keeps_the_activation_scale(monkeypatch):
+  """Glorot halves the second moment at every ReLU layer (fan_in = fan_out); He keeps it."""
+  tf.random.set_seed(0)
+  glorot = vgg19.VGG19Encoder()
+  he = vgg19.VGG19Encoder(kernel_init="he_normal")
+  kernel = he.layer("block3_conv2").kernel.numpy()
+  fan_in = int(np.prod(kernel.shape[:3]))
+  assert np.std(kernel) == pytest.approx(np.sqrt(2.0 / fan_in), rel=0.05)
+  images = tf.random.stateless_uniform([2, 64, 64, 3], seed=[0, 1])
+  rms = {name: float(tf.sqrt(tf.reduce_mean(tf.square(encoder(images).bottleneck))))
+         for name, encoder in (("glorot", glorot), ("he", he))}
+  assert rms["he"] > 30 * rms["glorot"], rms
+  lines = []
+  monkeypatch.setattr(vgg19.logging, "info", lambda message, *args: lines.append(message % args))
+  vgg19.maybe_load_imagenet_weights(he, None)
+  assert "starts from the He-normal" in lines[0], lines
+  with pytest.raises(ValueError, match="'lecun'.*glorot_uniform, he_normal"):
+    vgg19.VGG19Encoder(kernel_init="lecun")

@@ -89,20 +89,25 @@ def make_moments_function(model: tf.Module, strategy: Optional[tf.distribute.Str
     unused = [norms[i].name for i, mean in enumerate(means) if mean is None]
     if unused:
       raise ValueError(f"BatchNorm layers not called in training mode: {unused[:5]}")
+    # One flat vector for all layers: one collective, whatever the strategy.
+    own_means = tf.concat(means, axis=0)
+    variances = tf.concat(variances, axis=0)
+    common_means = own_means
     context = tf.distribute.get_replica_context()
-    replica_means = means
     if context is not None and context.num_replicas_in_sync > 1:
       # The replicas' common mean, so each can add its own mean's squared deviation from it.
-      means = context.all_reduce(tf.distribute.ReduceOp.MEAN, means)
-    spread = [variance + tf.square(own - mean)
-              for variance, own, mean in zip(variances, replica_means, means)]
+      common_means = context.all_reduce(tf.distribute.ReduceOp.MEAN, own_means)
+    spread = variances + tf.square(own_means - common_means)
     images_here = tf.cast(tf.shape(images)[0], tf.float32)
-    return {"mean": means, "variance": spread, "images": images_here}
+    return {"mean": common_means, "variance": spread, "images": images_here}
+
+  sizes = [norm.num_channels for norm in norms]
 
   @tf.function
   def moments(batch):
     per_replica = strategy.run(replica_moments, args=(batch,))
-    pooled = {name: strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica[name], axis=None)
+    pooled = {name: tf.split(strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica[name],
+                                             axis=None), sizes)
               for name in ("mean", "variance")}
     pooled["images"] = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica["images"],
                                        axis=None)

@@ -98,10 +98,24 @@ class Row:
   head2_best: Optional[float]
   head1_last: float
   train_seconds: float
+  first_loss: Optional[float] = None  # the loss of step 1: the same for keras and reference
+
+
+def first_step_loss(workdir: str) -> Optional[float]:
+  """The training loss dunet.train logged at step 1 (TensorBoard events)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(workdir, "train")
+  for name in sorted(os.listdir(folder)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+      for value in event.summary.value:
+        if event.step == 1 and value.tag == "loss/total":
+          return float(tf.make_ndarray(value.tensor))
+  return None
 
 
 def _run(command: Sequence[str], log_path: str, timeout_s: int) -> float:
   """Runs a command with its output in `log_path`; returns its wall time; raises on failure."""
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
   started = time.perf_counter()
   with open(log_path, "w") as log:
     completed = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT,
@@ -140,18 +154,18 @@ def train_keras(data_dir: str, run_dir: str, steps: int, seed: int) -> Row:
     command.append(f"--reference_model_py={FLAGS.reference_model_py}")
   _run(command, run_dir + ".log", FLAGS.timeout_s)
   with open(os.path.join(run_dir, "result.json")) as handle:
-    seconds = json.load(handle)["train_seconds"]
+    result = json.load(handle)
   scores = evaluate(os.path.join(run_dir, "final"), data_dir, os.path.join(run_dir, "eval"),
                     prefer="best")
   return Row(FLAGS.data, steps, FLAGS.batch_size, seed, "keras", scores["head2"], None,
-             scores["head1"], seconds)
+             scores["head1"], result["train_seconds"], result["first_loss"])
 
 
 def train_dunet(data_dir: str, run_dir: str, steps: int, seed: int, recipe: str,
                 keras_initial: Optional[str]) -> Row:
   command = [sys.executable, "-m", "dunet.train", f"--data_dir={data_dir}",
              f"--workdir={run_dir}", f"--max_steps={steps}", "--epochs=100000",
-             f"--seed={seed}", "--keep_checkpoints=1"]
+             f"--seed={seed}", "--keep_checkpoints=1", "--log_every_steps=1"]
   if recipe == "reference":
     command += shared_training_flags() + [
         "--loss_reduction=reference", "--lr_schedule=constant", "--noaugment",
@@ -163,11 +177,13 @@ def train_dunet(data_dir: str, run_dir: str, steps: int, seed: int, recipe: str,
   last = evaluate(run_dir, data_dir, os.path.join(run_dir, "eval-last"), prefer="latest")
   best = evaluate(run_dir, data_dir, os.path.join(run_dir, "eval-best"), prefer="best")
   return Row(FLAGS.data, steps, FLAGS.batch_size, seed, recipe, last["head2"], best["head2"],
-             last["head1"], seconds)
+             last["head1"], seconds, first_step_loss(run_dir))
 
 
 def format_row(row: Row, note: str) -> str:
   best = "" if row.head2_best is None else f"{row.head2_best:.4f}"
+  if row.first_loss is not None and row.recipe in ("keras", "reference"):
+    note = "; ".join(part for part in (note, f"step-1 loss {row.first_loss:.6f}") if part)
   command = "python -m profiling.quality " + " ".join(sys.argv[1:])
   return (f"| {time.strftime('%Y-%m-%d')} | {row.data} | {row.steps} | {row.batch} | {row.seed} "
           f"| {row.recipe} | {row.head2_last:.4f} | {best} | {row.head1_last:.4f} "
@@ -261,8 +277,11 @@ def keras_worker(run_dir: str) -> None:
     def __init__(self):
       super().__init__()
       self.steps = 0
+      self.first_loss = None
 
     def on_train_batch_end(self, batch, logs=None):
+      if self.steps == 0:  # Keras' running mean of the epoch: after one batch, that batch's
+        self.first_loss = float(logs["loss"])
       self.steps += 1
       if self.steps >= FLAGS.max_steps:
         self.model.stop_training = True
@@ -276,7 +295,8 @@ def keras_worker(run_dir: str) -> None:
   keras_h5.convert_keras_h5(os.path.join(run_dir, "final.h5"), os.path.join(run_dir, "final"),
                             overwrite=True, preprocessing=FLAGS.preprocessing)
   with open(os.path.join(run_dir, "result.json"), "w") as handle:
-    json.dump({"train_seconds": seconds, "steps": stopper.steps}, handle)
+    json.dump({"train_seconds": seconds, "steps": stopper.steps,
+               "first_loss": stopper.first_loss}, handle)
 
 
 def main(argv: List[str]) -> None:

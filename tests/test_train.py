@@ -258,7 +258,9 @@ def test_multi_worker_training_on_localhost(tmp_path, data_dir):
     processes.append(subprocess.Popen(
         [sys.executable, "-m", "dunet.train", "--strategy=multi_worker", f"--workdir={workdir}",
          f"--data_dir={data_dir}", "--batch_size=4", "--epochs=1", "--max_steps=3",
-         "--noaugment", "--log_every_steps=1"],
+         "--noaugment", "--log_every_steps=1",
+         # The precise statistics' all-reduce and pooling run across both workers.
+         "--batch_norm_statistics=precise", "--precise_bn_batches=2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   try:
     outputs = [p.communicate(timeout=300)[0] for p in processes]
@@ -271,3 +273,4 @@ def test_multi_worker_training_on_localhost(tmp_path, data_dir):
   assert metrics["step"] == 3
   assert tf.train.latest_checkpoint(str(workdir / "checkpoints")).endswith("-3")
   assert "2 replica(s)" in outputs[0]
+  assert "BatchNorm statistics recomputed over 8 training images (2 batches)" in outputs[0]

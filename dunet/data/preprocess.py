@@ -9,6 +9,11 @@
   unit       RGB / 255, in [0, 1].
   caffe      Keras' ImageNet "caffe" mode that VGG19's ImageNet weights expect: BGR minus
              [103.939, 116.779, 123.68], no scaling.
+  standardize  RGB, each image moved to mean 0 and scaled to standard deviation 1 over its
+             pixels and channels (tf.image.per_image_standardization): centred inputs of unit
+             scale for a network trained from random weights, whatever the modality's
+             brightness (dark fluorescence or bright endoscopy), like the reference's
+             per-image median shift but without clipping.
 
 Inputs: RGB values in [0, 255], uint8 or float, [H, W, 3] or [B, H, W, 3]. Output: float32.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-PREPROCESSING = ("reference", "unit", "caffe")
+PREPROCESSING = ("reference", "unit", "caffe", "standardize")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 # The grey level the reference code moves each image's median to.
 REFERENCE_MEDIAN_TARGET = 127.0
@@ -45,6 +50,8 @@ def preprocess(images: tf.Tensor, mode: str, *, export_friendly: bool = False) -
     return tf.cast(images, tf.float32) / 255.0
   if mode == "caffe":
     return tf.cast(images, tf.float32)[..., ::-1] - tf.constant(CAFFE_BGR_MEAN, tf.float32)
+  if mode == "standardize":
+    return tf.image.per_image_standardization(tf.cast(images, tf.float32))
   # reference
   pixels = _as_uint8(images)
   # Per image, broadcastable.
@@ -57,11 +64,15 @@ def preprocess(images: tf.Tensor, mode: str, *, export_friendly: bool = False) -
 def to_display_uint8(images: tf.Tensor, mode: str) -> tf.Tensor:
   """Inverse of `preprocess` for viewing: uint8 RGB of the same shape.
 
-  For "reference" the median shift cannot be undone: the shifted image is shown.
+  For "reference" the median shift cannot be undone: the shifted image is shown; for
+  "standardize", each image is shown with its mean at 128 and +-2.5 standard deviations spanning
+  the grey levels.
   """
   _check_mode(mode)
   images = tf.convert_to_tensor(images, tf.float32)
-  if mode == "unit":
+  if mode == "standardize":
+    rgb = images * (127.5 / 2.5) + 127.5
+  elif mode == "unit":
     rgb = images * 255.0
   elif mode == "caffe":
     rgb = (images + tf.constant(CAFFE_BGR_MEAN, tf.float32))[..., ::-1]

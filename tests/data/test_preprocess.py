@@ -111,3 +111,16 @@ def test_median_by_counting_uses_no_histogram_ops():
   op_types = {op.type for op in function.graph.get_operations()}
   assert not op_types & {"Bincount", "DenseBincount", "Cumsum", "Sort", "TopKV2", "While", "If",
                          "StatelessIf", "StatelessWhile"}, op_types
+
+
+def test_standardize_gives_each_image_mean_zero_and_unit_deviation():
+  images = np.random.default_rng(5).integers(0, 256, (2, 6, 7, 3), dtype=np.uint8)
+  images[1] //= 8  # a dark picture is scaled up to the same spread
+  got = preprocess.preprocess(images, "standardize").numpy()
+  for image, out in zip(images.astype(np.float64), got):
+    expected = (image - image.mean()) / max(image.std(), 1 / np.sqrt(image.size))
+    np.testing.assert_allclose(out, expected, atol=1e-5)  # RGB order kept
+  flat = np.full((4, 4, 3), 77, np.uint8)  # a constant picture: zeros, not a division by zero
+  np.testing.assert_array_equal(preprocess.preprocess(flat, "standardize").numpy(), 0.0)
+  shown = preprocess.to_display_uint8(got, "standardize").numpy()
+  assert shown.dtype == np.uint8 and abs(shown.mean() - 128) < 10

@@ -63,21 +63,23 @@ flags.DEFINE_integer("width", 0, "Input width, as --height.")
 flags.DEFINE_float("batch_norm_momentum", 0.99, "Decay of the BatchNorm moving statistics "
                    "(Keras' 0.99 in the reference). With --batch_norm_statistics=moving, short "
                    "runs need less: validation then uses the moving statistics.")
-flags.DEFINE_enum("batch_norm_statistics", precise_bn.MOVING, list(precise_bn.STATISTICS_CHOICES),
+flags.DEFINE_enum("batch_norm_statistics", precise_bn.PRECISE, list(precise_bn.STATISTICS_CHOICES),
                   "What inference-mode BatchNorm uses at validation and in the saved "
-                  "checkpoints: moving = the exponential moving averages of training (as the "
-                  "reference); precise = before each validation, the population statistics "
+                  "checkpoints: precise = before each validation, the population statistics "
                   "recomputed for the current weights over --precise_bn_batches training "
-                  "batches (unaugmented), stored in the checkpoint.")
-flags.DEFINE_integer("precise_bn_batches", 8, "Training batches (of --batch_size) pooled by "
+                  "batches (unaugmented), stored in the checkpoint; moving = the exponential "
+                  "moving averages of training (the reference; they lag the weights in short "
+                  "runs: BUILD.md, \"Training quality\").")
+flags.DEFINE_integer("precise_bn_batches", 4, "Training batches (of --batch_size) pooled by "
                      "--batch_norm_statistics=precise (at most one epoch's worth).",
                      lower_bound=1)
 flags.DEFINE_integer("batch_size", 16, "Global batch size (summed over replicas; the paper: 16).")
 flags.DEFINE_integer("epochs", 300, "Training epochs (the paper: 300).")
 flags.DEFINE_integer("max_steps", 0, "Stop after this many optimisation steps in total "
                      "(0: epochs x steps per epoch).")
-flags.DEFINE_enum("loss", "bce", sorted(losses.LOSSES), "Loss applied to both heads: bce (CVC, "
-                  "MICCAI 2015), dice (ISIC 2018, DSB 2018) or bce_dice.")
+flags.DEFINE_enum("loss", "bce_dice", sorted(losses.LOSSES), "Loss applied to both heads: bce "
+                  "(the paper's for CVC, MICCAI 2015), dice (ISIC 2018, DSB 2018) or bce_dice "
+                  "(dunet's recipe).")
 flags.DEFINE_enum("loss_reduction", losses.PER_IMAGE, list(losses.REDUCTIONS),
                   "How the loss combines heads and images: per_image = each image's loss, "
                   "averaged over the global batch, heads summed with --head_weights; "
@@ -86,13 +88,14 @@ flags.DEFINE_enum("loss_reduction", losses.PER_IMAGE, list(losses.REDUCTIONS),
                   "probabilities; across replicas the Dice sums are all-reduced).")
 flags.DEFINE_list("head_weights", ["1", "1"], "Deep-supervision weights of head 1 and head 2 "
                   "(the reference weighs both equally).")
-flags.DEFINE_enum("optimizer", "nadam", ["adam", "nadam"], "Optimizer (the paper: Nadam for "
+flags.DEFINE_enum("optimizer", "adam", ["adam", "nadam"], "Optimizer (the paper: Nadam for "
                   "CVC-ClinicDB, MICCAI 2015, DSB 2018; Adam for ISIC 2018).")
-flags.DEFINE_float("learning_rate", 1e-5, "Initial learning rate.")
-flags.DEFINE_enum("lr_schedule", "plateau", ["constant", "cosine", "plateau"],
+flags.DEFINE_float("learning_rate", 1e-3, "Initial (peak) learning rate (the paper: 1e-5 for "
+                   "CVC-ClinicDB and MICCAI 2015, 1e-4 for ISIC and DSB 2018).")
+flags.DEFINE_enum("lr_schedule", "cosine", ["constant", "cosine", "plateau"],
                   "constant; cosine decay over all steps (with --warmup_steps); or reduce on "
                   "plateau of the --monitor'ed validation value.")
-flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps for the cosine schedule.")
+flags.DEFINE_integer("warmup_steps", 20, "Linear warm-up steps for the cosine schedule.")
 flags.DEFINE_enum("monitor", "dsc", ["dsc", "loss"], "What the plateau schedule and early "
                   "stopping watch: head 2's validation DSC (higher is better) or the validation "
                   "loss (lower is better; what the reference code's Keras callbacks watched). "
@@ -100,7 +103,7 @@ flags.DEFINE_enum("monitor", "dsc", ["dsc", "loss"], "What the plateau schedule 
 flags.DEFINE_float("plateau_factor", 0.1, "Learning-rate factor when the monitored value "
                    "plateaus.")
 flags.DEFINE_integer("plateau_patience", 5, "Validations without improvement before reducing.")
-flags.DEFINE_float("min_learning_rate", 1e-6, "Floor of the plateau and cosine schedules.")
+flags.DEFINE_float("min_learning_rate", 1e-5, "Floor of the plateau and cosine schedules.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many validations without a "
                      "better DSC (0: never).")
 flags.DEFINE_enum("precision", precision.AUTO, [precision.AUTO, *precision.POLICY_NAMES],
@@ -125,7 +128,7 @@ flags.DEFINE_bool("deterministic", False, "Enable TF op determinism: two runs wi
 flags.DEFINE_string("vgg19_weights", None, "Keras' ImageNet VGG19 notop h5 file for network 1's "
                     "encoder (vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5). Never "
                     "downloaded. Without it the encoder starts from --vgg19_init.")
-flags.DEFINE_enum("vgg19_init", "glorot_uniform", ["glorot_uniform", "he_normal"],
+flags.DEFINE_enum("vgg19_init", "he_normal", ["glorot_uniform", "he_normal"],
                   "Initialiser of network 1's VGG19 kernels when no --vgg19_weights are given: "
                   "glorot_uniform as Keras' VGG19 (the reference); he_normal keeps the "
                   "activations' scale through its 16 ReLU layers (Glorot halves it at each).")
@@ -414,10 +417,11 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
         checkpoint_lib.best_checkpoint(workdir), "best_dsc", default=-1.0):
       best.adopt(restored)
   else:
-    if FLAGS.init_checkpoint:
+    if FLAGS.init_checkpoint:  # (exclusive with --vgg19_weights: main() checks)
       logging.info("Starting from the weights of %s",
                    checkpoint_lib.restore_model(model, FLAGS.init_checkpoint))
-    vgg19.maybe_load_imagenet_weights(model, FLAGS.vgg19_weights)
+    else:
+      vgg19.maybe_load_imagenet_weights(model, FLAGS.vgg19_weights)
   if chief:
     _write_run_files(workdir, data_dir, height, width, policy.name)
   train_writer = tf.summary.create_file_writer(os.path.join(workdir, "train")) if chief else None

@@ -54,6 +54,8 @@ flags.DEFINE_string("loss", "dice", "The shared recipe's loss (bce, dice, bce_di
 flags.DEFINE_string("preprocessing", "reference", "The shared recipe's preprocessing.")
 flags.DEFINE_string("improved_flagfile", os.path.join("configs", "improved.flags"),
                     "dunet's improved recipe.")
+flags.DEFINE_list("improved_extra", [], "Flags added to the improved recipe (an ablation, e.g. "
+                  "--improved_extra=--augment); the rows name them.")
 flags.DEFINE_string("reference_model_py", None, "The authors' model.py: build their network "
                     "with its build_model(shape) instead of the oracle (it asks Keras for the "
                     "ImageNet VGG19 weights, which must then be in ~/.keras/models).")
@@ -170,12 +172,16 @@ def train_dunet(data_dir: str, run_dir: str, steps: int, seed: int, recipe: str,
     command += shared_training_flags() + [
         "--loss_reduction=reference", "--lr_schedule=constant", "--noaugment",
         "--batch_norm_statistics=moving", "--batch_norm_momentum=0.99", "--precision=float32",
-        "--head_weights=1,1", f"--init_checkpoint={keras_initial}"]
+        "--head_weights=1,1", "--vgg19_init=glorot_uniform",
+        f"--init_checkpoint={keras_initial}"]
   else:
-    command += [f"--flagfile={FLAGS.improved_flagfile}", f"--batch_size={FLAGS.batch_size}"]
+    command += [f"--flagfile={FLAGS.improved_flagfile}", f"--batch_size={FLAGS.batch_size}",
+                *FLAGS.improved_extra]
   seconds = _run(command, run_dir + ".log", FLAGS.timeout_s)
   last = evaluate(run_dir, data_dir, os.path.join(run_dir, "eval-last"), prefer="latest")
   best = evaluate(run_dir, data_dir, os.path.join(run_dir, "eval-best"), prefer="best")
+  if recipe == "improved" and FLAGS.improved_extra:
+    recipe = f"improved {' '.join(FLAGS.improved_extra)}"
   return Row(FLAGS.data, steps, FLAGS.batch_size, seed, recipe, last["head2"], best["head2"],
              last["head1"], seconds, first_step_loss(run_dir))
 
@@ -215,9 +221,11 @@ def benchmark() -> None:
         rows.append(train_dunet(data_dir, base + "-reference", steps, seed, "reference",
                                 os.path.join(keras_run, "initial")))
       if "improved" in FLAGS.recipes:
-        rows.append(train_dunet(data_dir, base + "-improved", steps, seed, "improved", None))
+        suffix = "".join(flag.strip("-").replace("=", "_") for flag in FLAGS.improved_extra)
+        rows.append(train_dunet(data_dir, f"{base}-improved{suffix}", steps, seed, "improved",
+                                None))
       lines = [format_row(row, FLAGS.note) for row in rows
-               if row.recipe in FLAGS.recipes]
+               if row.recipe.split()[0] in FLAGS.recipes]
       print("\n".join(lines), flush=True)
       if FLAGS.record:
         record(lines)

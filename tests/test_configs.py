@@ -65,11 +65,43 @@ def test_demo_config_is_small():
   assert values["epochs"] * values["demo_count"] <= 20000
 
 
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_each_paper_config_has_an_improved_sibling(name):
+  paper = _parse(f"--flagfile=configs/{name}.flags")
+  improved = _parse(f"--flagfile=configs/{name}_improved.flags")
+  recipe = _parse("--flagfile=configs/improved.flags")
+  # The same data and schedule length, its own workdir.
+  assert improved["data_dir"] == paper["data_dir"]
+  assert (improved["batch_size"], improved["epochs"]) == (paper["batch_size"], paper["epochs"])
+  assert improved["workdir"] == f"runs/{name}_improved" != paper["workdir"]
+  for flag in ("optimizer", "learning_rate", "lr_schedule", "loss", "loss_reduction",
+               "batch_norm_statistics", "vgg19_init", "preprocessing"):
+    assert improved[flag] == recipe[flag], flag
+  assert improved["augment"]  # long runs keep the augmentation
+  # The paper configs keep the reference's recipe: its loss reduction, initialisers, moving
+  # BatchNorm statistics.
+  assert (paper["loss_reduction"], paper["vgg19_init"], paper["batch_norm_statistics"]) == (
+      "reference", "glorot_uniform", "moving")
+  text = open(os.path.join(CONFIGS, f"{name}_improved.flags")).read()
+  assert f"configs/{name}.flags keeps the paper's" in text
+
+
+def test_the_demo_uses_the_improved_recipe():
+  demo = _parse("--flagfile=configs/demo.flags")
+  recipe = _parse("--flagfile=configs/improved.flags")
+  for flag in ("optimizer", "learning_rate", "loss", "batch_norm_statistics", "vgg19_init",
+               "preprocessing", "augment"):
+    assert demo[flag] == recipe[flag], flag
+
+
 @pytest.mark.parametrize("path", sorted(os.listdir(CONFIGS)))
 def test_every_header_gives_its_command_and_expected_result(path):
   text = open(os.path.join(CONFIGS, path)).read()
   if path == "base.flags":
     assert "Included by the data set configs" in text
+    return
+  if path == "improved.flags":
+    assert "Included with" in text and "profiling/results/quality.md" in text
     return
   name = path[:-len(".flags")]
   assert re.search(rf"python -m dunet\.train --flagfile=configs/{name}\.flags", text), path

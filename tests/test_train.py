@@ -21,6 +21,7 @@ from dunet.data import demo
 from dunet.data import pipeline
 from dunet.models import DoubleUNet
 from dunet.nn.batch_norm import recording_moments
+from tests import testing_utils
 
 FLAGS = flags.FLAGS
 SIZE = 32
@@ -51,16 +52,6 @@ def run_training(workdir, data_dir, **overrides):
     return train.train(str(workdir))
 
 
-def _scalars(event_dir, tag):
-  values = {}
-  for name in sorted(os.listdir(event_dir)):
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(event_dir, name)):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
 def _model_variables(workdir):
   prefix = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
   reader = tf.train.load_checkpoint(prefix)
@@ -83,16 +74,16 @@ def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
       SIZE, SIZE, "unit", "float32")
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert set(metrics["valid"]) >= {"head2/per_image/dsc", "head1/pooled/iou", "loss/total"}
-  losses = _scalars(workdir / "train", "loss/total")
+  losses = testing_utils.event_scalars(workdir / "train", "loss/total")
   assert sorted(losses) == list(range(1, 16))
   assert np.mean([losses[s] for s in (13, 14, 15)]) < np.mean([losses[s] for s in (1, 2, 3)])
   for tag in ("loss/head1", "loss/head2", "learning_rate", "loss_scale", "images_per_second",
               "norm/gradients"):
-    assert _scalars(workdir / "train", tag), tag
-  assert set(_scalars(workdir / "valid", "head2/per_image/dsc")) == {5, 10, 15}
+    assert testing_utils.event_scalars(workdir / "train", tag), tag
+  assert set(testing_utils.event_scalars(workdir / "valid", "head2/per_image/dsc")) == {5, 10, 15}
   # After each validation the rate halves exactly when the validation loss did not improve.
-  valid_loss = _scalars(workdir / "valid", "loss/total")
-  rates = _scalars(workdir / "train", "learning_rate")
+  valid_loss = testing_utils.event_scalars(workdir / "valid", "loss/total")
+  rates = testing_utils.event_scalars(workdir / "train", "learning_rate")
   best, rate = float("inf"), 1e-3
   for validation_step in (5, 10):
     if valid_loss[validation_step] < best:
@@ -107,7 +98,7 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
   run_training(uninterrupted, data_dir, deterministic=True, max_steps=7, augment=True)
   again = tmp_path / "again"
   run_training(again, data_dir, deterministic=True, max_steps=7, augment=True)
-  assert _scalars(again / "train", "loss/total") == _scalars(uninterrupted / "train", "loss/total")
+  assert testing_utils.event_scalars(again / "train", "loss/total") == testing_utils.event_scalars(uninterrupted / "train", "loss/total")
 
   resumed = tmp_path / "resumed"
   # Stops mid-epoch 1 (step 3 of 5), then resumes across an epoch boundary and a validation.
@@ -120,7 +111,7 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
   assert expected.keys() == got.keys()
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-  assert _scalars(resumed / "train", "loss/total")[7] == _scalars(uninterrupted / "train",
+  assert testing_utils.event_scalars(resumed / "train", "loss/total")[7] == testing_utils.event_scalars(uninterrupted / "train",
                                                                   "loss/total")[7]
 
 
@@ -164,7 +155,7 @@ def test_training_variants_learn(tmp_path, data_dir, initial_weights, overrides)
   assert result["step"] == steps
   assert np.isfinite(result["valid"]["loss/total"])
   if "initial_loss_scale" in overrides:
-    assert _scalars(tmp_path / "run" / "train", "loss_scale")
+    assert testing_utils.event_scalars(tmp_path / "run" / "train", "loss_scale")
   trained = DoubleUNet()
   checkpoint_lib.restore_model(trained, str(tmp_path / "run"), prefer="latest")
   # Every part of the network moved: in each, most scalars of some variable changed (not of

@@ -1,5 +1,8 @@
 """Helpers shared by several test files."""
 
+import os
+from typing import Dict
+
 import numpy as np
 import tensorflow as tf
 
@@ -45,3 +48,14 @@ def calibrated_model(pictures: np.ndarray, seed: int) -> DoubleUNet:
     logits = getattr(model(inputs, is_training=False), name).numpy()
     head.bias.assign(head.bias - float(np.median(logits)))
   return model
+
+
+def event_scalars(event_dir, tag: str) -> Dict[int, float]:
+  """{step: value} of one scalar written to the TensorBoard event files in `event_dir`."""
+  values = {}
+  for name in sorted(os.listdir(event_dir)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(event_dir, name)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values

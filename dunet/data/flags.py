@@ -56,10 +56,11 @@ def define_data_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("data_dir", None, "A folder prepared by tools/prepare_data.py (TFRecords, "
                       "split.json, summary.json). With --demo: where the demo data is generated "
                       "(default data/demo).", flag_values=flag_values)
-  flags.DEFINE_enum("preprocessing", "reference", list(preprocess.PREPROCESSING),
-                    "Network input: reference = the authors' code (BGR, per-image median moved "
-                    "to 127, / 255); unit = RGB / 255; caffe = BGR minus the ImageNet means "
-                    "(use with ImageNet VGG19 weights).", flag_values=flag_values)
+  flags.DEFINE_enum("preprocessing", "standardize", list(preprocess.PREPROCESSING),
+                    "Network input: standardize = each image moved to mean 0, deviation 1 "
+                    "(dunet's recipe); reference = the authors' code (BGR, per-image median "
+                    "moved to 127, / 255); unit = RGB / 255; caffe = BGR minus the ImageNet "
+                    "means (use with ImageNet VGG19 weights).", flag_values=flag_values)
   flags.DEFINE_integer("shuffle_buffer", pipeline.DEFAULT_SHUFFLE_BUFFER,
                        "Training examples in the shuffle buffer (shard files are shuffled too).",
                        lower_bound=1, flag_values=flag_values)

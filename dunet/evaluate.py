@@ -25,6 +25,13 @@ Images whose prediction and ground truth are both empty score 1.0; a prediction 
 ground truth, or an empty prediction on a non-empty one, scores 0.0 (dunet/metrics.py); the report
 counts the empty ground truths and predictions.
 
+Beside --threshold, for prepared data the report gives head 2's validation-optimal threshold
+(chosen on the valid split only, from 0.05 to 0.95 in steps of 0.05) and the evaluated split's
+scores at it: a sign of a badly calibrated model when it is far from 0.5, never tuned on the
+test split (--nochoose_threshold leaves it out). With --recompute_bn=N the BatchNorm statistics
+are first recomputed over N unaugmented training batches (dunet/precise_bn.py) and the model is
+saved with them in <out_dir>/precise_bn.
+
 Written into --out_dir (default: <workdir>/eval/<split>[-latest][-tta], or
 <workdir>/eval/raw-<folder name>[...] with --raw_dir), each file complete or not at all:
   metrics.json   everything above, plus the model, data, settings and skipped files
@@ -37,6 +44,7 @@ Examples:
   python -m dunet.evaluate --checkpoint=runs/cvc --split=valid --prefer=latest --tta
   python -m dunet.evaluate --checkpoint=runs/cvc --raw_dir=/data/ETIS-LaribPolypDB
   python -m dunet.evaluate --checkpoint=exported/cvc --data_dir=data/cvc --out_dir=eval/cvc
+  python -m dunet.evaluate --checkpoint=runs/cvc --recompute_bn=8      # precise BN statistics
 
 Exit status: 0 when the evaluation was written; 1 on an error (message on stderr).
 """

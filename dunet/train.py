@@ -95,7 +95,8 @@ flags.DEFINE_float("learning_rate", 1e-3, "Initial (peak) learning rate (the pap
 flags.DEFINE_enum("lr_schedule", "cosine", ["constant", "cosine", "plateau"],
                   "constant; cosine decay over all steps (with --warmup_steps); or reduce on "
                   "plateau of the --monitor'ed validation value.")
-flags.DEFINE_integer("warmup_steps", 20, "Linear warm-up steps for the cosine schedule.")
+flags.DEFINE_integer("warmup_steps", 20, "Linear warm-up steps for the cosine schedule; at most "
+                     "a fifth of the run's steps are used (a short smoke run is not all warm-up).")
 flags.DEFINE_enum("monitor", "dsc", ["dsc", "loss"], "What the plateau schedule and early "
                   "stopping watch: head 2's validation DSC (higher is better) or the validation "
                   "loss (lower is better; what the reference code's Keras callbacks watched). "
@@ -377,7 +378,11 @@ def _train(workdir: str, stop: Stop) -> Dict[str, float]:
                                   min_lr=FLAGS.min_learning_rate, mode=monitor_mode)
   early_stopping = optim.EarlyStopping(patience=FLAGS.early_stopping_patience or 1,
                                        mode=monitor_mode)
-  cosine = optim.CosineSchedule(FLAGS.learning_rate, total_steps, warmup_steps=FLAGS.warmup_steps,
+  warmup_steps = min(FLAGS.warmup_steps, total_steps // 5)
+  if FLAGS.lr_schedule == "cosine" and warmup_steps < FLAGS.warmup_steps:
+    logging.info("Warming up over %d of the run's %d steps (--warmup_steps=%d is capped at a "
+                 "fifth of the run).", warmup_steps, total_steps, FLAGS.warmup_steps)
+  cosine = optim.CosineSchedule(FLAGS.learning_rate, total_steps, warmup_steps=warmup_steps,
                                 final_lr=FLAGS.min_learning_rate)
 
   # ==============================================================================================

@@ -1,6 +1,6 @@
 r"""Quality side by side with the reference Keras code: profiling/results/quality.md.
 
-  python -m profiling.quality --data=demo --steps=100,200,400 [--recipes=keras,reference,improved]
+  python -m profiling.quality --data=demo --steps=100,200,400 [--recipes=keras,reference,paper,improved]
       [--seeds=42] [--record] [--note=...] [--reference_model_py=PATH/model.py]
 
 Run from the repository root with the test extras (Keras: the oracle) and, for --data=nuclei,
@@ -15,6 +15,10 @@ data sets are). For each data set, budget (optimisation steps) and seed it train
              --noaugment --batch_norm_statistics=moving`, float32) from the SAME initial weights
              (the Keras model's, converted) on the SAME batches (both read dunet's input
              pipeline with the same seed);
+  paper      the reference recipe with dunet's precise BatchNorm statistics (what the paper
+             configs, configs/base.flags, run): the same weights step for step as `reference`
+             (the statistics pass only reads training batches), evaluated with statistics
+             recomputed before each validation and kept in the checkpoints;
   improved   dunet's improved recipe (configs/improved.flags) from its own initialisation.
 
 The shared settings are the paper's DSB 2018 recipe: Dice, Nadam, learning rate 1e-4, the
@@ -45,7 +49,8 @@ from profiling import quality_data
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("data", "demo", sorted(quality_data.BUILDERS), "The data set.")
 flags.DEFINE_list("steps", ["100", "200", "400"], "Budgets: optimisation steps per run.")
-flags.DEFINE_list("recipes", ["keras", "reference", "improved"], "Which trainings to run.")
+flags.DEFINE_list("recipes", ["keras", "reference", "paper", "improved"],
+                  "Which trainings to run (keras, reference, paper, improved).")
 flags.DEFINE_list("seeds", ["42"], "Seeds (initialisation and data order) to run each with.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size of every run.")
 flags.DEFINE_string("optimizer", "nadam", "The shared recipe's optimizer (adam or nadam).")
@@ -60,6 +65,9 @@ flags.DEFINE_string("reference_model_py", None, "The authors' model.py: build th
                     "with its build_model(shape) instead of the oracle (it asks Keras for the "
                     "ImageNet VGG19 weights, which must then be in ~/.keras/models).")
 flags.DEFINE_string("work_dir", "/tmp/dunet-quality", "Data, runs and logs.")
+flags.DEFINE_bool("reuse_keras", False, "Keep a finished Keras run of the same data, budget and "
+                  "seed found in --work_dir (its weights, initial weights and time) instead of "
+                  "training it again: for adding dunet recipes beside a recorded Keras row.")
 flags.DEFINE_bool("record", False, "Append the rows to --results_dir/quality.md.")
 flags.DEFINE_string("note", "", "Free text stored with recorded rows.")
 flags.DEFINE_string("results_dir", os.path.join("profiling", "results"),
@@ -79,7 +87,8 @@ by `python -m dunet.evaluate` on the test split: per-image DSC at the original r
 threshold 0.5, of head 2 (the final mask) and head 1. "last" = the weights after the last step
 (what the reference code keeps); "best" = dunet's best-validation-DSC checkpoint. keras = the
 authors' network and train.py recipe in Keras; reference = dunet with the same recipe, from the
-same initial weights, on the same batches; improved = dunet's improved recipe
+same initial weights, on the same batches; paper = the same with precise BatchNorm statistics
+(configs/base.flags: the same weights, statistics recomputed); improved = dunet's improved recipe
 (configs/improved.flags). Shared recipe unless the row says otherwise: Dice, Nadam 1e-4
 constant, reference preprocessing, no augmentation. Train s = training wall time, per-epoch
 validation included (load = 1-minute load average at the end: other work slows a run).
@@ -154,8 +163,12 @@ def train_keras(data_dir: str, run_dir: str, steps: int, seed: int) -> Row:
              *shared_training_flags()]
   if FLAGS.reference_model_py:
     command.append(f"--reference_model_py={FLAGS.reference_model_py}")
-  _run(command, run_dir + ".log", FLAGS.timeout_s)
-  with open(os.path.join(run_dir, "result.json")) as handle:
+  finished = os.path.join(run_dir, "result.json")
+  if FLAGS.reuse_keras and os.path.exists(finished):
+    print(f"Reusing the Keras run in {run_dir} (--reuse_keras)", flush=True)
+  else:
+    _run(command, run_dir + ".log", FLAGS.timeout_s)
+  with open(finished) as handle:
     result = json.load(handle)
   scores = evaluate(os.path.join(run_dir, "final"), data_dir, os.path.join(run_dir, "eval"),
                     prefer="best")
@@ -168,10 +181,12 @@ def train_dunet(data_dir: str, run_dir: str, steps: int, seed: int, recipe: str,
   command = [sys.executable, "-m", "dunet.train", f"--data_dir={data_dir}",
              f"--workdir={run_dir}", f"--max_steps={steps}", "--epochs=100000",
              f"--seed={seed}", "--keep_checkpoints=1", "--log_every_steps=1"]
-  if recipe == "reference":
+  if recipe in ("reference", "paper"):
+    statistics = "moving" if recipe == "reference" else "precise"
     command += shared_training_flags() + [
         "--loss_reduction=reference", "--lr_schedule=constant", "--noaugment",
-        "--batch_norm_statistics=moving", "--batch_norm_momentum=0.99", "--precision=float32",
+        f"--batch_norm_statistics={statistics}", "--precise_bn_batches=4",
+        "--batch_norm_momentum=0.99", "--precision=float32",
         "--head_weights=1,1", "--vgg19_init=glorot_uniform",
         f"--init_checkpoint={keras_initial}"]
   else:
@@ -188,7 +203,7 @@ def train_dunet(data_dir: str, run_dir: str, steps: int, seed: int, recipe: str,
 
 def format_row(row: Row, note: str) -> str:
   best = "" if row.head2_best is None else f"{row.head2_best:.4f}"
-  if row.first_loss is not None and row.recipe in ("keras", "reference"):
+  if row.first_loss is not None and row.recipe in ("keras", "reference", "paper"):
     note = "; ".join(part for part in (note, f"step-1 loss {row.first_loss:.6f}") if part)
   command = "python -m profiling.quality " + " ".join(sys.argv[1:])
   return (f"| {time.strftime('%Y-%m-%d')} | {row.data} | {row.steps} | {row.batch} | {row.seed} "
@@ -215,11 +230,12 @@ def benchmark() -> None:
       base = os.path.join(FLAGS.work_dir, "runs", f"{FLAGS.data}-s{seed}-{steps}")
       keras_run = base + "-keras"
       rows = []
-      if "keras" in FLAGS.recipes or "reference" in FLAGS.recipes:
+      if {"keras", "reference", "paper"} & set(FLAGS.recipes):
         rows.append(train_keras(data_dir, keras_run, steps, seed))
-      if "reference" in FLAGS.recipes:
-        rows.append(train_dunet(data_dir, base + "-reference", steps, seed, "reference",
-                                os.path.join(keras_run, "initial")))
+      for recipe in ("reference", "paper"):
+        if recipe in FLAGS.recipes:
+          rows.append(train_dunet(data_dir, f"{base}-{recipe}", steps, seed, recipe,
+                                  os.path.join(keras_run, "initial")))
       if "improved" in FLAGS.recipes:
         suffix = "".join(flag.strip("-").replace("=", "_") for flag in FLAGS.improved_extra)
         rows.append(train_dunet(data_dir, f"{base}-improved{suffix}", steps, seed, "improved",
@@ -313,9 +329,9 @@ def main(argv: List[str]) -> None:
   if FLAGS.keras_worker:
     keras_worker(FLAGS.keras_worker)
     return
-  unknown = set(FLAGS.recipes) - {"keras", "reference", "improved"}
+  unknown = set(FLAGS.recipes) - {"keras", "reference", "paper", "improved"}
   if unknown:
-    raise app.UsageError(f"unknown recipes {sorted(unknown)}; valid: keras, reference, improved")
+    raise app.UsageError(f"unknown recipes {sorted(unknown)}; valid: keras, reference, paper, improved")
   benchmark()
 
 

@@ -43,7 +43,8 @@ _HEADER = """# The demo training run (the README's first command)
 Each row: one run of `python -m dunet.train --flagfile=configs/demo.flags` (plus the extra flags
 shown) into a fresh workdir, timed end to end by `profiling/record_demo.py --record`, on the
 machine shown (load = 1-minute load average when it finished; other work on the machine slows it).
-DSC: head 2 (the final mask), mean over the validation images at threshold 0.5.
+DSC: head 2 (the final mask), mean over the validation images at threshold 0.5 (newer rows give
+head 1's final validation DSC in the note).
 
 | date | extra flags | precision | steps | wall s | best valid DSC | final valid DSC | final valid IoU | load | note | command | machine |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
@@ -75,6 +76,7 @@ def run_demo(extra_flags: Sequence[str]) -> Dict[str, object]:
       "best_valid_dsc": round(metrics["best_valid_dsc"], 4),
       "final_valid_dsc": round(valid["head2/per_image/dsc"], 4),
       "final_valid_iou": round(valid["head2/per_image/iou"], 4),
+      "final_valid_dsc_head1": round(valid["head1/per_image/dsc"], 4),
       "load_average_1min": round(os.getloadavg()[0], 2),
       "workdir": workdir,
       "machine": machine_description(),
@@ -89,6 +91,9 @@ def record(result: Dict[str, object], results_dir: str, note: str) -> str:
   if not os.path.exists(table):
     with open(table, "w") as handle:
       handle.write(_HEADER)
+  # Head 1 goes in the note (older rows have no column for it): it must learn too.
+  head1 = f"head 1 final valid DSC {result['final_valid_dsc_head1']}"
+  note = f"{note}; {head1}" if note else head1
   with open(table, "a") as handle:
     handle.write(f"| {time.strftime('%Y-%m-%d')} | {result['extra_flags'] or '(none)'} | "
                  f"{result['precision']} | {result['steps']} | {result['wall_s']} | "

@@ -24,9 +24,10 @@ def test_runs_the_demo_config_and_appends_a_row(tmp_path):
   metrics = json.loads(open(os.path.join(result["workdir"], "metrics.json")).read())
   assert result["steps"] == metrics["step"] == 5  # 20 training pictures, batch 4, one epoch
   assert result["final_valid_dsc"] == round(metrics["valid"]["head2/per_image/dsc"], 4)
+  assert result["final_valid_dsc_head1"] == round(metrics["valid"]["head1/per_image/dsc"], 4)
   assert result["precision"] == "float32" and result["wall_s"] > 0
   rows = (tmp_path / "demo_training.md").read_text().splitlines()
-  assert rows[-1].count("|") == 13 and "--epochs=1" in rows[-1] and "| tiny |" in rows[-1]
+  assert rows[-1].count("|") == 13 and "--epochs=1" in rows[-1] and "| tiny; head 1 final valid DSC " in rows[-1]
 
 
 def test_rejects_stray_arguments():

@@ -27,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
+from dunet import registry
+
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 BatchSize = Optional[Union[int, tf.Tensor]]
 PER_IMAGE, REFERENCE = "per_image", "reference"
@@ -110,10 +112,7 @@ def get_loss(name: str) -> LossFn:
   Raises:
     ValueError: for an unknown name, listing the valid ones.
   """
-  try:
-    return LOSSES[name]
-  except KeyError:
-    raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}") from None
+  return registry.lookup(LOSSES, name, "loss")
 
 
 def deep_supervision_loss(

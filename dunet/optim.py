@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Type, Union
 
 import tensorflow as tf
 
+from dunet import registry
+
 FloatLike = Union[float, tf.Tensor]
 
 
@@ -265,11 +267,7 @@ def make_optimizer(name: str, learning_rate: FloatLike, variables: Sequence[tf.V
   Raises:
     ValueError: for an unknown name, listing the valid ones.
   """
-  try:
-    optimizer_class = OPTIMIZERS[name]
-  except KeyError:
-    raise ValueError(f"unknown optimizer {name!r}; valid names: "
-                     f"{', '.join(sorted(OPTIMIZERS))}") from None
+  optimizer_class = registry.lookup(OPTIMIZERS, name, "optimizer")
   return optimizer_class(learning_rate, variables, **kwargs)
 
 

@@ -11,6 +11,8 @@ from typing import Callable, Dict, Sequence
 
 import tensorflow as tf
 
+from dunet import registry
+
 
 def _fans(shape: Sequence[int]) -> tuple[int, int]:
   """Returns (fan_in, fan_out) for a dense [in, out] or conv [kh, kw, in, out] kernel shape."""
@@ -55,13 +57,5 @@ KERNEL_INITIALIZERS: Dict[str, Initializer] = {
 
 
 def get_kernel_initializer(name: str) -> Initializer:
-  """The kernel initialiser called `name` (one of KERNEL_INITIALIZERS).
-
-  Raises:
-    ValueError: for an unknown name, listing the valid ones.
-  """
-  try:
-    return KERNEL_INITIALIZERS[name]
-  except KeyError:
-    raise ValueError(f"unknown initialiser {name!r}; valid names: "
-                     f"{', '.join(sorted(KERNEL_INITIALIZERS))}") from None
+  """The kernel initialiser called `name`; a ValueError lists the valid names."""
+  return registry.lookup(KERNEL_INITIALIZERS, name, "initialiser")

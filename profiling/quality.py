@@ -46,11 +46,13 @@ from absl import flags
 from profiling import machine
 from profiling import quality_data
 
+RECIPES = ("keras", "reference", "paper", "improved")
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("data", "demo", sorted(quality_data.BUILDERS), "The data set.")
 flags.DEFINE_list("steps", ["100", "200", "400"], "Budgets: optimisation steps per run.")
-flags.DEFINE_list("recipes", ["keras", "reference", "paper", "improved"],
-                  "Which trainings to run (keras, reference, paper, improved).")
+flags.DEFINE_list("recipes", list(RECIPES),
+                  f"Which trainings to run ({', '.join(RECIPES)}).")
 flags.DEFINE_list("seeds", ["42"], "Seeds (initialisation and data order) to run each with.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size of every run.")
 flags.DEFINE_string("optimizer", "nadam", "The shared recipe's optimizer (adam or nadam).")
@@ -329,9 +331,9 @@ def main(argv: List[str]) -> None:
   if FLAGS.keras_worker:
     keras_worker(FLAGS.keras_worker)
     return
-  unknown = set(FLAGS.recipes) - {"keras", "reference", "paper", "improved"}
+  unknown = set(FLAGS.recipes) - set(RECIPES)
   if unknown:
-    raise app.UsageError(f"unknown recipes {sorted(unknown)}; valid: keras, reference, paper, improved")
+    raise app.UsageError(f"unknown recipes {sorted(unknown)}; valid: {', '.join(RECIPES)}")
   benchmark()
 
 

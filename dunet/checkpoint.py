@@ -46,6 +46,9 @@ import tensorflow as tf
 from tensorflow.python.checkpoint import checkpoint_management
 
 from dunet import fileio
+from dunet.errors import CheckpointNotFoundError  # noqa: F401  (re-exported: callers catch it)
+from dunet.errors import CheckpointReadError
+from dunet.errors import CheckpointWriteError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"
@@ -61,19 +64,6 @@ _PREFIX_PATTERN = re.compile(r"^ckpt-(\d+)$")
 _FILE_PATTERN = re.compile(r"^(ckpt-\d+)\.(index|data-\d+-of-\d+)$")
 # What reading a damaged or missing checkpoint raises (IndexError: a truncated data file).
 _READ_ERRORS = (tf.errors.OpError, IndexError)
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-  """No checkpoint where one was expected; the message says where it looked."""
-
-
-class CheckpointWriteError(RuntimeError):
-  """A checkpoint (or the workdir) could not be written; the message names the folder and the
-  previous checkpoint, which is intact."""
-
-
-class CheckpointReadError(RuntimeError):
-  """Checkpoints are listed but none can be read; the message names each and why."""
 
 
 # ==================================================================================================

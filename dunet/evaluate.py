@@ -77,7 +77,7 @@ from dunet.data import prepare
 from dunet.data import readers
 from dunet.data import records
 from dunet.data import splits as splits_lib
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 SegmentFn = Callable[[np.ndarray], Dict[str, np.ndarray]]

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet.errors import ExportError
 from dunet import fileio
 from dunet import serving
 from dunet.data import demo
@@ -47,10 +48,6 @@ DEFAULT_TOLERANCE = 1e-5
 # Pictures compared per size, and the seed that makes them the same on every run.
 PARITY_PICTURES = 2
 PARITY_SEED = 1234
-
-
-class ExportError(RuntimeError):
-  """The export could not be made or did not verify; the message says why."""
 
 
 @dataclasses.dataclass

@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from dunet import errors
 from dunet.models.doubleunet import DoubleUNet
 from dunet.models.vgg19 import VGG19_LAYER_NAMES
 from dunet.nn.aspp import ASPP
@@ -58,7 +59,7 @@ KERAS_WEIGHT_ROLES: Dict[str, Tuple[str, ...]] = {
 EXPECTED_LAYER_COUNTS: Dict[str, int] = {CONV2D: 38, BATCH_NORM: 36, DENSE: 24}
 
 
-class KerasH5Error(ValueError):
+class KerasH5Error(errors.CheckpointError):
   """The file is missing, not HDF5, not a Keras layout, or not the reference DoubleU-Net.
 
   The message names the file and, where it applies, the Keras layer and the dunet variable.

@@ -53,7 +53,7 @@ from dunet import serving
 from dunet import summaries
 from dunet.data import layouts
 from dunet.data import readers
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from dunet.progress import ProgressLine
 
 PathLike = Union[str, "os.PathLike[str]"]

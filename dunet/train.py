@@ -40,7 +40,7 @@ from dunet.data import pipeline
 from dunet.data import prepare
 from dunet.data import preprocess
 from dunet.data import records
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from dunet.models import DoubleUNet
 from dunet.models import vgg19
 from dunet.models.doubleunet import SIZE_DIVISOR

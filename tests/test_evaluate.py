@@ -18,7 +18,7 @@ from dunet import checkpoint as checkpoint_lib
 from dunet import evaluate
 from dunet import serving
 from dunet.data import prepare
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from tests import testing_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

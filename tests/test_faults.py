@@ -31,7 +31,7 @@ from dunet import precision
 from dunet import train
 from dunet.data import demo
 from dunet.data import prepare
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from dunet.models import DoubleUNet
 from tests.data.conftest import make_generic, picture, write_mask
 

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dunet.data import layouts  # noqa: E402
 from dunet.data import prepare  # noqa: E402
-from dunet.data.errors import DataError  # noqa: E402
+from dunet.errors import DataError  # noqa: E402
 from dunet.data.prepare import prepare_dataset  # noqa: E402
 
 FLAGS = flags.FLAGS

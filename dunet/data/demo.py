@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from dunet.data import prepare
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 PathLike = Union[str, os.PathLike]
 

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 from absl import logging
 
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

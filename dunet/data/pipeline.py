@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from dunet.data import augment as augment_lib
 from dunet.data import prepare, preprocess, records
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_SHUFFLE_BUFFER = 1024

@@ -36,7 +36,7 @@ from absl import logging
 from dunet import fileio
 from dunet import progress as progress_lib
 from dunet.data import layouts, readers, records, splits
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

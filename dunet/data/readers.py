@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Sequence, Tuple, TypeVar
 import cv2
 import numpy as np
 
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from dunet.data.layouts import Pair
 
 T = TypeVar("T")

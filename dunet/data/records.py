@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 # Fast PNG compression: records are written once and decoded every epoch; level 1 is ~3x faster
 # to write than the default and decodes at the same speed.

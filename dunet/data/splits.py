@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 SPLIT_FORMAT = "dunet-split"

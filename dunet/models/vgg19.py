@@ -10,6 +10,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from dunet import errors
 from dunet.nn import initializers
 from dunet.nn.conv import Conv2D
 from dunet.nn.resize import max_pool_2x2
@@ -106,7 +107,7 @@ class VGG19Encoder(tf.Module):
 _INIT_TITLES = {"glorot_uniform": "Glorot-uniform", "he_normal": "He-normal"}
 
 
-class WeightFileError(ValueError):
+class WeightFileError(errors.CheckpointError):
   """The weight file is missing, unreadable, or not the VGG19 notop layout; the message says which."""
 
 

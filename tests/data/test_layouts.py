@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dunet.data import layouts
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from tests.data.conftest import make_generic, make_pairs, picture, write_mask, write_rgb
 
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from dunet.data import pipeline, records, splits
 from dunet.data.augment import AugmentConfig
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 NONE = AugmentConfig.none()
 

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from dunet.data import prepare, records, splits
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from tests.data.conftest import make_generic, make_pairs, picture, write_mask
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dunet.data import readers
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 from dunet.data.layouts import Pair
 from tests.data.conftest import picture, write_mask, write_rgb
 

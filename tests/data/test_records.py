@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from dunet.data import pipeline, records
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 
 @pytest.fixture

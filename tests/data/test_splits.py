@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dunet.data import splits
-from dunet.data.errors import DataError
+from dunet.errors import DataError
 
 # Computed once with scikit-learn 1.x exactly as the reference code's data.py does it:
 #   paths = sorted(glob("images/*")); n = int(0.1 * len(paths))

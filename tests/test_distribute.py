@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import tensorflow as tf
 
 from dunet import distribute
 from dunet import optim
+from tests import testing_utils
 
 distribute.configure_logical_cpus(2)
 
@@ -186,17 +186,6 @@ def test_is_chief(cluster, task_type, task_id, chief):
   assert distribute.is_chief(strategy) == chief
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  try:
-    for s in sockets:
-      s.bind(("localhost", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
 @pytest.mark.slow
 def test_two_worker_processes_all_reduce_and_step_together():
   worker = f"""
@@ -225,11 +214,12 @@ def test_two_worker_processes_all_reduce_and_step_together():
           "sum": float(total), "weight": weight.numpy().tolist(),
           "iterations": int(optimizer.iterations.numpy())}}))
   """
-  addresses = [f"localhost:{port}" for port in _free_ports(2)]
-  envs = [{"TF_CONFIG": json.dumps({"cluster": {"worker": addresses},
-                                    "task": {"type": "worker", "index": index}})}
-          for index in range(2)]
-  results = _run_python([worker, worker], envs, timeout=60)
+  with testing_utils.reserved_ports(2) as ports:
+    addresses = [f"localhost:{port}" for port in ports]
+    envs = [{"TF_CONFIG": json.dumps({"cluster": {"worker": addresses},
+                                      "task": {"type": "worker", "index": index}})}
+            for index in range(2)]
+    results = _run_python([worker, worker], envs, timeout=60)
   for code, stdout, stderr in results:
     assert code == 0, stderr[-3000:]
   outputs = [_result(stdout) for _, stdout, _ in results]

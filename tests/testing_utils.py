@@ -1,7 +1,9 @@
 """Helpers shared by several test files."""
 
+import contextlib
 import os
-from typing import Dict
+import socket
+from typing import Dict, Iterator, List
 
 import numpy as np
 import tensorflow as tf
@@ -59,3 +61,33 @@ def event_scalars(event_dir, tag: str) -> Dict[int, float]:
         if value.tag == tag:
           values[event.step] = float(tf.make_ndarray(value.tensor))
   return values
+
+
+@contextlib.contextmanager
+def reserved_ports(count: int) -> Iterator[List[int]]:
+  """Yields `count` free localhost TCP ports that stay reserved until the block ends.
+
+  Each port is held by a bound (not listening) socket with SO_REUSEADDR and SO_REUSEPORT set, so
+  no other process's bind(port 0) is handed it, while a gRPC server (which sets SO_REUSEPORT
+  itself, as TensorFlow's multi-worker servers do) can still bind it. Binding, closing and
+  reusing a port instead leaves a window in which another test or process can take it. The
+  sockets do not listen: a listening one would share the server's incoming connections.
+
+  Args:
+    count: how many ports.
+
+  Yields:
+    The port numbers, all different.
+  """
+  sockets = []
+  try:
+    for _ in range(count):
+      reserving = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+      sockets.append(reserving)
+      reserving.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      reserving.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+      reserving.bind(("localhost", 0))
+    yield [reserving.getsockname()[1] for reserving in sockets]
+  finally:
+    for reserving in sockets:
+      reserving.close()

@@ -6,6 +6,7 @@ line and exit non-zero; any other exception is a bug and keeps its traceback.
 
     DunetError
     ├── ConfigError       a setting, or a combination of settings, that cannot work
+    │   └── OutputExistsError   an output folder that exists (pass --overwrite)
     ├── DataError         missing, damaged, changed or unusable input data (names the file)
     ├── CheckpointError   model weights that cannot be found, read, written or matched
     │   ├── CheckpointNotFoundError
@@ -31,6 +32,10 @@ class ConfigError(DunetError):
 
   Command lines report it as a usage error ("see --help").
   """
+
+
+class OutputExistsError(ConfigError, FileExistsError):
+  """An output that already exists and may not be replaced; the message names it and the fix."""
 
 
 class DataError(DunetError):

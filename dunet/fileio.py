@@ -20,6 +20,8 @@ from typing import Any, Iterator, Union
 
 import tensorflow as tf
 
+from dunet import errors
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -59,15 +61,15 @@ def check_out_dir(out_dir: PathLike, overwrite: bool) -> None:
   """Refuses an output folder that already holds something, unless `overwrite`.
 
   Raises:
-    FileExistsError: `out_dir` exists (as a file, or as a folder that is not empty) and
-      `overwrite` is False.
+    errors.OutputExistsError: `out_dir` exists (as a file, or as a folder that is not empty)
+      and `overwrite` is False (a FileExistsError too).
   """
   out_dir = os.fspath(out_dir)
   if not os.path.lexists(out_dir) or overwrite:
     return
   if os.path.isdir(out_dir) and not os.listdir(out_dir):
     return
-  raise FileExistsError(f"{out_dir} already exists and is not empty; choose another --out_dir "
+  raise errors.OutputExistsError(f"{out_dir} already exists and is not empty; choose another --out_dir "
                         "or pass --overwrite")
 
 
@@ -119,12 +121,20 @@ def staged_directory(out_dir: PathLike, overwrite: bool, purpose: str) -> Iterat
       a killed process says what made it.
 
   Raises:
-    FileExistsError: `out_dir` exists (and is not an empty folder) and `overwrite` is False.
+    errors.OutputExistsError: `out_dir` exists (and is not an empty folder) and `overwrite` is
+      False, before the block runs, or when it appeared while the block ran (another process
+      finished first: it is left as it is).
   """
   check_out_dir(out_dir, overwrite)
   staging = make_staging_dir(out_dir, purpose)
   try:
     yield staging
+    if not overwrite:
+      try:
+        check_out_dir(out_dir, overwrite)
+      except errors.OutputExistsError as error:
+        raise errors.OutputExistsError(f"{os.fspath(out_dir)} appeared while this {purpose} ran; "
+                                       "it was left as it is") from error
     replace_directory(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

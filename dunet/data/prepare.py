@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -33,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dunet import errors
 from dunet import fileio
 from dunet import progress as progress_lib
 from dunet.data import layouts, readers, records, splits
@@ -89,11 +89,11 @@ def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width:
     DataError: naming the offending file or folder.
   """
   if height <= 0 or width <= 0:
-    raise ValueError(f"height and width must be positive, got {height}x{width}")
+    raise errors.ConfigError(f"height and width must be positive, got {height}x{width}")
   if on_error not in layouts.ON_ERROR:
-    raise ValueError(f"on_error must be one of {layouts.ON_ERROR}, got {on_error!r}")
+    raise errors.ConfigError(f"on_error must be one of {layouts.ON_ERROR}, got {on_error!r}")
   if num_shards is not None and num_shards <= 0:
-    raise ValueError(f"num_shards must be positive, got {num_shards}")
+    raise errors.ConfigError(f"num_shards must be positive, got {num_shards}")
   out_dir = Path(out_dir)
   _check_out_dir(out_dir, overwrite)
 
@@ -107,8 +107,8 @@ def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width:
   test_by_stem = ({pair.stem: (pair, test_scan.raw_dir) for pair in test_scan.pairs}
                   if test_scan else by_stem)
 
-  staging = Path(fileio.make_staging_dir(out_dir, "partial"))
-  try:
+  with fileio.staged_directory(out_dir, overwrite, purpose="partial") as staging_name:
+    staging = Path(staging_name)
     notes: List[str] = []
     split_stats = {}
     total = sum(len(split[name]) for name in splits.SPLITS)
@@ -140,10 +140,6 @@ def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width:
         "raw": _raw_listing(main_scan),
         "test_raw": _raw_listing(test_scan) if test_scan else None})
     _write_json(staging / SUMMARY_FILE, summary)
-    _commit(staging, out_dir, overwrite)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   for note in notes[:10]:
     logging.info("converted %s", note)
   if len(notes) > 10:
@@ -493,13 +489,3 @@ def _summary(main_scan: layouts.Scan, test_scan: Optional[layouts.Scan], height:
 
 def _write_json(path: Path, value: dict) -> None:
   path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-
-
-def _commit(staging: Path, out_dir: Path, overwrite: bool) -> None:
-  """Moves the finished staging folder into place; an existing `out_dir` goes only after that."""
-  if out_dir.is_dir() and not any(out_dir.iterdir()):
-    out_dir.rmdir()
-  if out_dir.exists() and not overwrite:
-    # Another process finished first (e.g. two workers preparing the demo data at once).
-    raise DataError(out_dir, "appeared while this preparation ran; it was left as it is")
-  fileio.replace_directory(staging, out_dir)

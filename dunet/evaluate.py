@@ -46,41 +46,51 @@ Examples:
   python -m dunet.evaluate --checkpoint=exported/cvc --data_dir=data/cvc --out_dir=eval/cvc
   python -m dunet.evaluate --checkpoint=runs/cvc --recompute_bn=8      # precise BN statistics
 
-Exit status: 0 when the evaluation was written; 1 on an error (message on stderr).
+The model's path and the data are checked before the model is loaded, and nothing is written
+before both are found. Exit status: 0 when the evaluation was written; 2 for a usage error (a bad
+or missing flag, settings that cannot work together); 1 for another error (no checkpoint there,
+missing or damaged data). Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import datetime
-import io
-import os
-import sys
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+if __name__ == "__main__":
+  from dunet import cli
+  cli.silence_startup()  # before TensorFlow is imported
 
-import numpy as np
-import tensorflow as tf
-from absl import app
-from absl import flags
-from absl import logging
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union  # noqa: E402
 
-from dunet import checkpoint as checkpoint_lib
-from dunet import fileio
-from dunet import metrics
-from dunet import precise_bn
-from dunet import predict as predict_lib
-from dunet import serving
-from dunet.data import layouts
-from dunet.data import pipeline
-from dunet.data import prepare
-from dunet.data import readers
-from dunet.data import records
-from dunet.data import splits as splits_lib
-from dunet.errors import DataError
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from dunet import checkpoint as checkpoint_lib  # noqa: E402
+from dunet import cli  # noqa: E402
+from dunet import fileio  # noqa: E402
+from dunet import inference  # noqa: E402
+from dunet import metrics  # noqa: E402
+from dunet import model_flags  # noqa: E402
+from dunet import precise_bn  # noqa: E402
+from dunet import serving  # noqa: E402
+from dunet.data import layouts  # noqa: E402
+from dunet.data import pipeline  # noqa: E402
+from dunet.data import prepare  # noqa: E402
+from dunet.data import readers  # noqa: E402
+from dunet.data import records  # noqa: E402
+from dunet.data import splits as splits_lib  # noqa: E402
+from dunet.errors import ConfigError  # noqa: E402
+from dunet.errors import DataError  # noqa: E402
 
 PathLike = Union[str, "os.PathLike[str]"]
-SegmentFn = Callable[[np.ndarray], Dict[str, np.ndarray]]
+SegmentFn = inference.SegmentFn
 
 # Report order: the final output first.
 HEADS = ("head2", "head1", "mean")
@@ -104,10 +114,6 @@ EMPTY_MASK_NOTE = (
     "an image whose prediction and ground truth are both empty scores 1.0; a prediction on an "
     "empty ground truth, or an empty prediction on a non-empty one, scores 0.0 (accuracy is "
     "always defined).")
-
-
-class EvaluationError(ValueError):
-  """A problem with what was asked to be evaluated; the message says what and where."""
 
 
 @dataclasses.dataclass
@@ -160,21 +166,21 @@ def splits_to_evaluate(data_dir: PathLike, split: str) -> Dict[str, int]:
 
   Raises:
     DataError: `data_dir` is not a prepared folder (the message hints at tools/prepare_data.py).
-    EvaluationError: an unknown split, or one the data does not have.
+    ConfigError: an unknown split, or one the data does not have.
   """
   if split not in SPLIT_CHOICES:
-    raise EvaluationError(f"unknown split {split!r}; expected one of {SPLIT_CHOICES}")
+    raise ConfigError(f"unknown split {split!r}; expected one of {SPLIT_CHOICES}")
   counts = pipeline.read_data_info(data_dir)["counts"]
   if split == "all":
     chosen = {name: int(counts.get(name, 0)) for name in splits_lib.SPLITS
               if int(counts.get(name, 0)) > 0}
     if not chosen:
-      raise EvaluationError(f"{data_dir}: the prepared data holds no examples (counts {counts})")
+      raise ConfigError(f"{data_dir}: the prepared data holds no examples (counts {counts})")
     return chosen
   if int(counts.get(split, 0)) <= 0:
-    raise EvaluationError(f"{data_dir}: the prepared data has no {split!r} examples (counts "
-                          f"{counts}); choose another --split, or prepare the data again with "
-                          "tools/prepare_data.py (e.g. --test_raw_dir for a separate test set)")
+    raise ConfigError(f"{data_dir}: the prepared data has no {split!r} examples (counts "
+                      f"{counts}); choose another --split, or prepare the data again with "
+                      "tools/prepare_data.py (e.g. --test_raw_dir for a separate test set)")
   return {split: int(counts[split])}
 
 
@@ -277,7 +283,7 @@ def score_batches(segment: SegmentFn, batches: Iterable[Sequence[Example]], thre
                   total: Optional[int] = None, progress: bool = True,
                   sweep: Sequence[float] = ()) -> List[ImageScore]:
   """`score_batch` over batches, with a progress line on stderr when `progress`."""
-  bar = predict_lib.ImageProgress(total or 0, progress)
+  bar = inference.ImageProgress(total or 0, progress)
   scores: List[ImageScore] = []
   for batch in batches:
     scores.extend(score_batch(segment, batch, threshold, sweep))
@@ -290,10 +296,10 @@ def summarize(scores: Sequence[ImageScore]) -> Dict[str, Dict[str, Dict[str, flo
   """{head: {"per_image" | "pooled": {score: value}}} over `scores`.
 
   Raises:
-    EvaluationError: no image was scored.
+    ConfigError: no image was scored.
   """
   if not scores:
-    raise EvaluationError("no image was scored")
+    raise ConfigError("no image was scored")
   result = {}
   for head in HEADS:
     accumulator = metrics.MetricAccumulator()
@@ -370,16 +376,16 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
 
   Raises:
     DataError: bad or missing data, naming the file or folder.
-    EvaluationError: nothing to evaluate, an unknown or missing split, bad settings.
+    ConfigError: nothing to evaluate, an unknown or missing split, bad settings.
   """
   if (data_dir is None) == (raw_dir is None):
-    raise EvaluationError("give exactly one of a prepared data folder (--data_dir) and a raw data "
-                          "set folder (--raw_dir)")
+    raise ConfigError("give exactly one of a prepared data folder (--data_dir) and a raw data "
+                      "set folder (--raw_dir)")
   if batch_size <= 0:
-    raise EvaluationError(f"batch size must be positive, got {batch_size}")
+    raise ConfigError(f"batch size must be positive, got {batch_size}")
   if not 0.0 <= threshold <= 1.0:
-    raise EvaluationError(f"threshold must be in [0, 1], got {threshold}")
-  segment = predict_lib.make_segment_fn(loaded, tta, flips)
+    raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+  segment = inference.make_segment_fn(loaded, tta, flips)
   skipped: List[Dict[str, str]] = []
   if data_dir is not None:
     chosen = splits_to_evaluate(data_dir, split)
@@ -400,7 +406,7 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
   else:
     scan = layouts.scan(raw_dir, layout)  # early: a bad folder fails before the model runs
     data = {"raw_dir": os.path.abspath(raw_dir), "layout": scan.layout, "split": RAW_SPLIT}
-    batches = predict_lib.batches_by_size(
+    batches = inference.batches_by_size(
         raw_examples(raw_dir, scan.layout, on_error, skipped),
         lambda example: example.image.shape[:2], batch_size)
     total = len(scan.pairs)
@@ -408,7 +414,7 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
   scores = score_batches(segment, batches, threshold, total=total, progress=progress,
                          sweep=sweep)
   if not scores:
-    raise EvaluationError(f"no image could be evaluated ({len(skipped)} skipped)")
+    raise ConfigError(f"no image could be evaluated ({len(skipped)} skipped)")
   validation_threshold = (choose_validation_threshold(segment, data_dir, scores, threshold,
                                                       batch_size, progress) if sweep else None)
   report = build_report(scores, loaded=loaded, data=data, threshold=threshold,
@@ -463,16 +469,16 @@ def recompute_batch_norm(loaded: serving.LoadedSegmenter, data_dir: PathLike, ba
     {"images", "batches", "checkpoint"}: what was pooled and where the model went.
 
   Raises:
-    EvaluationError: a SavedModel (its statistics are constants), or data at another size.
+    ConfigError: a SavedModel (its statistics are constants), or data at another size.
   """
   if loaded.kind != "checkpoint":
-    raise EvaluationError(f"{loaded.source}: --recompute_bn needs a checkpoint; a SavedModel's "
-                          "BatchNorm statistics are constants (recompute before exporting)")
+    raise ConfigError(f"{loaded.source}: --recompute_bn needs a checkpoint; a SavedModel's "
+                      "BatchNorm statistics are constants (recompute before exporting)")
   info = pipeline.read_data_info(data_dir)
   if (int(info["height"]), int(info["width"])) != (loaded.height, loaded.width):
-    raise EvaluationError(f"{data_dir} was prepared at {info['height']}x{info['width']}, the "
-                          f"model takes {loaded.height}x{loaded.width}: BatchNorm statistics "
-                          "must come from pictures of the model's size")
+    raise ConfigError(f"{data_dir} was prepared at {info['height']}x{info['width']}, the "
+                      f"model takes {loaded.height}x{loaded.width}: BatchNorm statistics "
+                      "must come from pictures of the model's size")
   model = loaded.module.model
   dataset = pipeline.make_statistics_dataset(
       data_dir, global_batch_size=batch_size, batches=batches,
@@ -672,13 +678,21 @@ def default_out_dir(checkpoint: str, split: str, raw_dir: Optional[str], tta: bo
 # ================================================================================================
 
 FLAGS = flags.FLAGS
+PROGRAM = "dunet-evaluate"
+HELP_GROUPS = (
+    ("Model", model_flags.MODEL_FLAGS),
+    ("Data", ("data_dir", "split", "raw_dir", "layout", "on_error")),
+    ("Scoring", ("threshold", "choose_threshold", "recompute_bn", "batch_size")),
+    ("Output", ("out_dir",)),
+    ("Inference", model_flags.INFERENCE_FLAGS),
+)
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines the command-line flags (only when run as a program: dunet.predict and dunet.train
   define flags of the same names, and tests import them all)."""
   fv = dict(flag_values=flag_values)
-  model_flags = serving.define_model_flags(flag_values)
+  model_flags.define_model_flags(flag_values)
   flags.DEFINE_string("data_dir", None, "A prepared data folder (tools/prepare_data.py). Default: "
                       "the data_dir in the run's config.json (the data it trained on).", **fv)
   flags.DEFINE_enum("split", "test", list(SPLIT_CHOICES), "The prepared split to evaluate: test, "
@@ -710,9 +724,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       "Default: <workdir>/eval/<split>[-latest][-tta] (eval/raw-<folder name>... "
                       "with --raw_dir), replaced by the next run with the same settings; "
                       "required for SavedModels and checkpoint prefixes outside a workdir.", **fv)
-  serving.declare_key_flags(flag_values, model_flags + [
-      "data_dir", "split", "raw_dir", "layout", "on_error", "threshold", "choose_threshold",
-      "recompute_bn", "batch_size", "out_dir"])
 
 
 def _resolve_data_dir(checkpoint: str) -> str:
@@ -723,9 +734,9 @@ def _resolve_data_dir(checkpoint: str) -> str:
   config = {} if serving.is_saved_model(checkpoint) else serving.find_run_config(checkpoint)
   recorded = config.get("data_dir")
   if not recorded:
-    raise EvaluationError(f"{checkpoint} records no data folder (no config.json with a "
-                          "data_dir): pass --data_dir (a folder prepared with "
-                          "tools/prepare_data.py) or --raw_dir (a data set as distributed)")
+    raise ConfigError(f"{checkpoint} records no data folder (no config.json with a "
+                      "data_dir): pass --data_dir (a folder prepared with "
+                      "tools/prepare_data.py) or --raw_dir (a data set as distributed)")
   try:
     pipeline.read_data_info(recorded)
   except DataError as error:
@@ -734,7 +745,28 @@ def _resolve_data_dir(checkpoint: str) -> str:
   return recorded
 
 
+def _check_inputs() -> Tuple[str, Optional[str]]:
+  """The model's path, the data and the output folder, checked before anything is loaded or
+  written; returns (out_dir, data_dir or None for --raw_dir)."""
+  # The checkpoint first: its absence is the likelier mistake, and the error names the path.
+  serving.resolve_model_source(FLAGS.checkpoint, FLAGS.prefer)
+  out_dir = FLAGS.out_dir or default_out_dir(FLAGS.checkpoint, FLAGS.split, FLAGS.raw_dir,
+                                             FLAGS.tta, FLAGS.prefer)
+  if out_dir is None:
+    raise app.UsageError(f"--out_dir is required: {FLAGS.checkpoint} is not inside a training "
+                         "workdir")
+  if FLAGS.raw_dir:
+    layouts.scan(FLAGS.raw_dir, FLAGS.layout)  # DataError naming a missing or empty folder
+    data_dir = None
+  else:
+    data_dir = _resolve_data_dir(FLAGS.checkpoint)
+  if FLAGS.recompute_bn and data_dir is None:
+    _resolve_data_dir(FLAGS.checkpoint)  # the run's own data, for the statistics
+  return out_dir, data_dir
+
+
 def main(argv: Sequence[str]) -> int:
+  """Checks the model's path and the data, loads the model, evaluates, writes the report."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.checkpoint:
@@ -742,36 +774,26 @@ def main(argv: Sequence[str]) -> int:
   if FLAGS.raw_dir and (FLAGS.data_dir or FLAGS["split"].present):
     raise app.UsageError("--raw_dir evaluates a whole raw folder: leave out --data_dir and "
                          "--split")
-  try:
-    # The checkpoint first: its absence is the likelier mistake, and the error names the path.
-    loaded = serving.load_segmenter(FLAGS.checkpoint, prefer=FLAGS.prefer,
-                                    height=FLAGS.height or None, width=FLAGS.width or None,
-                                    precision_name=FLAGS.precision)
-    out_dir = FLAGS.out_dir or default_out_dir(FLAGS.checkpoint, FLAGS.split, FLAGS.raw_dir,
-                                               FLAGS.tta, FLAGS.prefer)
-    if out_dir is None:
-      raise EvaluationError(f"{FLAGS.checkpoint} is not inside a training workdir: pass "
-                            "--out_dir for the results")
-    data_dir = None if FLAGS.raw_dir else _resolve_data_dir(FLAGS.checkpoint)
-    recomputed = None
-    if FLAGS.recompute_bn:
-      recomputed = recompute_batch_norm(
-          loaded, data_dir or _resolve_data_dir(FLAGS.checkpoint), FLAGS.recompute_bn,
-          FLAGS.batch_size, out_dir,
-          seed=int(serving.find_run_config(loaded.source).get("seed", 42)))
-    report = evaluate(loaded, data_dir=data_dir, split=FLAGS.split, raw_dir=FLAGS.raw_dir,
-                      layout=FLAGS.layout, on_error=FLAGS.on_error, threshold=FLAGS.threshold,
-                      tta=FLAGS.tta, flips=FLAGS.tta_flips, batch_size=FLAGS.batch_size,
-                      progress=FLAGS.progress, choose_threshold=FLAGS.choose_threshold)
-    if recomputed:
-      report["batch_norm_recomputed"] = recomputed
-      report["notes"].append(
-          f"BatchNorm statistics recomputed over {recomputed['images']} training images "
-          f"before scoring; the model with them is in {recomputed['checkpoint']}")
-    paths = write_report(report, out_dir)
-  except (checkpoint_lib.CheckpointNotFoundError, DataError, ValueError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+  out_dir, data_dir = _check_inputs()
+  loaded = serving.load_segmenter(FLAGS.checkpoint, prefer=FLAGS.prefer,
+                                  height=FLAGS.height or None, width=FLAGS.width or None,
+                                  precision_name=FLAGS.precision)
+  recomputed = None
+  if FLAGS.recompute_bn:
+    recomputed = recompute_batch_norm(
+        loaded, data_dir or _resolve_data_dir(FLAGS.checkpoint), FLAGS.recompute_bn,
+        FLAGS.batch_size, out_dir,
+        seed=int(serving.find_run_config(loaded.source).get("seed", 42)))
+  report = evaluate(loaded, data_dir=data_dir, split=FLAGS.split, raw_dir=FLAGS.raw_dir,
+                    layout=FLAGS.layout, on_error=FLAGS.on_error, threshold=FLAGS.threshold,
+                    tta=FLAGS.tta, flips=FLAGS.tta_flips, batch_size=FLAGS.batch_size,
+                    progress=FLAGS.progress, choose_threshold=FLAGS.choose_threshold)
+  if recomputed:
+    report["batch_norm_recomputed"] = recomputed
+    report["notes"].append(
+        f"BatchNorm statistics recomputed over {recomputed['images']} training images "
+        f"before scoring; the model with them is in {recomputed['checkpoint']}")
+  paths = write_report(report, out_dir)
   print(format_markdown(report))
   print(f"Wrote {paths[METRICS_JSON]}, {paths[METRICS_MD]} and {paths[PER_IMAGE_CSV]}")
   return 0
@@ -780,7 +802,7 @@ def main(argv: Sequence[str]) -> int:
 def run() -> None:
   """The program: defines the flags and runs `main` (console-script entry point)."""
   define_flags()
-  app.run(main)
+  cli.run(main, program=PROGRAM, help_groups=HELP_GROUPS, summary=cli.docstring_summary(__doc__))
 
 
 if __name__ == "__main__":

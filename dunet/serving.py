@@ -20,7 +20,7 @@ the model's size -> the same two probabilities, with no resizing and no control 
 needs `tf.cond` for its resizes), and the reference preprocessing's median computed with
 comparisons and sums only (dunet.data.preprocess's `export_friendly` median) instead of
 `tf.math.bincount`. That is the
-graph ONNX exporters and TensorRT take (tools/export_trt.py); at the model size it returns exactly
+graph ONNX exporters and TensorRT take (dunet/deploy/); at the model size it returns exactly
 what `serve` returns.
 """
 
@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
-from absl import flags
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
 from dunet import precision
+from dunet.errors import CheckpointError
+from dunet.errors import ConfigError
 from dunet.data import preprocess
 from dunet.models import DoubleUNet
 from dunet.models.doubleunet import SIZE_DIVISOR
@@ -93,13 +93,13 @@ class Segmenter(tf.Module):
       preprocessing: one of dunet.data.preprocess.PREPROCESSING, as in training.
 
     Raises:
-      ValueError: a size not divisible by 16 or an unknown preprocessing.
+      ConfigError: a size not divisible by 16 or an unknown preprocessing.
     """
     super().__init__(name=name)
     check_size(height, width)
     if preprocessing not in preprocess.PREPROCESSING:
-      raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
-                       f"{preprocess.PREPROCESSING}")
+      raise ConfigError(f"unknown preprocessing {preprocessing!r}; expected one of "
+                        f"{preprocess.PREPROCESSING}")
     self.model = model
     self.height, self.width, self.preprocessing = int(height), int(width), preprocessing
     # Variables (not constants) so that a reloaded SavedModel still says what it expects.
@@ -155,11 +155,15 @@ class Segmenter(tf.Module):
 
 
 def check_size(height: int, width: int) -> None:
-  """Raises ValueError unless both are positive multiples of 16."""
+  """Checks a model input size.
+
+  Raises:
+    ConfigError: unless both are positive multiples of 16.
+  """
   for name, value in (("height", height), ("width", width)):
     if value is None or value <= 0 or value % SIZE_DIVISOR:
-      raise ValueError(f"model input {name} must be a positive multiple of {SIZE_DIVISOR}, got "
-                       f"{value}")
+      raise ConfigError(f"model input {name} must be a positive multiple of {SIZE_DIVISOR}, "
+                        f"got {value}")
 
 
 @dataclasses.dataclass
@@ -187,6 +191,24 @@ class LoadedSegmenter:
 def is_saved_model(path: str) -> bool:
   """True when `path` is a SavedModel folder."""
   return tf.io.gfile.exists(os.path.join(path, "saved_model.pb"))
+
+
+def resolve_model_source(path: str, prefer: str = "best") -> str:
+  """What `load_segmenter(path)` would read, found without loading anything (a cheap check).
+
+  Args:
+    path: as for `load_segmenter`.
+    prefer: "best" or "latest", for workdirs.
+
+  Returns:
+    The SavedModel folder, or the checkpoint prefix.
+
+  Raises:
+    dunet.errors.CheckpointNotFoundError: nothing to load at `path` (the message names it).
+  """
+  if is_saved_model(path):
+    return path
+  return checkpoint_lib.resolve_checkpoint(path, prefer)
 
 
 def find_run_config(path: str) -> Dict[str, object]:
@@ -222,8 +244,10 @@ def load_segmenter(path: str, *, prefer: str = "best", height: Optional[int] = N
 
   Raises:
     dunet.checkpoint.CheckpointNotFoundError: nothing to load at `path`.
-    ValueError: no input size known, a size not divisible by 16, a SavedModel that disagrees
-      with the given size or preprocessing, or a checkpoint of another model.
+    ConfigError: no input size known, a size not divisible by 16, or a SavedModel that
+      disagrees with the given size or preprocessing.
+    dunet.errors.CheckpointError: a SavedModel dunet did not export, or a checkpoint of another
+      model.
   """
   if is_saved_model(path):
     return _load_saved_model(path, height, width, preprocessing)
@@ -232,8 +256,8 @@ def load_segmenter(path: str, *, prefer: str = "best", height: Optional[int] = N
   height = height or config.get("height")
   width = width or config.get("width")
   if not height or not width:
-    raise ValueError(f"{path}: the run's config.json records no input size; pass the size the "
-                     "model was trained at (e.g. --height=288 --width=384)")
+    raise ConfigError(f"{path}: the run's config.json records no input size; pass the size the "
+                      "model was trained at (e.g. --height=288 --width=384)")
   preprocessing = preprocessing or config.get("preprocessing") or "reference"
   policy = precision.Policy(precision.resolve_policy_name(precision_name or "float32"))
   model = DoubleUNet(compute_dtype=policy.compute_dtype)
@@ -248,14 +272,14 @@ def _load_saved_model(path: str, height: Optional[int], width: Optional[int],
                       preprocessing: Optional[str]) -> LoadedSegmenter:
   loaded = tf.saved_model.load(path)
   if not hasattr(loaded, "serve") or not hasattr(loaded, "input_size"):
-    raise ValueError(f"{path} is a SavedModel but not one dunet exported (no serve function or "
-                     "input_size); export it with `python -m dunet.export`")
+    raise CheckpointError(f"{path} is a SavedModel but not one dunet exported (no serve function "
+                          "or input_size); export it with `python -m dunet.export`")
   saved_height, saved_width = (int(v) for v in loaded.input_size.numpy())
   saved_preprocessing = loaded.preprocessing_name.numpy().decode()
   for name, given, saved in (("height", height, saved_height), ("width", width, saved_width),
                              ("preprocessing", preprocessing, saved_preprocessing)):
     if given and given != saved:
-      raise ValueError(f"{path} was exported with {name} {saved!r}, not {given!r}")
+      raise ConfigError(f"{path} was exported with {name} {saved!r}, not {given!r}")
   return LoadedSegmenter(serve=loaded.serve, height=saved_height, width=saved_width,
                          preprocessing=saved_preprocessing, kind="saved_model", source=path,
                          module=loaded)
@@ -272,57 +296,19 @@ def flip_tta(serve: ServeFunction, images: tf.Tensor,
 
   Returns:
     The same keys as `serve`, averaged.
+
+  Raises:
+    ConfigError: no flips, or an unknown one.
   """
   if not flips:
-    raise ValueError("flips must name at least one of " + ", ".join(FLIPS))
+    raise ConfigError("flips must name at least one of " + ", ".join(FLIPS))
   total: Dict[str, tf.Tensor] = {}
   for flip in flips:
     if flip not in FLIPS:
-      raise ValueError(f"unknown flip {flip!r}; expected one of {sorted(FLIPS)}")
+      raise ConfigError(f"unknown flip {flip!r}; expected one of {sorted(FLIPS)}")
     axes = [axis for axis, on in zip((1, 2), FLIPS[flip]) if on]
     flipped = tf.reverse(images, axes) if axes else images
     for key, value in serve(flipped).items():
       value = tf.reverse(value, axes) if axes else value
       total[key] = value if key not in total else total[key] + value
   return {key: value / len(flips) for key, value in total.items()}
-
-
-# ================================================================================================
-# Command-line flags shared by dunet.evaluate and dunet.predict
-# ================================================================================================
-def define_model_flags(flag_values: flags.FlagValues) -> List[str]:
-  """Defines the flags that choose and run the model: --checkpoint, --prefer, --tta,
-  --tta_flips, --height, --width, --precision and --progress.
-
-  Returns:
-    Their names, for `declare_key_flags`.
-  """
-  fv = dict(flag_values=flag_values)
-  flags.DEFINE_string("checkpoint", None, "The model (required): a training workdir (see "
-                      "--prefer), a converted Keras workdir, a checkpoint prefix such as "
-                      "RUN/best/ckpt-12, or a SavedModel folder from dunet.export.", **fv)
-  flags.DEFINE_enum("prefer", "best", ["best", "latest"], "For workdirs: the best-by-validation "
-                    "checkpoint or the latest training checkpoint (falling back to the other).",
-                    **fv)
-  flags.DEFINE_bool("tta", False, "Flip test-time augmentation: the mean probability over the "
-                    "flips in --tta_flips (each flipped back); one model call per flip.", **fv)
-  flags.DEFINE_list("tta_flips", list(FLIPS), f"Flips averaged with --tta, from {sorted(FLIPS)}.",
-                    **fv)
-  flags.DEFINE_integer("height", 0, "Model input height, for runs whose config.json records "
-                       "none (converted Keras files); 0: from the run.", lower_bound=0, **fv)
-  flags.DEFINE_integer("width", 0, "Model input width, as --height.", lower_bound=0, **fv)
-  flags.DEFINE_enum("precision", "float32", [*precision.POLICY_NAMES, precision.AUTO],
-                    "Compute precision for checkpoints (SavedModels keep the one they were "
-                    "exported with); float32 by default, whatever the run trained with.", **fv)
-  flags.DEFINE_bool("progress", True, "Show a progress line on stderr.", **fv)
-  return ["checkpoint", "prefer", "tta", "tta_flips", "height", "width", "precision", "progress"]
-
-
-def declare_key_flags(flag_values: flags.FlagValues, names: Sequence[str]) -> None:
-  """Makes `names` key flags of the program, so that --help lists them.
-
-  --help lists the main module's key flags; this makes them key flags even when a console script
-  (not the module that defined them) is the main program.
-  """
-  for name in names:
-    flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])

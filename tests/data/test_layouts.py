@@ -6,7 +6,7 @@ import pytest
 
 from dunet.data import layouts
 from dunet.errors import DataError
-from tests.data.conftest import make_generic, make_pairs, picture, write_mask, write_rgb
+from tests.data.helpers import make_generic, make_pairs, picture, write_mask, write_rgb
 
 
 def stems(pairs):

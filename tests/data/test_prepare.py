@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from dunet.data import prepare, records, splits
 from dunet.errors import DataError
-from tests.data.conftest import make_generic, make_pairs, picture, write_mask
+from tests.data.helpers import make_generic, make_pairs, picture, write_mask
 
 REPO = Path(__file__).resolve().parents[2]
 

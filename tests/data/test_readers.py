@@ -7,7 +7,7 @@ import pytest
 from dunet.data import readers
 from dunet.errors import DataError
 from dunet.data.layouts import Pair
-from tests.data.conftest import picture, write_mask, write_rgb
+from tests.data.helpers import picture, write_mask, write_rgb
 
 
 def test_reads_rgb_in_rgb_order(tmp_path):

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from dunet.models import vgg19
 from dunet.models.doubleunet import DoubleUNet
-from tests.nn.test_conv import numpy_conv_same
+from tests.nn.helpers import numpy_conv_same
 
 
 def _layer_shapes():

@@ -6,25 +6,7 @@ import tensorflow as tf
 
 from dunet.nn import conv as conv_lib
 from dunet.nn.conv import Conv2D
-
-
-def numpy_conv_same(x, kernel, bias, dilation):
-  """Direct 'same' convolution: out[b,i,j,o] = sum x[b, i+d*(p-c), j+d*(q-c), :] k[p,q,:,o]."""
-  batch, height, width, _ = x.shape
-  size = kernel.shape[0]
-  centre = size // 2
-  out = np.zeros((batch, height, width, kernel.shape[-1]), np.float64)
-  for p in range(size):
-    for q in range(size):
-      di, dj = dilation * (p - centre), dilation * (q - centre)
-      shifted = np.zeros_like(x, dtype=np.float64)
-      src_i = slice(max(0, di), min(height, height + di))
-      dst_i = slice(max(0, -di), min(height, height - di))
-      src_j = slice(max(0, dj), min(width, width + dj))
-      dst_j = slice(max(0, -dj), min(width, width - dj))
-      shifted[:, dst_i, dst_j, :] = x[:, src_i, src_j, :]
-      out += shifted @ kernel[p, q]
-  return out + (0 if bias is None else bias)
+from tests.nn.helpers import numpy_conv_same
 
 
 @pytest.mark.parametrize("kernel_size,dilation,with_bias", [(3, 1, True), (3, 6, False),

@@ -1,5 +1,6 @@
-"""configs/*.flags: every experiment config parses, composes with base.flags, has the paper's
-settings, can be overridden on the command line, and its header gives the command to run it."""
+"""configs/*.flags: every experiment config parses, composes with base.flags (a nested flagfile,
+relative to the including file), has the paper's settings, can be overridden on the command line,
+and its header gives the commands to prepare and run it."""
 
 import os
 import re
@@ -8,6 +9,7 @@ from absl import flags
 from absl.testing import flagsaver
 import pytest
 
+from dunet import cli
 from dunet import train  # noqa: F401  (defines the flags the configs set)
 
 FLAGS = flags.FLAGS
@@ -25,23 +27,32 @@ PAPER = {
 
 
 def _parse(*argv):
+  """The flag values dunet-train would see (its flagfile and --config expansion, then absl)."""
   FLAGS.unparse_flags()
-  FLAGS(["dunet.train", *argv])
+  FLAGS(cli.expand_argv(["dunet-train", *argv], configs=True))
   return {name: FLAGS[name].value for name in FLAGS}
 
 
 @pytest.fixture(autouse=True)
-def _in_repo_root(monkeypatch):
-  # Configs include base.flags by a path relative to the repository root, as documented.
-  monkeypatch.chdir(REPO)
+def _elsewhere(monkeypatch, tmp_path):
+  # Nested flagfiles resolve relative to the including file, so configs work from any folder;
+  # the tests run from an unrelated one (only the first argument's path is relative to it).
+  monkeypatch.chdir(tmp_path)
   with flagsaver.flagsaver():
     yield
   FLAGS.unparse_flags()
 
 
+def test_a_config_by_name_and_by_path_from_any_folder_are_the_same():
+  by_path = _parse(f"--flagfile={CONFIGS}/cvc.flags")
+  assert by_path["loss"] == "bce" and by_path["batch_size"] == 16  # base.flags was included
+  assert _parse("--config=cvc") == by_path
+  assert _parse("--config", "cvc") == by_path
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_compose_with_base_and_hold_the_paper_settings(name):
-  values = _parse(f"--flagfile=configs/{name}.flags")
+  values = _parse(f"--config={name}")
   assert values["batch_size"] == 16 and values["epochs"] == 300  # from base.flags
   # The reference's callbacks: plateau on the validation loss (patience 20), early stop after 50.
   assert (values["lr_schedule"], values["monitor"], values["plateau_patience"],
@@ -54,22 +65,22 @@ def test_paper_configs_compose_with_base_and_hold_the_paper_settings(name):
 
 
 def test_command_line_overrides_a_config():
-  values = _parse("--flagfile=configs/cvc.flags", "--batch_size=4", "--learning_rate=3e-4")
+  values = _parse("--config=cvc", "--batch_size=4", "--learning_rate=3e-4")
   assert (values["batch_size"], values["learning_rate"]) == (4, 3e-4)
   assert values["loss"] == "bce"
 
 
 def test_demo_config_is_small():
-  values = _parse("--flagfile=configs/demo.flags")
+  values = _parse("--config=demo")
   assert values["demo"] and values["height"] == values["width"] == 64
   assert values["epochs"] * values["demo_count"] <= 20000
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_each_paper_config_has_an_improved_sibling(name):
-  paper = _parse(f"--flagfile=configs/{name}.flags")
-  improved = _parse(f"--flagfile=configs/{name}_improved.flags")
-  recipe = _parse("--flagfile=configs/improved.flags")
+  paper = _parse(f"--config={name}")
+  improved = _parse(f"--config={name}_improved")
+  recipe = _parse("--config=improved")
   # The same data and schedule length, its own workdir.
   assert improved["data_dir"] == paper["data_dir"]
   assert (improved["batch_size"], improved["epochs"]) == (paper["batch_size"], paper["epochs"])
@@ -88,8 +99,8 @@ def test_each_paper_config_has_an_improved_sibling(name):
 
 
 def test_the_demo_uses_the_improved_recipe():
-  demo = _parse("--flagfile=configs/demo.flags")
-  recipe = _parse("--flagfile=configs/improved.flags")
+  demo = _parse("--config=demo")
+  recipe = _parse("--config=improved")
   for flag in ("optimizer", "learning_rate", "loss", "batch_norm_statistics", "vgg19_init",
                "preprocessing", "augment"):
     assert demo[flag] == recipe[flag], flag
@@ -99,13 +110,18 @@ def test_the_demo_uses_the_improved_recipe():
 def test_every_header_gives_its_command_and_expected_result(path):
   text = open(os.path.join(CONFIGS, path)).read()
   if path == "base.flags":
-    assert "Included by the data set configs" in text
+    assert "Included by the data set configs with --flagfile=base.flags" in text
     return
   if path == "improved.flags":
-    assert "Included with" in text and "profiling/results/quality.md" in text
+    assert "--flagfile=improved.flags" in text and "profiling/results/quality.md" in text
     return
   name = path[:-len(".flags")]
+  assert f"dunet-train --config={name} " in text, path
   assert re.search(rf"python -m dunet\.train --flagfile=configs/{name}\.flags", text), path
   assert "Expected" in text, path
   if name != "demo":
-    assert "tools/prepare_data.py" in text, path
+    assert "dunet-prepare --raw_dir=" in text, path
+
+
+def test_every_config_is_a_shipped_name():
+  assert set(cli.config_names()) == {path[:-len(".flags")] for path in os.listdir(CONFIGS)}

@@ -46,11 +46,46 @@ def test_statistics_are_not_trainable_and_on_read():
 
 def test_no_gradient_into_statistics_but_into_gamma_beta():
   bn = BatchNorm(3)
-  x = tf.constant(_numpy_inputs(2))
+  # Non-default statistics: a training-mode output that wrongly used them would differ from the
+  # batch-moment output and have non-zero gradients with respect to them.
+  bn.moving_mean.assign([0.5, -1.0, 2.0])
+  bn.moving_variance.assign([2.0, 3.0, 0.5])
+  x = _numpy_inputs(2)
+  weights = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
   with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(bn(x, is_training=True) * tf.range(3, dtype=tf.float32))
-  grads = tape.gradient(loss, bn.trainable_variables)
-  assert all(g is not None for g in grads)
+    # Non-trainable variables are not watched by default: watch them, so the check means "the loss
+    # does not depend on them", not "the tape ignored them".
+    tape.watch([bn.moving_mean, bn.moving_variance])
+    loss = tf.reduce_sum(bn(tf.constant(x), is_training=True) * weights)
+  grad_mean, grad_variance, grad_gamma, grad_beta = tape.gradient(
+      loss, [bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta])
+  for grad in (grad_mean, grad_variance):
+    assert grad is None or not np.any(grad.numpy())
+  normalised = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-3)
+  np.testing.assert_allclose(grad_beta.numpy(), weights.sum(axis=(0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(grad_gamma.numpy(), (normalised * weights).sum(axis=(0, 1, 2)),
+                             rtol=1e-3, atol=1e-3)
+  trainable = {id(v) for v in bn.trainable_variables}
+  assert id(bn.moving_mean) not in trainable and id(bn.moving_variance) not in trainable
+
+
+def test_statistics_change_only_by_the_momentum_update():
+  """Gradient steps on every trainable variable leave the statistics on the momentum recursion."""
+  bn = BatchNorm(3, momentum=0.8)
+  expected_mean, expected_variance = np.zeros(3), np.ones(3)
+  for step in range(3):
+    x = _numpy_inputs(10 + step)
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(tf.square(bn(tf.constant(x), is_training=True) - 1.0))
+    for variable, grad in zip(bn.trainable_variables,
+                              tape.gradient(loss, bn.trainable_variables)):
+      variable.assign_sub(0.01 * grad)
+    expected_mean = 0.8 * expected_mean + 0.2 * x.mean(axis=(0, 1, 2))
+    expected_variance = 0.8 * expected_variance + 0.2 * x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), expected_variance, rtol=1e-5)
+  # The gradient steps did move gamma and beta (so the check above was not vacuous).
+  assert not np.allclose(bn.gamma.numpy(), 1.0) and not np.allclose(bn.beta.numpy(), 0.0)
 
 
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])

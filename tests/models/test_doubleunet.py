@@ -84,18 +84,23 @@ def test_training_moves_batchnorm_statistics_and_inference_does_not(model):
     variable.assign(value)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(tf.float16, 0.05), (tf.bfloat16, 0.3)])
+# Largest |low - float32| logit error as a fraction of the largest |float32| logit, measured here
+# (CPU, oneDNN) over 12 seeds of weights and inputs, inference mode, 1x32x32 inputs: float16 at
+# most 0.0021, bfloat16 at most 0.016 (8 significant bits). The bounds are about 2.5x those.
+@pytest.mark.parametrize("dtype,tolerance", [(tf.float16, 0.005), (tf.bfloat16, 0.04)])
 def test_low_precision_compute_is_close_to_float32(model, dtype, tolerance):
   low = DoubleUNet(compute_dtype=dtype)
   for source, target in zip(model.variables, low.variables):
     target.assign(source)
-  images = tf.random.uniform([1, 32, 32, 3])
+  images = tf.constant(np.random.default_rng(0).uniform(size=(1, 32, 32, 3)), tf.float32)
   reference = model(images, is_training=False)
   outputs = low(images, is_training=False)
   assert outputs.logits1.dtype == outputs.logits2.dtype == tf.float32
   assert all(v.dtype == tf.float32 for v in low.variables)
   for ref, got in zip(reference, outputs):
-    scale = max(1.0, float(np.abs(ref.numpy()).max()))
+    # The untrained net's logits are small (|logit| < 0.1), so the error is relative to them.
+    scale = float(np.abs(ref.numpy()).max())
+    assert scale > 0
     assert float(np.abs(ref.numpy() - got.numpy()).max()) / scale < tolerance
 
 

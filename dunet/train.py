@@ -1,21 +1,25 @@
-"""Trains DoubleU-Net: `python -m dunet.train --flagfile=configs/cvc.flags`.
+"""Trains DoubleU-Net: `python -m dunet.train --flagfile=configs/cvc.flags` (or `dunet-train`).
 
-Reads top to bottom: flags, setup, input, model and optimizer, step, checkpoint, eval, loop.
-The step itself (what one optimisation step computes) is in dunet/step.py; this file only runs it.
+The command line: its flags, the one function that turns them into a `dunet.config.TrainConfig`,
+and `main`. The library entry point is `train(config, workdir)`: it checks the inputs, then
+hands the run to a Trainer (dunet/trainer.py: model, optimizer, data, steps, validation) and a
+Controller (dunet/controller.py: the loop, checkpoints, summaries, schedules). The step itself
+(what one optimisation step computes) is in dunet/step.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import math
+if __name__ == "__main__":
+  # Before TensorFlow is imported: its C++ start-up lines are printed at import.
+  from dunet import cli
+  cli.silence_startup()
+
+# pylint: disable=wrong-import-position
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -23,31 +27,25 @@ from absl import logging
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import cli
+from dunet import config as config_lib
+from dunet import controller as controller_lib
 from dunet import distribute
 from dunet import fileio
 from dunet import losses
-from dunet import metrics
-from dunet import optim
 from dunet import precise_bn
 from dunet import precision
-from dunet import profiler
-from dunet import runner
-from dunet import step as step_lib
-from dunet import summaries
-from dunet.data import demo as demo_data
+from dunet import trainer as trainer_lib
 from dunet.data import flags as data_flags
-from dunet.data import pipeline
-from dunet.data import prepare
-from dunet.data import preprocess
-from dunet.data import records
-from dunet.errors import DataError
-from dunet.models import DoubleUNet
-from dunet.models import vgg19
-from dunet.models.doubleunet import SIZE_DIVISOR
-from dunet.progress import ProgressLine
+from dunet.errors import ConfigError
+from dunet.progress import format_duration
+
+PROGRAM = "dunet-train"
+TRAIN_CONFIG_FILENAME = "train_config.json"
+FLAGS_FILENAME = "flags.txt"
 
 # ================================================================================================
-# Flags
+# Flags (defaults: dunet.config's; a test keeps them equal)
 # ================================================================================================
 FLAGS = flags.FLAGS
 
@@ -153,36 +151,51 @@ data_flags.define_data_flags()
 # Show the input pipeline's flags in --help too, not only in --helpfull.
 flags.adopt_module_key_flags(data_flags)
 
-flags.register_validator("batch_size", lambda v: v > 0, "--batch_size must be positive")
-flags.register_validator("profile_steps", lambda v: _valid_profile_steps(v),
-                         "--profile_steps must be 'START,STOP' with 1 <= START <= STOP")
+HELP_GROUPS: Sequence[Tuple[str, Sequence[str]]] = (
+    ("Run", ("config", "workdir", "data_dir", "demo", "height", "width")),
+    ("Training", ("batch_size", "epochs", "max_steps", "learning_rate", "optimizer",
+                  "lr_schedule", "loss", "loss_reduction", "head_weights", "seed", "augment",
+                  "preprocessing")),
+    ("Model and validation", ("vgg19_weights", "vgg19_init", "init_checkpoint",
+                              "batch_norm_statistics", "eval_every_epochs",
+                              "early_stopping_patience")),
+    ("Precision and distribution", ("precision", "jit_compile", "strategy", "cpu_devices",
+                                    "deterministic")),
+    ("Checkpoints and logging", ("keep_checkpoints", "checkpoint_every_steps",
+                                 "log_every_steps", "profile_steps", "verbose")),
+)
 
 
-def _valid_profile_steps(text: str) -> bool:
+def _head_weights(values: Sequence[str]) -> Tuple[float, ...]:
   try:
-    profiler.parse_step_range(text)
-  except ValueError:
-    return False
-  return True
-flags.register_validator("epochs", lambda v: v > 0, "--epochs must be positive")
-flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be positive")
-flags.register_validator("height", lambda v: v >= 0 and v % SIZE_DIVISOR == 0,
-                         f"--height must be divisible by {SIZE_DIVISOR}")
-flags.register_validator("width", lambda v: v >= 0 and v % SIZE_DIVISOR == 0,
-                         f"--width must be divisible by {SIZE_DIVISOR}")
-
-
-def _head_weights() -> List[float]:
-  try:
-    weights = [float(w) for w in FLAGS.head_weights]
+    return tuple(float(value) for value in values)
   except ValueError as error:
-    raise app.UsageError(f"--head_weights must be two numbers, got {FLAGS.head_weights}") from error
-  if len(weights) != 2 or min(weights) < 0 or sum(weights) <= 0:
-    raise app.UsageError(f"--head_weights must be two non-negative numbers, not both zero; got "
-                         f"{FLAGS.head_weights}")
-  return weights
+    raise ConfigError(f"--head_weights must be two numbers, got {list(values)}") from error
 
 
+def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> config_lib.TrainConfig:
+  """The TrainConfig the parsed flags describe: the one place flags become a config.
+
+  Every setting has the flag of its name (`--aug_*` for the augmentation).
+
+  Raises:
+    ConfigError: a flag value no config can hold (head weights that are not numbers, an
+      inconsistent augmentation). Other checks: TrainConfig.validate.
+  """
+  names = config_lib.setting_sections()
+  settings = {name: flag_values[name].value for name in names
+              if name not in ("augment", "head_weights")}
+  settings["head_weights"] = _head_weights(flag_values["head_weights"].value)
+  try:
+    settings["augment"] = data_flags.augment_config_from_flags(flag_values)
+  except ValueError as error:  # AugmentConfig's own checks
+    raise ConfigError(f"--aug_* flags: {error}") from error
+  return config_lib.TrainConfig().updated(**settings)
+
+
+# ================================================================================================
+# Signals
+# ================================================================================================
 class Aborted(KeyboardInterrupt):
   """A second SIGINT/SIGTERM: stop at once, without a final checkpoint."""
 
@@ -225,389 +238,145 @@ class Stop:
                     "again to abort at once).", self.requested)
 
 
-def _check_finite(measured: Dict[str, float], step: int, policy: precision.Policy,
-                  last_good: Optional[str]) -> None:
-  """Stops training (before anything is saved) on a step that went non-finite.
-
-  With float16 the dynamic loss scale skips overflowing steps by design; otherwise a non-finite
-  loss or gradient means training diverged. Parameters that overflow are never acceptable.
-
-  Raises:
-    FloatingPointError: naming the step and the last good checkpoint.
-  """
-  problem = None
-  if not policy.needs_loss_scaling and not math.isfinite(measured["loss/total"]):
-    problem = f"the training loss is {measured['loss/total']}"
-  elif not policy.needs_loss_scaling and not measured["update_applied"]:
-    problem = f"the gradients are not finite (the loss is {measured['loss/total']:.4g})"
-  elif not math.isfinite(measured["norm/parameters"]):
-    problem = "the parameters overflowed after the update (their norm is not finite)"
-  if problem:
-    raise FloatingPointError(
-        f"training diverged at step {step}: {problem} (precision {policy.name}). Stopped without "
-        f"saving this step; the last good checkpoint is {last_good or 'none (none was saved yet)'}"
-        ". Try a lower --learning_rate.")
-
-
-def train(workdir: str) -> Dict[str, float]:
+# ================================================================================================
+# The library entry point
+# ================================================================================================
+def train(config: config_lib.TrainConfig, workdir: str,
+          flags_text: Optional[str] = None) -> Dict[str, object]:
   """Runs (or resumes) training in `workdir`; returns the final validation metrics.
 
-  SIGINT/SIGTERM stop it cleanly after a checkpoint (see `Stop`).
+  The inputs are checked before anything is written. SIGINT/SIGTERM stop it cleanly after a
+  checkpoint (see `Stop`).
+
+  Args:
+    config: the run's settings.
+    workdir: checkpoints, summaries, the config, the split and metrics.json go there.
+    flags_text: the command line's flags as flagfile lines, stored as WORKDIR/flags.txt
+      (`dunet-train --flagfile=WORKDIR/flags.txt` replays the run); None: no flags.txt.
+
+  Returns:
+    {"step", "best_valid_dsc", "stopped_by", "valid": the last validation's metrics}, as in
+    WORKDIR/metrics.json.
 
   Raises:
-    FloatingPointError: training diverged (nothing of the bad step is saved).
-    dunet.checkpoint.CheckpointWriteError: the workdir or a checkpoint cannot be written.
-    dunet.checkpoint.CheckpointReadError: checkpoints exist but none can be read.
+    ConfigError: settings that cannot work (here, or with this data or these replicas).
     DataError: missing, damaged or changed data, naming the file.
+    DivergedError: training diverged (nothing of the bad step is saved).
+    CheckpointWriteError: the workdir or a checkpoint cannot be written.
+    CheckpointReadError: checkpoints exist but none can be read.
     Aborted: a second signal.
   """
+  config.validate()
   stop = Stop()
   stop.install()
   try:
-    return _train(workdir, stop)
+    return _train(config, workdir, stop, flags_text)
   finally:
     stop.uninstall()
 
 
-def _train(workdir: str, stop: Stop) -> Dict[str, float]:
-  # ==============================================================================================
-  # Setup
-  # ==============================================================================================
-  if FLAGS.cpu_devices:
-    distribute.configure_logical_cpus(FLAGS.cpu_devices)
-  if FLAGS.deterministic:
-    tf.config.experimental.enable_op_determinism()
-  tf.random.set_seed(FLAGS.seed)
-  strategy = distribute.make_strategy(FLAGS.strategy)
-  replicas = strategy.num_replicas_in_sync
+def _train(config: config_lib.TrainConfig, workdir: str, stop: Stop,
+           flags_text: Optional[str]) -> Dict[str, object]:
+  strategy, policy = _set_up_runtime(config)
   chief = distribute.is_chief(strategy)
-  if chief:  # fail before any work, naming the folder
+  data = trainer_lib.check_inputs(config)
+  if chief:  # fail before any work, naming the folder; after the inputs, so none is left empty
     checkpoint_lib.check_writable(workdir)
-  if FLAGS.jit_compile and replicas > 1 and not tf.config.list_physical_devices("GPU"):
-    raise app.UsageError("--jit_compile with several replicas needs GPUs: XLA cannot place one "
-                         "step's resources across logical CPU devices (use one replica on CPU).")
-  if FLAGS.batch_size % replicas:
-    raise app.UsageError(f"--batch_size={FLAGS.batch_size} is not divisible by the "
-                         f"{replicas} replicas")
-  policy = precision.Policy(precision.resolve_policy_name(FLAGS.precision))
-  head_weights = _head_weights()
-  loss_fn = losses.make_heads_loss(FLAGS.loss, FLAGS.loss_reduction)
+  trainer = trainer_lib.Trainer(config, data, strategy, policy)
+  controller = controller_lib.Controller(trainer, config, workdir, chief,
+                                         stop_requested=lambda: stop.requested)
+  if chief:
+    _write_run_files(config, workdir, data, policy.name, flags_text)
+  return controller.run()
+
+
+def _set_up_runtime(config: config_lib.TrainConfig
+                    ) -> Tuple[tf.distribute.Strategy, precision.Policy]:
+  """Logical CPUs, determinism, the seed, the strategy and the precision policy.
+
+  Raises:
+    ConfigError: XLA over several CPU replicas, or a batch the replicas cannot share.
+  """
+  runtime = config.runtime
+  if runtime.cpu_devices:
+    distribute.configure_logical_cpus(runtime.cpu_devices)
+  if runtime.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  tf.random.set_seed(config.seed)
+  strategy = distribute.make_strategy(runtime.strategy)
+  replicas = strategy.num_replicas_in_sync
+  if runtime.jit_compile and replicas > 1 and not tf.config.list_physical_devices("GPU"):
+    raise ConfigError("--jit_compile with several replicas needs GPUs: XLA cannot place one "
+                      "step's resources across logical CPU devices (use one replica on CPU).")
+  batch_size = config.optimization.batch_size
+  if batch_size % replicas:
+    raise ConfigError(f"--batch_size={batch_size} is not divisible by the {replicas} replicas")
+  policy = precision.Policy(precision.resolve_policy_name(runtime.precision))
   logging.info("%d replica(s), precision %s, jit_compile=%s", replicas, policy.name,
-               FLAGS.jit_compile)
-
-  # ==============================================================================================
-  # Input
-  # ==============================================================================================
-  data_dir = FLAGS.data_dir
-  if FLAGS.demo:
-    data_dir = demo_data.ensure_demo_data(
-        data_dir, count=FLAGS.demo_count, height=FLAGS.height or 128, width=FLAGS.width or 128,
-        seed=FLAGS.seed)
-  if not tf.io.gfile.exists(os.path.join(data_dir, "summary.json")):
-    raise app.UsageError(
-        f"no prepared data in --data_dir={data_dir!r}. dunet never downloads data sets: download "
-        "the raw data set (see the header of its configs/*.flags file), then prepare it once with "
-        f"`python tools/prepare_data.py --raw_dir=RAW_FOLDER --out_dir={data_dir} --height=H "
-        "--width=W`; or pass --demo to train on generated demo data.")
-  data_info = pipeline.read_data_info(data_dir)
-  # Shards still as prepared (their sizes: cheap); damaged records are named when read.
-  prepare.verify_shards(data_dir, ("train", "valid"))
-  changed = prepare.raw_data_changes(data_dir)
-  if changed and not FLAGS.allow_changed_raw_data:
-    raise DataError(changed.path, f"{changed.problem}; or pass --allow_changed_raw_data to train "
-                    "on the prepared records as they are")
-  if changed:
-    logging.warning("%s (training anyway: --allow_changed_raw_data)", changed)
-  height, width = data_info["height"], data_info["width"]
-  if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
-    raise app.UsageError(f"{data_dir} was prepared at {height}x{width}; DoubleU-Net needs sizes "
-                         f"divisible by {SIZE_DIVISOR}: prepare it again with tools/prepare_data.py")
-  if FLAGS.height and (FLAGS.height, FLAGS.width) != (height, width):
-    raise app.UsageError(f"--height/--width {FLAGS.height}x{FLAGS.width} differ from the "
-                         f"prepared data ({height}x{width} in {data_dir})")
-  train_examples = pipeline.count_examples(data_dir, "train")
-  steps_per_epoch = train_examples // FLAGS.batch_size
-  if steps_per_epoch == 0:
-    raise app.UsageError(f"{train_examples} training images are fewer than --batch_size="
-                         f"{FLAGS.batch_size}")
-  total_steps = FLAGS.epochs * steps_per_epoch
-  if FLAGS.max_steps:
-    total_steps = min(total_steps, FLAGS.max_steps)
-  augment_config = data_flags.augment_config_from_flags(FLAGS)
-
-  def train_dataset(epoch: int) -> tf.distribute.DistributedDataset:
-    return strategy.distribute_datasets_from_function(
-        lambda context: pipeline.make_train_dataset(
-            data_dir, global_batch_size=FLAGS.batch_size, preprocessing=FLAGS.preprocessing,
-            augment_config=augment_config, seed=FLAGS.seed, epoch=epoch,
-            deterministic=True, input_context=context, shuffle_buffer=FLAGS.shuffle_buffer))
-
-  def valid_dataset() -> tf.data.Dataset:
-    return pipeline.make_eval_dataset(data_dir, "valid", batch_size=FLAGS.batch_size,
-                                      preprocessing=FLAGS.preprocessing)
-
-  def statistics_dataset() -> tf.distribute.DistributedDataset:
-    # Shared between replicas as training shares its batches.
-    return strategy.distribute_datasets_from_function(
-        lambda context: pipeline.make_statistics_dataset(
-            data_dir, global_batch_size=FLAGS.batch_size, batches=FLAGS.precise_bn_batches,
-            preprocessing=FLAGS.preprocessing, seed=FLAGS.seed, input_context=context,
-            shuffle_buffer=FLAGS.shuffle_buffer))
-
-  # A read error in a shard becomes an error naming it (records.name_read_errors).
-  train_shards = pipeline.shard_files(data_dir, "train")
-  valid_shards = pipeline.shard_files(data_dir, "valid")
-
-  # ==============================================================================================
-  # Model and optimizer
-  # ==============================================================================================
-  with strategy.scope():
-    model = DoubleUNet(compute_dtype=policy.compute_dtype,
-                       batch_norm_momentum=FLAGS.batch_norm_momentum,
-                       vgg19_kernel_init=FLAGS.vgg19_init)
-    optimizer = optim.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate,
-                                     model.trainable_variables)
-    loss_scale = precision.make_loss_scale(policy, initial_scale=FLAGS.initial_loss_scale,
-                                           growth_interval=FLAGS.loss_scale_growth_interval)
-    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    best_dsc = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_dsc",
-                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-  monitor_mode = "max" if FLAGS.monitor == "dsc" else "min"
-  plateau = optim.ReduceOnPlateau(factor=FLAGS.plateau_factor, patience=FLAGS.plateau_patience,
-                                  min_lr=FLAGS.min_learning_rate, mode=monitor_mode)
-  early_stopping = optim.EarlyStopping(patience=FLAGS.early_stopping_patience or 1,
-                                       mode=monitor_mode)
-  warmup_steps = min(FLAGS.warmup_steps, total_steps // 5)
-  if FLAGS.lr_schedule == "cosine" and warmup_steps < FLAGS.warmup_steps:
-    logging.info("Warming up over %d of the run's %d steps (--warmup_steps=%d is capped at a "
-                 "fifth of the run).", warmup_steps, total_steps, FLAGS.warmup_steps)
-  cosine = optim.CosineSchedule(FLAGS.learning_rate, total_steps, warmup_steps=warmup_steps,
-                                final_lr=FLAGS.min_learning_rate)
-
-  # ==============================================================================================
-  # Step
-  # ==============================================================================================
-  replica_step = functools.partial(step_lib.train_step, model, optimizer, loss_scale,
-                                   loss_fn=loss_fn, head_weights=head_weights,
-                                   global_batch_size=FLAGS.batch_size)
-  train_function = runner.make_train_function(strategy, replica_step, FLAGS.jit_compile,
-                                              global_step)
-
-  eval_function = tf.function(functools.partial(
-      step_lib.eval_step, model, loss_fn=loss_fn, head_weights=head_weights,
-      threshold=FLAGS.threshold))
-
-  # ==============================================================================================
-  # Checkpoint
-  # ==============================================================================================
-  state = tf.train.Checkpoint(model=model, optimizer=optimizer, loss_scale=loss_scale,
-                              global_step=global_step, best_dsc=best_dsc, plateau=plateau,
-                              early_stopping=early_stopping)
-  # Every worker resumes from the workdir's newest readable checkpoint (only the chief repairs
-  # it). Every multi-worker worker also writes (collective ops need all of them); only the chief's
-  # copy lands in the workdir. Writes are crash-safe: see dunet/checkpoint.py.
-  restored = checkpoint_lib.restore_newest(
-      state, os.path.join(workdir, checkpoint_lib.CHECKPOINT_SUBDIR), repair=chief)
-  write_dir = workdir if chief else tempfile.mkdtemp(prefix="dunet-worker-")
-  latest = checkpoint_lib.Checkpointer(
-      state, os.path.join(write_dir, checkpoint_lib.CHECKPOINT_SUBDIR),
-      max_to_keep=FLAGS.keep_checkpoints)
-  best = checkpoint_lib.Checkpointer(state, os.path.join(write_dir, checkpoint_lib.BEST_SUBDIR),
-                                     max_to_keep=1)
-  if restored:
-    logging.info("Resumed from %s at step %d", restored, int(global_step.numpy()))
-    # Killed between writing an improved checkpoint and copying it to best/: copy it now.
-    if chief and float(best_dsc.numpy()) > checkpoint_lib.read_scalar(
-        checkpoint_lib.best_checkpoint(workdir), "best_dsc", default=-1.0):
-      best.adopt(restored)
-  else:
-    if FLAGS.init_checkpoint:  # (exclusive with --vgg19_weights: main() checks)
-      logging.info("Starting from the weights of %s",
-                   checkpoint_lib.restore_model(model, FLAGS.init_checkpoint))
-    else:
-      vgg19.maybe_load_imagenet_weights(model, FLAGS.vgg19_weights)
-  if chief:
-    _write_run_files(workdir, data_dir, height, width, policy.name)
-  train_writer = tf.summary.create_file_writer(os.path.join(workdir, "train")) if chief else None
-  valid_writer = tf.summary.create_file_writer(os.path.join(workdir, "valid")) if chief else None
-  # Each step is saved at most once (again would only rewrite it), and step 0 never.
-  last_saved = [int(global_step.numpy())]
-
-  def save(step: int) -> None:
-    if last_saved[0] != step:
-      latest.save(step)
-      last_saved[0] = step
-
-  # ==============================================================================================
-  # Eval
-  # ==============================================================================================
-  moments_function = (precise_bn.make_moments_function(model, strategy)
-                      if FLAGS.batch_norm_statistics == precise_bn.PRECISE else None)
-
-  def recompute_batch_norm_statistics(step: int) -> None:
-    summary = precise_bn.recompute_statistics(
-        model, records.name_read_errors(statistics_dataset(), train_shards), strategy=strategy,
-        moments_function=moments_function)
-    logging.info("step %d: BatchNorm statistics recomputed over %d training images (%d "
-                 "batches) in %.1f s", step, summary.images, summary.batches, summary.seconds)
-
-  def evaluate(step: int) -> Dict[str, float]:
-    accumulators = {head: metrics.MetricAccumulator() for head in ("head1", "head2")}
-    loss_sums: Dict[str, float] = {}
-    count = 0
-    shown = False
-    for batch in records.name_read_errors(valid_dataset(), valid_shards):
-      model_batch = {"image": batch["image"], "mask": batch["mask"]}
-      result = eval_function(model_batch)
-      batch_size = int(batch["image"].shape[0])
-      count += batch_size
-      for name, value in result.items():
-        if name.startswith("loss/"):
-          loss_sums[name] = loss_sums.get(name, 0.0) + float(value) * batch_size
-      for head, accumulator in accumulators.items():
-        accumulator.update(result[f"counts/{head}"].numpy())
-      if valid_writer is not None and not shown and FLAGS.summary_images:
-        shown = True
-        _write_overlays(valid_writer, step, batch, result, FLAGS.summary_images)
-    values = {name: total / max(count, 1) for name, total in loss_sums.items()}
-    for head, accumulator in accumulators.items():
-      for name, value in accumulator.result().items():
-        values[f"{head}/{name}"] = value
-    return values
-
-  # ==============================================================================================
-  # Loop
-  # ==============================================================================================
-  step_profiler = profiler.StepProfiler(
-      workdir if chief else write_dir, profiler.parse_step_range(FLAGS.profile_steps))
-  step = int(global_step.numpy())
-  progress = ProgressLine(total_steps, FLAGS.batch_size, every=FLAGS.log_every_steps,
-                          start_step=step)
-  valid_metrics: Dict[str, float] = {}
-  start_epoch = step // steps_per_epoch
-  stopped_early = False
-  for epoch in range(start_epoch, FLAGS.epochs):
-    if step >= total_steps or stopped_early or stop.requested:
-      break
-    epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-    # The data order of an epoch depends only on (seed, epoch); skipping the batches already
-    # done makes a resumed run see exactly what an uninterrupted one would.
-    batches = records.name_read_errors(train_dataset(epoch), train_shards)
-    for _ in range(step - epoch * steps_per_epoch):
-      next(batches)
-    while step < epoch_end and not stop.requested:
-      if FLAGS.lr_schedule == "cosine":
-        optimizer.learning_rate.assign(cosine(step))
-      with step_profiler.step(step + 1):
-        measured = {k: float(v) for k, v in train_function(next(batches)).items()}
-      step += 1
-      _check_finite(measured, step, policy, latest.latest)
-      progress.update(step, {"loss": measured["loss/total"]})
-      if train_writer is not None and (step % FLAGS.log_every_steps == 0 or step == total_steps):
-        measured["images_per_second"] = progress.items_per_second
-        summaries.write_scalars(train_writer, step, measured)
-      # The epoch's last step is saved after its validation, once (see below).
-      if FLAGS.checkpoint_every_steps and step % FLAGS.checkpoint_every_steps == 0 and (
-          step < epoch_end):
-        save(step)
-    if step < epoch_end:  # a signal, in the middle of the epoch
-      save(step)
-      break
-    # End of the epoch (also when a signal came during its last step): validate, then save
-    # once, so that a resumed run never finds an epoch's step saved without its validation.
-    improved = False
-    if (epoch + 1) % FLAGS.eval_every_epochs == 0 or step == total_steps:
-      if moments_function is not None:
-        recompute_batch_norm_statistics(step)
-      valid_metrics = evaluate(step)
-      dsc = valid_metrics["head2/per_image/dsc"]
-      if valid_writer is not None:
-        summaries.write_scalars(valid_writer, step, valid_metrics)
-      logging.info("epoch %d step %d validation: %s", epoch + 1, step,
-                   summaries.flatten_for_log(
-                       {k: v for k, v in valid_metrics.items() if k.startswith("head2/per_image")}))
-      monitored = dsc if FLAGS.monitor == "dsc" else valid_metrics["loss/total"]
-      if FLAGS.lr_schedule == "plateau":
-        optimizer.learning_rate.assign(plateau.update(monitored,
-                                                      float(optimizer.learning_rate.numpy())))
-      improved = dsc > float(best_dsc.numpy())
-      if improved:
-        best_dsc.assign(dsc)
-      if FLAGS.early_stopping_patience and early_stopping.update(monitored):
-        logging.info("Early stopping: no better validation %s for %d validations.", FLAGS.monitor,
-                     FLAGS.early_stopping_patience)
-        stopped_early = True
-    save(step)
-    if improved:
-      best.adopt(latest.latest)
-  progress.close()
-  step_profiler.stop()
-  if not chief:
-    shutil.rmtree(write_dir, ignore_errors=True)
-  final = {"step": step, "best_valid_dsc": float(best_dsc.numpy()),
-           "stopped_by": stop.requested or ("early_stopping" if stopped_early else None),
-           "valid": valid_metrics}
-  if chief:
-    fileio.write_json_atomic(os.path.join(workdir, "metrics.json"), final)
-  return final
+               runtime.jit_compile)
+  return strategy, policy
 
 
-def _write_overlays(writer, step, batch, result, count):
-  # Pictures come from the eval step's own outputs: calling the model again here (on the chief
-  # only) would read the BatchNorm statistics, a collective that the other workers would not join.
-  display = preprocess.to_display_uint8(batch["image"][:count], FLAGS.preprocessing).numpy()
-  panel = summaries.prediction_panel(display, batch["mask"][:count].numpy(),
-                                     result["probability/head1"][:count].numpy(),
-                                     result["probability/head2"][:count].numpy())
-  summaries.write_images(writer, step, "valid/input|truth|head1|head2", panel, count)
-
-
-def _write_run_files(workdir: str, data_dir: str, height: int, width: int,
-                     precision_name: str) -> None:
+def _write_run_files(config: config_lib.TrainConfig, workdir: str,
+                     data: trainer_lib.PreparedData, precision_name: str,
+                     flags_text: Optional[str]) -> None:
   tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, "flags.txt"), "w") as handle:
-    handle.write(FLAGS.flags_into_string())
+  if flags_text is not None:
+    fileio.write_text_atomic(os.path.join(workdir, FLAGS_FILENAME), flags_text)
+  fileio.write_json_atomic(os.path.join(workdir, TRAIN_CONFIG_FILENAME), config.to_dict())
+  # What evaluation and serving read back (dunet/checkpoint.py).
   checkpoint_lib.write_config(workdir, {
-      "preprocessing": FLAGS.preprocessing, "height": height, "width": width,
-      "data_dir": os.path.abspath(data_dir), "loss": FLAGS.loss,
-      "loss_reduction": FLAGS.loss_reduction, "precision": precision_name,
-      "batch_norm_statistics": FLAGS.batch_norm_statistics, "threshold": FLAGS.threshold,
-      "batch_size": FLAGS.batch_size, "seed": FLAGS.seed})
-  split = os.path.join(data_dir, "split.json")
+      "preprocessing": config.data.preprocessing, "height": data.height, "width": data.width,
+      "data_dir": os.path.abspath(data.data_dir), "loss": config.optimization.loss,
+      "loss_reduction": config.optimization.loss_reduction, "precision": precision_name,
+      "batch_norm_statistics": config.validation.batch_norm_statistics,
+      "threshold": config.validation.threshold, "batch_size": config.optimization.batch_size,
+      "seed": config.seed})
+  split = os.path.join(data.data_dir, "split.json")
   if tf.io.gfile.exists(split):
     tf.io.gfile.copy(split, os.path.join(workdir, "split.json"), overwrite=True)
 
 
-def main(argv):
+def format_summary(result: Dict[str, object], workdir: str, seconds: float) -> str:
+  """A few lines for people: steps, time, validation DSC, where the results are."""
+  stopped = f" (stopped by {result['stopped_by']})" if result.get("stopped_by") else ""
+  lines = [f"Trained {result['step']} steps in {format_duration(seconds)}{stopped}."]
+  valid = result.get("valid") or {}
+  if valid:
+    lines.append(f"Validation DSC: best {result['best_valid_dsc']:.4f} (head 2); at the end "
+                 f"head 2 {valid['head2/per_image/dsc']:.4f}, head 1 "
+                 f"{valid['head1/per_image/dsc']:.4f}.")
+  best = checkpoint_lib.best_checkpoint(workdir)
+  lines.append(f"Best checkpoint: {best or 'none'}")
+  lines.append(f"Metrics: {os.path.join(workdir, controller_lib.METRICS_FILENAME)}")
+  return "\n".join(lines)
+
+
+# ================================================================================================
+# The command line
+# ================================================================================================
+def main(argv: List[str]) -> int:
+  """Trains as the flags say; returns the exit status (128 + signal number when aborted)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (checkpoints, summaries and metrics go there)")
-  if not FLAGS.demo and not FLAGS.data_dir:
-    raise app.UsageError("--data_dir is required (or --demo for the synthetic data set)")
-  if FLAGS.init_checkpoint and FLAGS.vgg19_weights:
-    raise app.UsageError("--init_checkpoint already holds network 1's encoder: leave out "
-                         "--vgg19_weights")
+  config = config_from_flags(FLAGS)
+  config.validate()
   started = time.time()
   try:
-    result = train(FLAGS.workdir)
-  except Aborted as error:
-    print(f"error: {error}", file=sys.stderr)
+    result = train(config, FLAGS.workdir, flags_text=cli.dunet_flags_string(FLAGS))
+  except Aborted as error:  # a KeyboardInterrupt: cli.run would print its traceback
+    print(f"{PROGRAM}: error: {error}", file=sys.stderr)
     return 128 + error.signum
-  except (FloatingPointError, checkpoint_lib.CheckpointWriteError,
-          checkpoint_lib.CheckpointReadError, DataError) as error:
-    # Expected failures: the message names the step, file or folder; no traceback needed.
-    print(f"error: {error}", file=sys.stderr)
-    return 1
-  logging.info("Done in %.0f s: %s", time.time() - started, json.dumps(result))
-  print(json.dumps(result))
+  print(format_summary(result, FLAGS.workdir, time.time() - started))
   return 0
 
 
 def run() -> None:
   """The program (console-script entry point `dunet-train`)."""
-  app.run(main)
+  cli.run(main, program=PROGRAM, help_groups=HELP_GROUPS, configs=True,
+          summary=cli.docstring_summary(__doc__))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,13 +15,14 @@ import tensorflow as tf
 from dunet import checkpoint as checkpoint_lib
 from dunet import losses
 from dunet import train
+from dunet.config import TrainConfig
+from dunet.data.augment import AugmentConfig
 from dunet.data import demo
 from dunet.data import pipeline
 from dunet.models import DoubleUNet
 from dunet.nn.batch_norm import recording_moments
 from tests import testing_utils
 
-FLAGS = flags.FLAGS
 SIZE = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,21 +34,24 @@ def data_dir(tmp_path_factory):
                                width=SIZE, seed=1)
 
 
-def _parse_flags():
-  if not FLAGS.is_parsed():
-    FLAGS(["dunet.train"])
+def test_config(data_dir, **overrides):
+  """A TrainConfig with test-sized defaults, changed by setting name (`epochs=3`)."""
+  settings = dict(data_dir=str(data_dir), batch_size=4, epochs=2, learning_rate=1e-3,
+                  optimizer="adam", lr_schedule="constant", batch_norm_momentum=0.9, seed=7,
+                  log_every_steps=1, summary_images=2, augment=AugmentConfig.none(),
+                  preprocessing="unit", precision="float32")
+  settings.update(overrides)
+  if settings["augment"] is True:
+    settings["augment"] = AugmentConfig()
+  return TrainConfig().updated(**settings)
+
+
+test_config.__test__ = False  # a helper, not a test
 
 
 def run_training(workdir, data_dir, **overrides):
-  """Runs dunet.train.train in this process with test-sized defaults and `overrides`."""
-  _parse_flags()
-  settings = dict(workdir=str(workdir), data_dir=data_dir, batch_size=4, epochs=2,
-                  learning_rate=1e-3, optimizer="adam", lr_schedule="constant",
-                  batch_norm_momentum=0.9, seed=7, log_every_steps=1, summary_images=2,
-                  augment=False, preprocessing="unit", precision="float32")
-  settings.update(overrides)
-  with flagsaver.flagsaver(**settings):
-    return train.train(str(workdir))
+  """Runs dunet.train.train in this process with test-sized settings and `overrides`."""
+  return train.train(test_config(data_dir, **overrides), str(workdir))
 
 
 def _model_variables(workdir):
@@ -62,11 +64,16 @@ def _model_variables(workdir):
 def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
   workdir = tmp_path / "run"
   # The reference's schedule: reduce on a plateau of the validation LOSS (patience 1 here).
-  result = run_training(workdir, data_dir, epochs=3, lr_schedule="plateau", monitor="loss",
-                        plateau_patience=1, plateau_factor=0.5, min_learning_rate=0.0)
+  train_config = test_config(data_dir, epochs=3, lr_schedule="plateau", monitor="loss",
+                             plateau_patience=1, plateau_factor=0.5, min_learning_rate=0.0)
+  result = train.train(train_config, str(workdir))
   assert result["step"] == 15
-  for name in ("flags.txt", "config.json", "split.json", "metrics.json"):
+  for name in ("train_config.json", "config.json", "split.json", "metrics.json"):
     assert (workdir / name).is_file(), name
+  assert not (workdir / "flags.txt").exists()  # only a command line has flags to store
+  stored = json.loads((workdir / "train_config.json").read_text())
+  assert TrainConfig.from_dict(stored) == train_config
+  assert json.loads((workdir / "metrics.json").read_text()) == result
   assert tf.train.latest_checkpoint(str(workdir / "checkpoints"))
   assert tf.train.latest_checkpoint(str(workdir / "best"))
   config = json.loads((workdir / "config.json").read_text())

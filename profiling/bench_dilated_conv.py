@@ -1,6 +1,6 @@
 """Direct dilated convolution vs its space-to-batch form, on the ASPP shapes, forward + backward.
 
-  python profiling/bench_dilated_conv.py [--record]
+  python -m profiling.bench_dilated_conv [--record]
 
 dunet.nn.conv runs dilated convolutions as space-to-batch + ordinary convolution when no GPU is
 visible, because some CPU kernels (TF_ENABLE_ONEDNN_OPTS=0, or float16 without AVX-512) have no
@@ -79,7 +79,7 @@ def main(argv):
         handle.write("# Dilated convolution: direct vs space-to-batch (forward + backward)\n\n")
       handle.write(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, TensorFlow "
                    f"{tf.__version__}, load {os.getloadavg()[0]:.2f}\n"
-                   f"`python profiling/bench_dilated_conv.py --record`\n\n{table}\n\n")
+                   f"`python -m profiling.bench_dilated_conv --record`\n\n{table}\n\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ augmentation and for every augmentation at probability 1 (the worst case). With 
 result is appended to profiling/results/input_pipeline.md with the command and the machine.
 
 Example:
-  python profiling/bench_input.py --height=384 --width=512 --batch=16 --seconds=20 --record
+  python -m profiling.bench_input --height=384 --width=512 --batch=16 --seconds=20 --record
 """
 
 from __future__ import annotations
@@ -22,14 +22,9 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-from dunet.data import demo, pipeline, prepare  # noqa: E402
-from dunet.data.augment import AugmentConfig  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_description  # noqa: E402  pylint: disable=wrong-import-position
+from dunet.data import demo, pipeline, prepare
+from dunet.data.augment import AugmentConfig
+from profiling.machine import machine_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("height", 384, "Image height.")
@@ -83,7 +78,7 @@ def main(argv) -> None:
   print(f"{machine}\nimages/s at {FLAGS.height}x{FLAGS.width}, batch {FLAGS.batch}: "
         + ", ".join(f"{name} augmentation {value:.1f}" for name, value in results.items()))
   if FLAGS.record:
-    command = "python profiling/bench_input.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m profiling.bench_input " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     new_file = not os.path.exists(RESULTS)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "a") as handle:

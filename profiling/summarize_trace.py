@@ -1,6 +1,6 @@
 """Summarises a captured TensorBoard profiler trace in the terminal.
 
-  python profiling/summarize_trace.py --logdir=runs/profile [--top=20]
+  python -m profiling.summarize_trace --logdir=runs/profile [--top=20]
 
 Reads the newest `<logdir>/plugins/profile/<run>/*.xplane.pb` with xprof's own converters (the
 tables TensorBoard's Profile tab shows; `pip install -e ".[profile]"`), then prints the top ops by

@@ -9,10 +9,9 @@ import tensorflow as tf
 
 from dunet import profiler
 
-PROFILING = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "profiling")
-sys.path.insert(0, PROFILING)
-import summarize_trace  # noqa: E402
+from profiling import summarize_trace
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_summary_shares_exclude_idle_and_rank_by_self_time():
@@ -66,8 +65,8 @@ def test_reads_a_real_trace_with_xprof(conv_heavy_trace):
 
 
 def test_command_line_prints_the_table(conv_heavy_trace):
-  result = subprocess.run([sys.executable, os.path.join(PROFILING, "summarize_trace.py"),
+  result = subprocess.run([sys.executable, "-m", "profiling.summarize_trace",
                            f"--logdir={conv_heavy_trace}", "--top=3"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
   assert result.returncode == 0, result.stderr
   assert "convolutions" in result.stdout and "Conv2D" in result.stdout

@@ -86,13 +86,70 @@ def test_prepare_writes_checked_records_split_and_summary(tmp_path):
       np.mean(fractions[:8]))
 
 
-def test_upscaling_is_bilinear_and_masks_stay_binary(tmp_path):
-  make_generic(tmp_path / "raw", count=3)
+def assert_nearest_neighbour(resized, mask):
+  """Each pixel of `resized` is `mask`'s pixel whose centre is nearest (pixel-centre mapping).
+
+  Where two source centres are equally near (e.g. output column 4 of 64 -> 96 maps to 3.0),
+  either may be taken: OpenCV's fixed point takes the lower one at some such ties, TF the upper.
+  """
+  def choices(size_in, size_out):
+    # Source coordinate (2i + 1) * size_in / (2 * size_out), in exact integer arithmetic.
+    numerators = (2 * np.arange(size_out) + 1) * size_in
+    upper = numerators // (2 * size_out)
+    tie = numerators % (2 * size_out) == 0
+    return np.where(tie, upper - 1, upper), upper
+
+  rows, cols = choices(mask.shape[0], resized.shape[0]), choices(mask.shape[1], resized.shape[1])
+  allowed = [mask[r][:, c] for r in rows for c in cols]
+  assert np.any([resized == a for a in allowed], axis=0).all()
+
+
+def bilinear(image, height, width):
+  """Half-pixel-centre bilinear resizing with edge clamping (OpenCV's INTER_LINEAR), in numpy."""
+
+  def taps(size_in, size_out):
+    source = np.maximum((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(int), size_in - 1)
+    return low, np.minimum(low + 1, size_in - 1), source - low
+
+  top, bottom, dy = taps(image.shape[0], height)
+  left, right, dx = taps(image.shape[1], width)
+  pixels = image.astype(np.float64)
+  rows = (pixels[top] * (1 - dy)[:, None, None] + pixels[bottom] * dy[:, None, None])
+  return rows[:, left] * (1 - dx)[None, :, None] + rows[:, right] * dx[None, :, None]
+
+
+# Growing both sides, and growing one side while shrinking the other: bilinear either way (area
+# interpolation is only for shrinking both).
+@pytest.mark.parametrize("height,width", [(80, 96), (32, 96)])
+def test_upscaling_is_bilinear_and_masks_nearest_and_binary(tmp_path, height, width):
+  written = make_generic(tmp_path / "raw", count=3)
   out = tmp_path / "big"
-  prepare.prepare_dataset(tmp_path / "raw", out, height=80, width=96, progress=False)
-  example = read_records(out / "train-00000-of-00001.tfrecord")[0]
-  assert set(np.unique(example["mask"])) <= {0, 1}
-  assert example["image"].shape == (80, 96, 3)
+  prepare.prepare_dataset(tmp_path / "raw", out, height=height, width=width, progress=False)
+  examples = read_records(out / "train-00000-of-00001.tfrecord")
+  assert examples
+  for example in examples:
+    image, mask = written[example["name"].decode()]
+    assert example["image"].shape == (height, width, 3)
+    expected = bilinear(image, height, width)
+    # OpenCV interpolates uint8 in fixed point: within one grey level of the exact value.
+    assert np.abs(example["image"].astype(np.float64) - expected).max() <= 1.0
+    # Not a nearest-neighbour or area result that happens to be close: random pixels differ a lot.
+    assert np.abs(nearest(image, height, width).astype(np.float64) - expected).mean() > 10
+    assert_nearest_neighbour(example["mask"], mask)
+
+
+@pytest.mark.parametrize("height,width", [(20, 24), (8, 24)])
+def test_resize_mask_thresholds_grey_levels_after_nearest(height, width):
+  """Any non-zero grey level is foreground; nearest neighbour never invents values in between."""
+  grey = np.random.default_rng(5).choice(np.array([0, 0, 0, 1, 7, 128, 255], np.uint8), (12, 16))
+  resized = prepare.resize_mask(grey, height, width)
+  assert resized.dtype == np.uint8 and set(np.unique(resized)) == {0, 1}
+  assert_nearest_neighbour(resized, (grey > 0).astype(np.uint8))
+  # OpenCV's legacy nearest (no pixel-centre offset) picks other pixels of this noise.
+  legacy = (cv2.resize(grey, (width, height), interpolation=cv2.INTER_NEAREST) > 0)
+  with pytest.raises(AssertionError):
+    assert_nearest_neighbour(legacy.astype(np.uint8), (grey > 0).astype(np.uint8))
 
 
 def test_thresholded_masks_and_conversions_are_counted(tmp_path):
@@ -301,9 +358,9 @@ def test_summary_records_each_shard_and_verify_shards_compares(tmp_path):
 
 def test_cli_help_documents_every_flag_and_errors_name_the_file(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  result = subprocess.run([sys.executable, "tools/prepare_data.py", "--help"], cwd=REPO,
+  # --help lists the essential flags (grouped), --helpfull every one.
+  result = subprocess.run([sys.executable, "tools/prepare_data.py", "--helpfull"], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=120)
-  # (absl exits with status 1 after --help)
   for flag in ("raw_dir", "out_dir", "layout", "height", "width", "split_file", "test_raw_dir",
                "on_error", "seed", "num_shards", "overwrite", "valid_fraction", "test_fraction"):
     assert f"--{flag}" in result.stdout, flag

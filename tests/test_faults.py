@@ -19,23 +19,25 @@ import sys
 import threading
 import time
 
-from absl import app
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import controller
 from dunet import precision
 from dunet import train
+from dunet import trainer as trainer_lib
+from dunet.config import TrainConfig
 from dunet.data import demo
 from dunet.data import prepare
+from dunet.data.augment import AugmentConfig
+from dunet.errors import ConfigError
 from dunet.errors import DataError
+from dunet.errors import DivergedError
 from dunet.models import DoubleUNet
 from tests.data.conftest import make_generic, picture, write_mask
 
-FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 # Small, fast and sensitive to what a restart must restore: Adam moments, the plateau schedule
@@ -225,51 +227,43 @@ def test_disk_full_while_saving_stops_clearly_and_keeps_the_previous_checkpoint(
   assert all(np.isfinite(v.numpy()).all() for v in model.variables)
 
 
-def _parse_flags():
-  if not FLAGS.is_parsed():
-    FLAGS(["dunet.train"])
-
-
-def _settings(workdir, data_dir, **overrides):
-  settings = dict(workdir=str(workdir), data_dir=str(data_dir), batch_size=4, epochs=1,
-                  learning_rate=1e-3, optimizer="adam", lr_schedule="constant",
-                  batch_norm_momentum=0.9, seed=7, log_every_steps=1, summary_images=0,
-                  augment=False, preprocessing="unit", precision="float32")
-  settings.update(overrides)
-  return settings
-
-
 def run_training(workdir, data_dir, **overrides):
-  """dunet.train.train in this process (no TF start-up to pay) with test-sized flags."""
-  _parse_flags()
-  with flagsaver.flagsaver(**_settings(workdir, data_dir, **overrides)):
-    return train.train(str(workdir))
+  """dunet.train.train in this process (no TF start-up to pay) with test-sized settings."""
+  settings = dict(data_dir=str(data_dir), batch_size=4, epochs=1, learning_rate=1e-3,
+                  optimizer="adam", lr_schedule="constant", batch_norm_momentum=0.9, seed=7,
+                  log_every_steps=1, summary_images=0, augment=AugmentConfig.none(),
+                  preprocessing="unit", precision="float32")
+  settings.update(overrides)
+  return train.train(TrainConfig().updated(**settings), str(workdir))
 
 
-def test_unwritable_workdir_fails_before_any_work(tmp_path, data_dir):
+def test_unwritable_workdir_fails_before_any_work(tmp_path, data_dir, monkeypatch):
   (tmp_path / "file").write_text("a file where the workdir's parent should be")
   workdir = tmp_path / "file" / "run"
-  started = time.time()
+  built = []
+  monkeypatch.setattr(trainer_lib, "Trainer", lambda *args, **kwargs: built.append(args))
   with pytest.raises(checkpoint_lib.CheckpointWriteError,
                      match=f"cannot write into --workdir={workdir}"):
     run_training(workdir, data_dir)
-  assert time.time() - started < 10  # before the model is even built
+  assert not built  # before the model is even built
 
 
-def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-    tmp_path, data_dir, capsys):
+def test_unprepared_data_dir_fails_before_the_workdir_is_made(tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(DataError, match="no prepared data.*tools/prepare_data.py"):
+    run_training(workdir, tmp_path / "not-prepared")
+  assert not workdir.exists()
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
   """A real divergence: an absurd learning rate overflows the second step's gradients."""
   workdir = tmp_path / "run"
-  _parse_flags()
-  with flagsaver.flagsaver(**_settings(workdir, data_dir, learning_rate=1e15, max_steps=4,
-                                       checkpoint_every_steps=1)):
-    status = train.main(["dunet.train"])
-  assert status == 1
-  error = capsys.readouterr().err
-  match = re.search(r"error: training diverged at step (\d+): the (gradients|training loss|"
+  with pytest.raises(DivergedError) as raised:
+    run_training(workdir, data_dir, learning_rate=1e15, max_steps=4, checkpoint_every_steps=1)
+  match = re.search(r"^training diverged at step (\d+): the (gradients|training loss|"
                     r"parameters).* Stopped without saving this step; the last good checkpoint "
-                    r"is (\S+)\. Try a lower --learning_rate", error)
-  assert match, error
+                    r"is (\S+)\. Try a lower --learning_rate", str(raised.value))
+  assert match, str(raised.value)
   step, last_good = int(match.group(1)), match.group(3)
   assert last_good == str(workdir / "checkpoints" / f"ckpt-{step - 1}")
   # Nothing newer was written; the last good checkpoint loads and is finite.
@@ -291,14 +285,14 @@ def test_check_finite_covers_each_way_to_diverge(measured, message):
   values = {"loss/total": measured.get("loss", 0.5), "update_applied": measured.get("applied", 1.0),
             "norm/parameters": measured.get("parameters", 10.0)}
   float32 = precision.Policy("float32")
-  with pytest.raises(FloatingPointError, match=f"at step 7: {message}.*/ckpt-6"):
-    train._check_finite(values, 7, float32, "run/checkpoints/ckpt-6")
+  with pytest.raises(DivergedError, match=f"at step 7: {message}.*/ckpt-6"):
+    controller.check_finite(values, 7, float32, "run/checkpoints/ckpt-6")
   float16 = precision.Policy("mixed_float16")
   if "parameters" in measured:
-    with pytest.raises(FloatingPointError):
-      train._check_finite(values, 7, float16, None)
+    with pytest.raises(DivergedError):
+      controller.check_finite(values, 7, float16, None)
   else:  # the dynamic loss scale skips such steps by design
-    train._check_finite(values, 7, float16, None)
+    controller.check_finite(values, 7, float16, None)
 
 
 @pytest.mark.slow
@@ -382,6 +376,6 @@ def test_changed_raw_data_is_an_error_naming_the_files_unless_allowed(tmp_path, 
     run_training(tmp_path / "run", prepared)
   # Allowed: a warning, and set-up goes on (to the next check, which a size mismatch stops so
   # that no training has to run here).
-  with caplog.at_level("WARNING"), pytest.raises(app.UsageError, match="differ from the prepared"):
+  with caplog.at_level("WARNING"), pytest.raises(ConfigError, match="differ from the prepared"):
     run_training(tmp_path / "run", prepared, allow_changed_raw_data=True, height=64, width=64)
   assert "1 modified: masks/img05.png" in caplog.text

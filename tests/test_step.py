@@ -1,16 +1,13 @@
 """The training and validation steps: learning, loss scaling, skipping, and replica equivalence."""
 
-import functools
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from dunet import builder
 from dunet import distribute
 from dunet import losses
-from dunet import optim
 from dunet import precision
-from dunet import step as step_lib
 from dunet.models import DoubleUNet
 from dunet.models.doubleunet import DoubleUNetOutputs
 from dunet.nn.conv import Conv2D
@@ -54,30 +51,23 @@ def _batch(seed=0, batch_size=4):
 
 def _setup(policy_name="float32", learning_rate=1e-3, strategy=None, seed=0, epsilon=1e-7,
            initial_scale=2.0**15, make_model=DoubleUNet):
-  strategy = strategy or tf.distribute.get_strategy()
+  """(model, optimizer, loss_scale) from dunet's one builder, as training makes them."""
   tf.random.set_seed(seed)
-  policy = precision.Policy(policy_name)
-  with strategy.scope():
-    model = make_model(compute_dtype=policy.compute_dtype)
-    optimizer = optim.make_optimizer("adam", learning_rate, model.trainable_variables,
-                                     epsilon=epsilon)
-    loss_scale = precision.make_loss_scale(policy, initial_scale=initial_scale)
-  return model, optimizer, loss_scale
+  parts = builder.build_training_parts(
+      precision.Policy(policy_name), "adam", learning_rate, strategy=strategy,
+      make_model=make_model, optimizer_options=dict(epsilon=epsilon),
+      initial_loss_scale=initial_scale)
+  return parts.model, parts.optimizer, parts.loss_scale
 
 
 def _train_function(model, optimizer, loss_scale, global_batch_size, loss_fn=None,
                     strategy=None):
-  strategy = strategy or tf.distribute.get_strategy()
-  replica_step = functools.partial(step_lib.train_step, model, optimizer, loss_scale,
-                                   loss_fn=loss_fn or losses.binary_cross_entropy,
-                                   head_weights=(1.0, 1.0), global_batch_size=global_batch_size)
-
-  @tf.function
-  def run(batch):
-    result = strategy.run(replica_step, args=(batch,))
-    return {k: strategy.reduce("SUM" if k.startswith("loss/") else "MEAN", v, axis=None)
-            for k, v in result.items()}
-  return run
+  """The train function training runs (builder -> runner -> step.train_step)."""
+  parts = builder.TrainingParts(model=model, optimizer=optimizer, loss_scale=loss_scale,
+                                policy=precision.Policy("float32"))
+  return builder.make_train_function(parts, loss_fn=loss_fn or losses.binary_cross_entropy,
+                                     head_weights=(1.0, 1.0),
+                                     global_batch_size=global_batch_size, strategy=strategy)
 
 
 def test_loss_goes_down_and_measurements_are_reported():
@@ -179,24 +169,42 @@ def test_two_replicas_match_one_replica():
                                err_msg=expected.name)
 
 
-def test_eval_step_counts_match_numpy():
-  model, _, _ = _setup()
+def _numpy_bce(logits, masks):
+  """Each image's mean binary cross-entropy from logits, in float64 numpy (the stable form)."""
+  x, y = logits.astype(np.float64), masks.astype(np.float64)
+  per_pixel = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+  return per_pixel.reshape(len(x), -1).mean(axis=1)
+
+
+def test_eval_step_counts_and_losses_match_numpy():
+  model, _, _ = _setup(make_model=_TwoHeads)
   batch = _batch(seed=7)
-  result = tf.function(functools.partial(step_lib.eval_step, model,
-                                         loss_fn=losses.binary_cross_entropy,
-                                         head_weights=(1.0, 1.0)))(batch)
-  outputs = model(batch["image"], is_training=False)
-  for head, logits in zip(("head1", "head2"), outputs):
-    predicted = tf.sigmoid(logits).numpy() >= 0.5
-    truth = batch["mask"].numpy() >= 0.5
+  # Sharpen both heads and centre them on their median logit: about half of the pixels on each
+  # side of the threshold, so the counts and the loss see varied predictions.
+  for head, name in ((model.head1, "logits1"), (model.head2, "logits2")):
+    head.kernel.assign(head.kernel * 20.0)
+    logits = getattr(model(batch["image"], is_training=False), name).numpy()
+    head.bias.assign(head.bias - float(np.median(logits)))
+  head_weights = (0.25, 1.0)
+  result = builder.make_eval_function(model, loss_fn=losses.binary_cross_entropy,
+                                      head_weights=head_weights)(batch)
+  outputs = [logits.numpy() for logits in model(batch["image"], is_training=False)]
+  masks = batch["mask"].numpy()
+  truth = masks >= 0.5
+  expected_total = 0.0
+  for index, (head, logits) in enumerate(zip(("head1", "head2"), outputs)):
+    predicted = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) >= 0.5
+    assert 0.2 < predicted.mean() < 0.8, (head, predicted.mean())
     expected = np.stack([(predicted & truth).sum(axis=(1, 2, 3)),
                          (predicted & ~truth).sum(axis=(1, 2, 3)),
                          (~predicted & truth).sum(axis=(1, 2, 3)),
                          (~predicted & ~truth).sum(axis=(1, 2, 3))], axis=1)
     np.testing.assert_array_equal(np.asarray(result[f"counts/{head}"]), expected)
-  expected_loss = sum(float(tf.reduce_mean(losses.binary_cross_entropy(l, batch["mask"])))
-                      for l in outputs)
-  np.testing.assert_allclose(float(result["loss/total"]), expected_loss, rtol=1e-5)
+    head_loss = _numpy_bce(logits, masks).mean()
+    assert head_loss > 0.1  # not a trivially confident prediction
+    np.testing.assert_allclose(float(result[f"loss/{head}"]), head_loss, rtol=1e-5)
+    expected_total += head_weights[index] * head_loss
+  np.testing.assert_allclose(float(result["loss/total"]), expected_total, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from dunet import checkpoint as checkpoint_lib
 from dunet import evaluate
 from dunet import serving
 from dunet.data import prepare
+from dunet.errors import ConfigError
 from dunet.errors import DataError
 from tests import testing_utils
 
@@ -348,11 +349,11 @@ def test_report_files(loaded, data_dir, tmp_path):
 def test_errors_name_what_is_wrong(loaded, raw_dir, data_dir, tmp_path):
   with pytest.raises(DataError, match="tools/prepare_data.py"):
     evaluate.evaluate(loaded, data_dir=str(tmp_path / "nothing"), progress=False)
-  with pytest.raises(evaluate.EvaluationError, match="unknown split 'bogus'"):
+  with pytest.raises(ConfigError, match="unknown split 'bogus'"):
     evaluate.evaluate(loaded, data_dir=str(data_dir), split="bogus", progress=False)
-  with pytest.raises(evaluate.EvaluationError, match="exactly one"):
+  with pytest.raises(ConfigError, match="exactly one"):
     evaluate.evaluate(loaded, data_dir=str(data_dir), raw_dir=str(raw_dir), progress=False)
-  with pytest.raises(evaluate.EvaluationError, match="exactly one"):
+  with pytest.raises(ConfigError, match="exactly one"):
     evaluate.evaluate(loaded, progress=False)
   with pytest.raises(DataError, match="does not exist"):
     evaluate.evaluate(loaded, raw_dir=str(tmp_path / "no_raw"), progress=False)
@@ -360,7 +361,7 @@ def test_errors_name_what_is_wrong(loaded, raw_dir, data_dir, tmp_path):
   no_test = tmp_path / "no_test"
   prepare.prepare_dataset(raw_dir, no_test, height=MODEL_SIZE[0], width=MODEL_SIZE[1],
                           test_fraction=0.0, progress=False, workers=1)
-  with pytest.raises(evaluate.EvaluationError, match="no 'test' examples"):
+  with pytest.raises(ConfigError, match="no 'test' examples"):
     evaluate.evaluate(loaded, data_dir=str(no_test), split="test", progress=False)
 
 
@@ -398,7 +399,9 @@ def test_default_output_folders(workdir, tmp_path):
 
 
 def _cli(*args, timeout=240):
-  return subprocess.run([sys.executable, "-m", "dunet.evaluate", *args], cwd=REPO,
+  # Without the suite's TF_CPP_MIN_LOG_LEVEL: the program quiets TensorFlow's start-up itself.
+  env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+  return subprocess.run([sys.executable, "-m", "dunet.evaluate", *args], cwd=REPO, env=env,
                         timeout=timeout, capture_output=True, text=True)
 
 
@@ -418,23 +421,42 @@ def test_cli_evaluates_the_runs_own_data(workdir, loaded, data_dir):
   assert not [name for name in os.listdir(out) if ".tmp" in name]
 
 
+def _error_line(completed):
+  """The one line a failed command writes on stderr."""
+  lines = completed.stderr.strip().splitlines()
+  assert len(lines) == 1, completed.stderr
+  return lines[0]
+
+
 def test_cli_errors(tmp_path, workdir):
-  completed = _cli(f"--checkpoint={tmp_path / 'missing_run'}")
+  out = tmp_path / "out"
+  completed = _cli(f"--checkpoint={tmp_path / 'missing_run'}", f"--out_dir={out}")
   assert completed.returncode == 1
-  assert "no checkpoint" in completed.stderr and str(tmp_path / "missing_run") in completed.stderr
-  completed = _cli(f"--checkpoint={workdir}", f"--data_dir={tmp_path / 'unprepared'}")
+  assert _error_line(completed).startswith(
+      f"dunet-evaluate: error: no checkpoint at '{tmp_path / 'missing_run'}'")
+  completed = _cli(f"--checkpoint={workdir}", f"--data_dir={tmp_path / 'unprepared'}",
+                   f"--out_dir={out}")
   assert completed.returncode == 1
-  assert str(tmp_path / "unprepared") in completed.stderr
-  assert "tools/prepare_data.py" in completed.stderr
+  line = _error_line(completed)
+  assert str(tmp_path / "unprepared") in line and "tools/prepare_data.py" in line
+  # A usage error: one line naming the flags, exit status 2; the data is checked before the
+  # model is loaded and before anything is written.
+  completed = _cli(f"--checkpoint={workdir}", f"--raw_dir={tmp_path}", "--split=valid",
+                   f"--out_dir={out}")
+  assert completed.returncode == 2
+  assert _error_line(completed) == (
+      "dunet-evaluate: error: --raw_dir evaluates a whole raw folder: leave out --data_dir and "
+      "--split (see --help)")
+  assert not out.exists()
 
 
 def test_cli_help_documents_every_flag():
   completed = _cli("--help")
   for flag in ("checkpoint", "prefer", "data_dir", "split", "raw_dir", "layout", "on_error",
                "threshold", "tta", "tta_flips", "batch_size", "out_dir", "height", "width",
-               "precision", "progress"):
-    assert f"--{flag}:" in completed.stdout or f"--[no]{flag}:" in completed.stdout, flag
-  assert "per_image" in completed.stdout and "HEADLINE" in completed.stdout
+               "precision", "progress", "choose_threshold", "recompute_bn"):
+    assert f"  --{flag}\n" in completed.stdout or f"  --[no]{flag}\n" in completed.stdout, flag
+  assert completed.returncode == 0 and "Scores a trained DoubleU-Net" in completed.stdout
 
 
 # ------------------------------------------------------------------------------------------------

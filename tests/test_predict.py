@@ -9,12 +9,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from absl import app
 import pytest
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import inference
 from dunet import predict
 from dunet import serving
+from dunet.errors import ConfigError
 from tests import testing_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +85,7 @@ def _probability(loaded, image):
 
 def test_predict_writes_masks_and_overlays_at_each_size_and_skips_bad_files(loaded, inputs,
                                                                            tmp_path):
-  paths, problems = predict.find_inputs(str(inputs))
+  paths, problems = inference.find_inputs(str(inputs))
   assert sorted(path.stem for path in paths) == sorted(GOOD + BAD)
   assert not problems
   out = tmp_path / "out"
@@ -143,68 +146,20 @@ def test_probabilities_tta_and_no_overlays(loaded, inputs, tmp_path):
     np.testing.assert_array_equal(mask[clear], expected[clear] >= 0.6)
 
 
-def test_find_inputs(inputs, tmp_path):
-  # Lists mix files, patterns and folders; a file named twice is taken once; patterns that match
-  # nothing are reported; listed files are taken whatever their extension.
-  paths, problems = predict.find_inputs(
-      f"{inputs}/a.png, {inputs}/[bc].png,{inputs}/a.png,{inputs}/nothing*.png,{inputs}/notes.txt")
-  assert [path.name for path in paths] == ["a.png", "b.png", "c.png", "notes.txt"]
-  assert problems == [{"file": f"{inputs}/nothing*.png",
-                       "reason": "no image file matches this pattern"}]
-  # Folders: image extensions only (any case), no hidden files; sub-folders only if recursive;
-  # the output folder is never read back.
-  (tmp_path / "sub").mkdir()
-  (tmp_path / "out" / "masks").mkdir(parents=True)
-  for name in ("x.PNG", "sub/y.tif", "out/masks/x.png", "z.json"):
-    (tmp_path / name).write_bytes(b"")
-  assert [p.name for p in predict.find_inputs(str(tmp_path))[0]] == ["x.PNG"]
-  found = predict.find_inputs([str(tmp_path)], recursive=True, exclude=tmp_path / "out")[0]
-  assert sorted(p.name for p in found) == ["x.PNG", "y.tif"]
-
-
 def test_duplicate_stems_are_refused(loaded, tmp_path):
   for name in ("one/1.png", "two/1.png", "two/2.png", "two/2.tif"):
     (tmp_path / name).parent.mkdir(exist_ok=True)
     (tmp_path / name).write_bytes(b"")
   paths = [tmp_path / name for name in ("one/1.png", "two/1.png", "two/2.png", "two/2.tif")]
-  with pytest.raises(ValueError, match="'1': .*one/1.png, .*two/1.png; '2': .*2.png, .*2.tif"):
+  with pytest.raises(ConfigError, match="'1': .*one/1.png, .*two/1.png; '2': .*2.png, .*2.tif"):
     predict.predict(loaded, paths, tmp_path / "out", progress=False)
   assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("batch_size,max_waiting", [(1, None), (2, None), (3, 3), (4, 100)])
-def test_batches_by_size(batch_size, max_waiting):
-  sizes = [(1, 1), (2, 2), (1, 1), (3, 3), (1, 1), (2, 2), (4, 4), (1, 1), (5, 5), (1, 1)] * 3
-  items = list(enumerate(sizes))
-  batches = list(predict.batches_by_size(iter(items), lambda item: item[1], batch_size,
-                                         max_waiting))
-  assert sorted(item for batch in batches for item in batch) == items
-  for batch in batches:
-    assert 1 <= len(batch) <= batch_size
-    assert len({size for _, size in batch}) == 1
-    assert [index for index, _ in batch] == sorted(index for index, _ in batch)
-  if max_waiting is None:  # enough room: only the last batch of each size may be partial
-    partial = [batch for batch in batches if len(batch) < batch_size]
-    assert len({batch[0][1] for batch in partial}) == len(partial)
-
-
-def test_batches_by_size_holds_a_bounded_number_of_items():
-  consumed = []
-
-  def source():
-    for index in range(50):
-      consumed.append(index)
-      yield index, (index, index)  # every item has its own size: nothing fills a batch
-
-  yielded = 0
-  for batch in predict.batches_by_size(source(), lambda item: item[1], 4, max_waiting=6):
-    yielded += len(batch)
-    assert len(consumed) - yielded <= 6
-  assert yielded == 50
-
-
 def _cli(*args, timeout=240):
-  return subprocess.run([sys.executable, "-m", "dunet.predict", *args], cwd=REPO,
+  # Without the suite's TF_CPP_MIN_LOG_LEVEL: the program quiets TensorFlow's start-up itself.
+  env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+  return subprocess.run([sys.executable, "-m", "dunet.predict", *args], cwd=REPO, env=env,
                         timeout=timeout, capture_output=True, text=True)
 
 
@@ -236,21 +191,41 @@ def test_cli_skips_unreadable_pictures_and_says_so_in_the_exit_status(workdir, i
 
 
 def test_cli_errors_and_help(tmp_path, inputs):
+  # A model path with nothing there: one line naming it, exit status 1, no output folder.
   completed = _cli(f"--checkpoint={tmp_path / 'no_run'}", f"--input={inputs}/a.png",
                    f"--out_dir={tmp_path / 'out'}")
   assert completed.returncode == 1
-  assert "no checkpoint" in completed.stderr and str(tmp_path / "no_run") in completed.stderr
-  (tmp_path / "empty").mkdir()
-  completed = _cli(f"--checkpoint={tmp_path / 'no_run'}", f"--input={tmp_path / 'empty'}",
+  lines = completed.stderr.strip().splitlines()
+  assert len(lines) == 1, completed.stderr
+  assert lines[0].startswith(f"dunet-predict: error: no checkpoint at '{tmp_path / 'no_run'}'")
+  # Pictures are checked first (before the model): a usage error, one line naming --input.
+  completed = _cli(f"--checkpoint={tmp_path / 'no_run'}", f"--input={tmp_path / 'nope'}",
                    f"--out_dir={tmp_path / 'out'}")
-  assert completed.returncode == 1
-  assert "no pictures found" in completed.stderr
+  assert completed.returncode == 2
+  assert completed.stderr.strip().splitlines() == [
+      f"dunet-predict: error: --input={tmp_path / 'nope'}: no such file or folder (see --help)"]
+  assert not (tmp_path / "out").exists()
   completed = _cli("--help")
   for flag in ("checkpoint", "prefer", "input", "recursive", "out_dir", "batch_size", "threshold",
                "tta", "tta_flips", "overlays", "probabilities", "height", "width", "precision",
                "progress"):
-    assert f"--{flag}:" in completed.stdout or f"--[no]{flag}:" in completed.stdout, flag
-  assert "Exit status" in completed.stdout
+    assert f"  --{flag}\n" in completed.stdout or f"  --[no]{flag}\n" in completed.stdout, flag
+  assert completed.returncode == 0 and "Segments new pictures" in completed.stdout
+
+
+def test_main_refuses_inputs_that_name_no_picture(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(app.UsageError, match="--input=.*empty: no pictures found"):
+    predict.find_pictures([str(tmp_path / "empty")], False, str(tmp_path / "out"))
+  with pytest.raises(app.UsageError, match=r"no pictures found .*nothing\*.png: no image file"):
+    predict.find_pictures([f"{tmp_path}/nothing*.png"], False, str(tmp_path / "out"))
+  with pytest.raises(app.UsageError, match="no such file or folder"):
+    predict.find_pictures([str(tmp_path / "a.png"), str(tmp_path / "b.png")], False, "out")
+  (tmp_path / "a.png").write_bytes(b"")  # exists: read (and reported) later, like any picture
+  paths, _ = predict.find_pictures([str(tmp_path / "a.png"), str(tmp_path / "b.png")], False,
+                                   "out")
+  assert [path.name for path in paths] == ["a.png", "b.png"]
+  assert not (tmp_path / "out").exists()
 
 
 def test_degenerate_masks_warning_rule():

@@ -7,6 +7,8 @@ import tensorflow as tf
 from dunet import checkpoint as checkpoint_lib
 from dunet import serving
 from dunet.data import prepare, preprocess
+from dunet.errors import CheckpointError
+from dunet.errors import ConfigError
 from dunet.models import DoubleUNet
 
 SIZE = 64
@@ -88,7 +90,7 @@ def test_serve_model_size_takes_only_the_model_size(model):
     (64, 64, "imagenet", "unknown preprocessing"),
 ])
 def test_segmenter_rejects_bad_settings(model, height, width, preprocessing, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ConfigError, match=message):
     serving.Segmenter(model, height, width, preprocessing)
 
 
@@ -105,7 +107,7 @@ def test_saved_model_round_trip(tmp_path, model, images):
   by_key = loaded.module.signatures["model_size"](images=tf.constant(pictures))
   np.testing.assert_allclose(by_key["probability"].numpy(),
                              segmenter(pictures)["probability"].numpy(), atol=1e-6)
-  with pytest.raises(ValueError, match="exported with height 64, not 128"):
+  with pytest.raises(ConfigError, match="exported with height 64, not 128"):
     serving.load_segmenter(str(tmp_path / "saved"), height=128)
 
 
@@ -113,7 +115,7 @@ def test_a_foreign_saved_model_is_refused(tmp_path):
   module = tf.Module()
   module.f = tf.function(lambda x: x, input_signature=[tf.TensorSpec([None], tf.float32)])
   tf.saved_model.save(module, str(tmp_path / "other"))
-  with pytest.raises(ValueError, match="not one dunet exported"):
+  with pytest.raises(CheckpointError, match="not one dunet exported"):
     serving.load_segmenter(str(tmp_path / "other"))
 
 
@@ -138,7 +140,7 @@ def test_load_from_a_workdir_and_a_prefix(tmp_path, model, images):
 
 def test_load_needs_an_input_size(tmp_path, model):
   _write_run(tmp_path, model, {"preprocessing": "reference"})
-  with pytest.raises(ValueError, match="records no input size"):
+  with pytest.raises(ConfigError, match="records no input size"):
     serving.load_segmenter(str(tmp_path))
   loaded = serving.load_segmenter(str(tmp_path), height=32, width=48)
   assert (loaded.height, loaded.width, loaded.preprocessing) == (32, 48, "reference")
@@ -147,6 +149,17 @@ def test_load_needs_an_input_size(tmp_path, model):
 def test_load_without_a_checkpoint_names_the_path(tmp_path):
   with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match=str(tmp_path)):
     serving.load_segmenter(str(tmp_path))
+  # The same check without loading, as the programs make it before anything else.
+  with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match=str(tmp_path)):
+    serving.resolve_model_source(str(tmp_path))
+
+
+def test_resolve_model_source_finds_checkpoints_and_saved_models(tmp_path, model):
+  prefix = _write_run(tmp_path / "run", model, {"height": SIZE, "width": SIZE})
+  assert serving.resolve_model_source(str(tmp_path / "run")) == prefix
+  segmenter = serving.Segmenter(model, SIZE, SIZE, "unit")
+  tf.saved_model.save(segmenter, str(tmp_path / "saved"), signatures=segmenter.signatures())
+  assert serving.resolve_model_source(str(tmp_path / "saved")) == str(tmp_path / "saved")
 
 
 def _asymmetric_serve(images):
@@ -169,5 +182,5 @@ def test_flip_tta_flips_back_and_averages(images):
 
 
 def test_flip_tta_rejects_unknown_flips(images):
-  with pytest.raises(ValueError, match="unknown flip 'diagonal'"):
+  with pytest.raises(ConfigError, match="unknown flip 'diagonal'"):
     serving.flip_tta(_asymmetric_serve, tf.constant(images), flips=("diagonal",))

@@ -129,6 +129,59 @@ def test_photometric_changes_the_image_only(name, probabilities):
     assert 0.05 < changed.mean() < 0.25
 
 
+def _hsv(image):
+  """Hue (fraction of the circle), saturation and value of an RGB float image in [0, 1]."""
+  hsv = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2HSV)
+  return hsv[..., 0] / 360.0, hsv[..., 1], hsv[..., 2]
+
+
+def _measured_jitter(name, before, after):
+  """The one brightness delta, contrast factor, saturation factor or hue shift (fraction of the
+  hue circle) that turned `before` into `after` (both [0, 1]); asserts it is one number."""
+  if name == "brightness":
+    deltas = after - before
+  elif name == "contrast":
+    # tf.image.adjust_contrast: (x - channel mean) * factor + channel mean.
+    centred = before - before.mean(axis=(0, 1))
+    deltas = (after - after.mean(axis=(0, 1)))[np.abs(centred) > 0.05] / centred[
+        np.abs(centred) > 0.05]
+  else:
+    hue_before, saturation_before, value_before = _hsv(before)
+    hue_after, saturation_after, value_after = _hsv(after)
+    np.testing.assert_allclose(value_after, value_before, atol=1e-5)
+    if name == "saturation":
+      np.testing.assert_allclose(hue_after, hue_before, atol=1e-4)
+      deltas = saturation_after / saturation_before
+    else:
+      np.testing.assert_allclose(saturation_after, saturation_before, atol=1e-4)
+      deltas = (hue_after - hue_before + 0.5) % 1.0 - 0.5
+  assert np.ptp(deltas) < 2e-3, f"{name} is not one delta/factor: spread {np.ptp(deltas)}"
+  return float(np.median(deltas))
+
+
+# Settings wider than the defaults; the image stays in [90, 165] (saturation <= 0.45), so none of
+# these settings clips a value and each jitter can be read back exactly from input and output.
+@pytest.mark.parametrize("name, probabilities, low, high", [
+    ("brightness", dict(p_brightness=1.0, brightness_delta=0.3), -0.3, 0.3),
+    ("contrast", dict(p_contrast=1.0, min_contrast=0.5, max_contrast=1.5), 0.5, 1.5),
+    ("saturation", dict(p_saturation=1.0, min_saturation=0.3, max_saturation=2.0), 0.3, 2.0),
+    ("hue", dict(p_hue=1.0, hue_delta=0.2), -0.2, 0.2),
+])
+def test_colour_jitter_stays_within_its_bounds_and_reaches_them(name, probabilities, low, high):
+  image = np.random.default_rng(3).integers(90, 166, (16, 16, 3), dtype=np.uint8)
+  config = only(**probabilities)
+  mask = np.zeros((16, 16), np.uint8)
+  measured = [_measured_jitter(name, image / 255.0, run(config, [seed, 7], image, mask)[0] / 255.0)
+              for seed in range(60)]
+  assert low - 1e-3 <= min(measured) and max(measured) <= high + 1e-3, (min(measured),
+                                                                         max(measured))
+  # Uniform draws: 60 of them come within a tenth of the range of each end (each misses with
+  # probability 0.9**60 = 0.2%; the seeds are fixed, so this is checked once and for all).
+  margin = 0.1 * (high - low)
+  assert min(measured) < low + margin and max(measured) > high - margin, (min(measured),
+                                                                          max(measured))
+
+
 def test_same_seed_same_result_other_seed_other_result():
   mask = shapes_mask()
   image = derived_image(mask)

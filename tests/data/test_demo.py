@@ -1,12 +1,12 @@
 """The synthetic demo data set: deterministic, varied, not solvable by colour, ready to train."""
 
-import time
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from dunet.data import demo, layouts, pipeline
+from dunet.data import demo, layouts, pipeline, prepare
 
 
 def files(folder):
@@ -64,19 +64,41 @@ def test_colour_alone_does_not_find_the_polyps():
   assert best < 0.5
 
 
-def test_two_hundred_pictures_are_quick():
-  start = time.perf_counter()
-  for index in range(200):
-    demo.draw_example(0, index, 128, 128)
-  assert time.perf_counter() - start < 15.0
+def _spy(monkeypatch, module, name):
+  """Replaces module.name by a wrapper that records each call's arguments; returns the list."""
+  calls = []
+  original = getattr(module, name)
+
+  def recording(*args, **kwargs):
+    calls.append((args, kwargs))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, recording)
+  return calls
 
 
-def test_ensure_demo_data_prepares_once(tmp_path):
+def test_each_picture_is_drawn_once(tmp_path, monkeypatch):
+  """Generation draws each picture once, by index (how fast a draw is: not a test's business)."""
+  draws = _spy(monkeypatch, demo, "draw_example")
+  demo.generate_demo_dataset(tmp_path / "raw", count=5, height=32, width=48, seed=2)
+  assert sorted(args for args, _ in draws) == [(2, index, 32, 48) for index in range(5)]
+
+
+def test_ensure_demo_data_prepares_once(tmp_path, monkeypatch):
+  draws = _spy(monkeypatch, demo, "draw_example")
+  preparations = _spy(monkeypatch, prepare, "prepare_dataset")
   prepared = demo.ensure_demo_data(tmp_path, count=20, height=32, width=32, seed=4)
+  assert (len(draws), len(preparations)) == (20, 1)
   assert pipeline.count_examples(prepared, "train") == 16
   assert pipeline.read_data_info(prepared)["height"] == 32
   summary = Path(prepared) / "summary.json"
   stamp = summary.stat().st_mtime_ns
+  # The second call reuses everything: nothing drawn, nothing prepared, nothing rewritten.
   assert demo.ensure_demo_data(tmp_path, count=20, height=32, width=32, seed=4) == prepared
+  assert (len(draws), len(preparations)) == (20, 1)
   assert summary.stat().st_mtime_ns == stamp
   assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+  # Prepared records lost, raw pictures kept: prepared again from them, not redrawn.
+  shutil.rmtree(prepared)
+  assert demo.ensure_demo_data(tmp_path, count=20, height=32, width=32, seed=4) == prepared
+  assert (len(draws), len(preparations)) == (20, 2)

@@ -34,6 +34,7 @@ from dunet.data import prepare
 from dunet.data import records
 from dunet.errors import ConfigError
 from dunet.errors import DataError
+from dunet.models import DoubleUNet
 from dunet.models import vgg19
 from dunet.models.doubleunet import SIZE_DIVISOR
 
@@ -109,7 +110,8 @@ class Trainer:
 
   def __init__(self, config: TrainConfig, data: PreparedData, strategy: tf.distribute.Strategy,
                policy: precision.Policy,
-               step_context: Callable[[int], ContextManager] = _no_context):
+               step_context: Callable[[int], ContextManager] = _no_context,
+               make_model: Callable[..., tf.Module] = DoubleUNet):
     """Builds every variable (under `strategy.scope()`) and the step functions.
 
     Args:
@@ -118,6 +120,7 @@ class Trainer:
       strategy: where to train.
       policy: the resolved precision policy.
       step_context: step number (1-based) -> a context each step runs in (the profiler's).
+      make_model: the model class (tests use small stand-ins with DoubleUNet's outputs).
     """
     self.config, self.data, self.strategy, self.policy = config, data, strategy, policy
     # What each step runs in (the controller's profiler); public so the controller can set it.
@@ -125,7 +128,7 @@ class Trainer:
     optimization = config.optimization
     self.parts = builder.build_training_parts(
         policy, optimization.optimizer, optimization.learning_rate, strategy=strategy,
-        model_options=dict(batch_norm_momentum=config.model.batch_norm_momentum,
+        make_model=make_model, model_options=dict(batch_norm_momentum=config.model.batch_norm_momentum,
                            vgg19_kernel_init=config.model.vgg19_init),
         initial_loss_scale=config.runtime.initial_loss_scale,
         loss_scale_growth_interval=config.runtime.loss_scale_growth_interval)

@@ -3,7 +3,7 @@
   python profiling/bench.py --height=128 --width=128 --batch=4 --steps=10 \
       --precision=float32 --jit_compile=false
 
-Times the exact training function dunet.train runs (dunet.runner over dunet.step.train_step) on a
+Times the exact training function dunet.train runs (dunet.builder: dunet.runner over dunet.step.train_step) on a
 fixed synthetic batch, so the input pipeline is not measured (profiling/bench_input.py does that).
 After warm-up, `--windows` windows of `--steps` steps are timed and the median reported.
 MFU = analytic training FLOPs per image (3 x the forward FLOPs of the traced convolutions) x
@@ -17,7 +17,6 @@ profiling/results/bench.md and writes the JSON next to it.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import resource
@@ -30,13 +29,10 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
+from dunet import builder
 from dunet import flops
 from dunet import losses
-from dunet import optim
 from dunet import precision
-from dunet import runner
-from dunet import step as step_lib
-from dunet.models import DoubleUNet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_description  # noqa: E402  pylint: disable=wrong-import-position
@@ -89,13 +85,11 @@ def run_benchmark() -> Dict[str, object]:
   tf.random.set_seed(0)
   policy = precision.Policy(precision.resolve_policy_name(FLAGS.precision))
   strategy = tf.distribute.get_strategy()
-  model = DoubleUNet(compute_dtype=policy.compute_dtype)
-  optimizer = optim.make_optimizer("nadam", 1e-5, model.trainable_variables)
-  loss_scale = precision.make_loss_scale(policy)
-  replica_step = functools.partial(step_lib.train_step, model, optimizer, loss_scale,
-                                   loss_fn=losses.binary_cross_entropy, head_weights=(1.0, 1.0),
-                                   global_batch_size=FLAGS.batch)
-  train_function = runner.make_train_function(strategy, replica_step, FLAGS.jit_compile)
+  parts = builder.build_training_parts(policy, "nadam", 1e-5, strategy=strategy)
+  model = parts.model
+  train_function = builder.make_train_function(
+      parts, loss_fn=losses.binary_cross_entropy, head_weights=(1.0, 1.0),
+      global_batch_size=FLAGS.batch, strategy=strategy, jit_compile=FLAGS.jit_compile)
   shape = [FLAGS.batch, FLAGS.height, FLAGS.width]
   batch = {"image": tf.random.uniform(shape + [3]),
            "mask": tf.cast(tf.random.uniform(shape + [1]) > 0.7, tf.float32)}

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dunet import checkpoint as checkpoint_lib  # noqa: E402
 from dunet import train  # noqa: E402  (defines the training flags)
 import summarize_trace  # noqa: E402
 
@@ -31,14 +32,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.logdir:
     raise app.UsageError("--logdir is required (a fresh folder: the trace and a short run go there)")
-  if train.checkpoint_lib.latest_checkpoint(FLAGS.logdir):
+  if checkpoint_lib.latest_checkpoint(FLAGS.logdir):
     raise app.UsageError(f"{FLAGS.logdir} already holds a run; use a fresh --logdir")
   first, last = FLAGS.skip_steps + 1, FLAGS.skip_steps + FLAGS.trace_steps
-  FLAGS.workdir = FLAGS.logdir
-  FLAGS.max_steps = last
-  FLAGS.profile_steps = f"{first},{last}"
-  FLAGS.epochs = max(FLAGS.epochs, 1)
-  train.train(FLAGS.logdir)
+  config = train.config_from_flags(FLAGS).updated(max_steps=last,
+                                                  profile_steps=f"{first},{last}",
+                                                  epochs=max(FLAGS.epochs, 1))
+  train.train(config, FLAGS.logdir)
   paths = summarize_trace.find_trace_files(FLAGS.logdir)
   print(f"trace of steps {first}-{last}: {', '.join(paths)}")
   tool = "hlo_stats" if FLAGS.jit_compile else "framework_op_stats"

@@ -22,19 +22,17 @@ gradients, and two runs drift apart within a few steps. Hence two measurements:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from dunet import builder
 from dunet import keras_h5
 from dunet import losses
 from dunet import optim
 from dunet import precision
-from dunet import runner
-from dunet import step as step_lib
 from dunet.models import DoubleUNet
 from tests import keras_reference
 
@@ -134,12 +132,13 @@ def relative_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> flo
 def dunet_train_function(pair: Pair, optimizer_name: str, loss_name: str):
   """(optimizer, tf.function(batch) -> measurements): dunet's own step, reference reduction."""
   optimizer = optim.make_optimizer(optimizer_name, LEARNING_RATE, pair.model.trainable_variables)
-  loss_scale = precision.make_loss_scale(precision.Policy("float32"))
-  replica_step = functools.partial(
-      step_lib.train_step, pair.model, optimizer, loss_scale,
-      loss_fn=losses.make_heads_loss(loss_name, losses.REFERENCE), head_weights=(1.0, 1.0),
+  # The model exists already (Keras' weights): only optimizer and loss scale are new here.
+  parts = builder.TrainingParts(model=pair.model, optimizer=optimizer,
+                                loss_scale=precision.make_loss_scale(precision.Policy("float32")),
+                                policy=precision.Policy("float32"))
+  return optimizer, builder.make_train_function(
+      parts, loss_fn=losses.make_heads_loss(loss_name, losses.REFERENCE), head_weights=(1.0, 1.0),
       global_batch_size=BATCH)
-  return optimizer, runner.make_train_function(tf.distribute.get_strategy(), replica_step)
 
 
 def _as_batch(images: np.ndarray, masks: np.ndarray) -> Dict[str, tf.Tensor]:

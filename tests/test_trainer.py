@@ -1,0 +1,103 @@
+"""dunet/trainer.py: the input checks, N training steps, and a validation on a tiny model."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dunet import precision
+from dunet import trainer as trainer_lib
+from dunet.config import TrainConfig
+from dunet.data import demo
+from dunet.data import pipeline
+from dunet.data.augment import AugmentConfig
+from dunet.errors import ConfigError
+from dunet.errors import DataError
+from dunet.models.doubleunet import DoubleUNetOutputs
+from dunet.nn.batch_norm import BatchNorm
+from dunet.nn.conv import Conv2D
+
+SIZE = 32
+
+
+class _TinyNet(tf.Module):
+  """conv -> BatchNorm -> ReLU -> two 1x1 heads: DoubleU-Net's outputs at a tiny cost."""
+
+  def __init__(self, compute_dtype=tf.float32, batch_norm_momentum=0.99, **unused):
+    super().__init__()
+    del unused
+    self.conv = Conv2D(3, 4, 3, compute_dtype=compute_dtype)
+    self.bn = BatchNorm(4, momentum=batch_norm_momentum)
+    self.head1 = Conv2D(4, 1, 1, compute_dtype=compute_dtype)
+    self.head2 = Conv2D(4, 1, 1, compute_dtype=compute_dtype)
+
+  def __call__(self, images, is_training):
+    features = tf.nn.relu(self.bn(self.conv(images), is_training))
+    return DoubleUNetOutputs(tf.cast(self.head1(features), tf.float32),
+                             tf.cast(self.head2(features), tf.float32))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """24 demo pictures at 32x32: 20 train (5 steps of 4), 2 valid, 2 test."""
+  return demo.ensure_demo_data(tmp_path_factory.mktemp("demo"), count=24, height=SIZE,
+                               width=SIZE, seed=1)
+
+
+def _config(data_dir, **settings):
+  defaults = dict(data_dir=str(data_dir), batch_size=4, epochs=2, preprocessing="unit",
+                  augment=AugmentConfig.none(), precision="float32", lr_schedule="constant",
+                  seed=7)
+  return TrainConfig().updated(**dict(defaults, **settings))
+
+
+def _trainer(config):
+  tf.random.set_seed(config.seed)
+  return trainer_lib.Trainer(config, trainer_lib.check_inputs(config),
+                             tf.distribute.get_strategy(), precision.Policy("float32"),
+                             make_model=_TinyNet)
+
+
+def test_check_inputs_counts_steps_and_names_problems(data_dir, tmp_path):
+  data = trainer_lib.check_inputs(_config(data_dir, max_steps=7))
+  assert (data.height, data.width, data.train_examples, data.steps_per_epoch,
+          data.total_steps) == (SIZE, SIZE, 20, 5, 7)
+  with pytest.raises(ConfigError, match="fewer than --batch_size=32"):
+    trainer_lib.check_inputs(_config(data_dir, batch_size=32))
+  with pytest.raises(ConfigError, match="differ from the prepared data"):
+    trainer_lib.check_inputs(_config(data_dir, height=64, width=64))
+  with pytest.raises(DataError, match=f"^{tmp_path}: no prepared data"):
+    trainer_lib.check_inputs(_config(tmp_path))
+
+
+def test_train_runs_n_steps_and_stops_when_asked(data_dir):
+  trainer = _trainer(_config(data_dir))
+  measurements = trainer.train(3)
+  assert len(measurements) == 3 and trainer.step == 3
+  assert all(np.isfinite(m["loss/total"]) and m["update_applied"] == 1.0 for m in measurements)
+  assert len(trainer.train(10, should_stop=lambda: True)) == 1 and trainer.step == 4
+
+
+def test_evaluate_recomputes_statistics_then_scores_the_validation_set(data_dir):
+  trainer = _trainer(_config(data_dir, batch_norm_statistics="precise", precise_bn_batches=2,
+                             loss="bce"))
+  trainer.train(2)
+  seen = []
+  values = trainer.evaluate(on_first_batch=lambda batch, result: seen.append(batch))
+  # The recomputed statistics are the population moments of training batches, not the moving
+  # averages (momentum 0.99 after 2 steps: still near their initial 0 and 1).
+  assert np.abs(trainer.model.bn.moving_mean.numpy()).max() > 0.01
+  # Losses and DSC recomputed independently, in numpy, from the model's outputs.
+  valid = next(iter(pipeline.make_eval_dataset(data_dir, "valid", batch_size=4,
+                                               preprocessing="unit")))
+  assert len(seen) == 1 and seen[0]["image"].shape[0] == 2
+  outputs = [l.numpy().astype(np.float64) for l in trainer.model(valid["image"],
+                                                                 is_training=False)]
+  masks = valid["mask"].numpy() >= 0.5
+  bce = [np.mean(np.maximum(x, 0) - x * masks + np.log1p(np.exp(-np.abs(x)))) for x in outputs]
+  np.testing.assert_allclose(values["loss/total"], sum(bce), rtol=1e-5)
+  predicted = 1.0 / (1.0 + np.exp(-outputs[1])) >= 0.5
+  tp = (predicted & masks).sum(axis=(1, 2, 3))
+  wrong = (predicted ^ masks).sum(axis=(1, 2, 3))
+  dsc = np.where(2 * tp + wrong > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 1.0)
+  np.testing.assert_allclose(values["head2/per_image/dsc"], dsc.mean(), rtol=1e-6)
+  assert {"head1/pooled/iou", "loss/head1", "loss/head2"} <= set(values)

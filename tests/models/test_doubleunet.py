@@ -1,4 +1,4 @@
-"""DoubleUNet: shapes, variable counts, gradients, BatchNorm modes, mixed precision, input checks."""
+"""DoubleUNet: shapes, variable counts, gradients, BatchNorm modes, low precision, input checks."""
 
 import numpy as np
 import pytest

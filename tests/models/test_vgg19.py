@@ -114,7 +114,8 @@ def test_missing_layer_is_named(tmp_path, model):
 def test_wrong_shape_is_named(tmp_path, model):
   path = tmp_path / "vgg16ish.h5"
   write_keras_notop_h5(path, _known_weights(), shape_override={"block3_conv1": (3, 3, 64, 256)})
-  with pytest.raises(vgg19.WeightFileError, match=r"block3_conv1 kernel has shape \(3, 3, 64, 256\)"):
+  with pytest.raises(vgg19.WeightFileError,
+                     match=r"block3_conv1 kernel has shape \(3, 3, 64, 256\)"):
     vgg19.load_imagenet_weights(model, str(path))
 
 

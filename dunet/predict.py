@@ -133,6 +133,42 @@ def degenerate_masks_warning(foreground_fractions: Sequence[float]) -> Optional[
   return None
 
 
+class _ReadablePictures:
+  """The pictures that can be read, in order, read by a few threads; the others are named on
+  stderr at once and collected in `skipped`."""
+
+  def __init__(self, paths: Sequence[Path], workers: int, bar: inference.ImageProgress):
+    self.paths, self.workers, self.bar = paths, workers, bar
+    self.skipped: List[Dict[str, str]] = []
+    self._unreported = 0  # skipped pictures not yet counted by the progress line
+
+  @staticmethod
+  def _read(path: Path):
+    try:
+      image, notes = readers.read_image(path)
+    except DataError as error:
+      return path, error, []
+    return path, image, notes
+
+  def take_unreported(self) -> int:
+    """Skipped pictures since the last call: counted with the next batch, since a progress
+    report between two reads would measure a throughput over microseconds."""
+    count, self._unreported = self._unreported, 0
+    return count
+
+  def __iter__(self) -> Iterator[Tuple[Path, np.ndarray]]:
+    for path, image, notes in readers.ordered_map(self._read, self.paths, self.workers):
+      if isinstance(image, DataError):
+        # Named at once on stderr, so a long run shows the problem before it ends.
+        self.bar.message(f"skipped {image}")
+        self.skipped.append({"file": str(path), "reason": image.problem})
+        self._unreported += 1
+        continue
+      for note in notes:
+        logging.info("%s", note)
+      yield path, image
+
+
 # ================================================================================================
 # Library entry point
 # ================================================================================================
@@ -179,35 +215,10 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
   for folder in [MASKS_DIR] + [OVERLAYS_DIR] * overlays + [PROBABILITIES_DIR] * probabilities:
     tf.io.gfile.makedirs(str(out_dir / folder))
   segment = inference.make_segment_fn(loaded, tta, flips)
-  skipped: List[Dict[str, str]] = list(input_problems)
-  records: List[Dict[str, object]] = []
-
   bar = inference.ImageProgress(len(paths), progress)
-  unreported = [0]  # skipped pictures not yet counted by the progress line
-
-  def read(path: Path):
-    try:
-      image, notes = readers.read_image(path)
-    except DataError as error:
-      return path, error, []
-    return path, image, notes
-
-  def readable() -> Iterator[Tuple[Path, np.ndarray]]:
-    workers_used = workers or min(4, os.cpu_count() or 1)
-    for path, image, notes in readers.ordered_map(read, paths, workers_used):
-      if isinstance(image, DataError):
-        # Named at once on stderr, so a long run shows the problem before it ends.
-        bar.message(f"skipped {image}")
-        skipped.append({"file": str(path), "reason": image.problem})
-        # Counted with the next batch: a progress report between two reads would measure a
-        # throughput over microseconds.
-        unreported[0] += 1
-        continue
-      for note in notes:
-        logging.info("%s", note)
-      yield path, image
-
-  for batch in inference.batches_by_size(readable(), lambda item: item[1].shape[:2], batch_size):
+  pictures = _ReadablePictures(paths, workers or min(4, os.cpu_count() or 1), bar)
+  records: List[Dict[str, object]] = []
+  for batch in inference.batches_by_size(pictures, lambda item: item[1].shape[:2], batch_size):
     result = segment(np.stack([image for _, image in batch]))
     for index, (path, image) in enumerate(batch):
       record = {"file": str(path), "height": image.shape[0], "width": image.shape[1]}
@@ -215,15 +226,13 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
                                    result[serving.PROBABILITY][index, :, :, 0], threshold,
                                    overlays, probabilities))
       records.append(record)
-    bar.advance(len(batch) + unreported[0])
-    unreported[0] = 0
-  bar.advance(unreported[0])
+    bar.advance(len(batch) + pictures.take_unreported())
+  bar.advance(pictures.take_unreported())
   bar.close()
   warnings = [text for text in [degenerate_masks_warning(
       [record["foreground_fraction"] for record in records])] if text]
   for text in warnings:
     logging.warning("%s", text)
-
   summary = {
       "format": SUMMARY_FORMAT,
       "model": {"source": loaded.source, "kind": loaded.kind, "input_height": loaded.height,
@@ -232,7 +241,7 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
       "tta": list(flips) if tta else None,
       "output": "head 2 (the final output)",
       "written": len(records),
-      "skipped": skipped,
+      "skipped": list(input_problems) + pictures.skipped,
       "warnings": warnings,
       "images": sorted(records, key=lambda record: record["file"]),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -13,8 +13,8 @@ that hands it to `run(main, program=..., help_groups=...)` here. That gives ever
   and "see --help", exit status 2; other `errors.DunetError`s as one line, exit status 1; any
   other exception is a bug and keeps its traceback.
 
-This module must not import TensorFlow: the console-script entry points (dunet/console.py) call
-`silence_startup` through it before anything imports TensorFlow.
+This module imports TensorFlow only inside `silence_startup`, which the command modules and the
+console-script entry points (dunet/console.py) call before anything else imports it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging as std_logging
 import os
 from pathlib import Path
 import sys
+import tempfile
 import textwrap
 from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 import warnings
@@ -42,6 +43,11 @@ QUIET_TF_CPP_MIN_LOG_LEVEL = "3"
 # numpy via TensorFlow), by the module that warns.
 _QUIET_WARNING_MODULES = ("tf2onnx", "onnx", "onnxruntime", "keras", "tensorflow", "google",
                           "absl", "numpy", "h5py")
+# What TensorFlow's C++ libraries print while they load (before absl::InitializeLog, so
+# TF_CPP_MIN_LOG_LEVEL does not reach them), by the source file or text of each line.
+_STARTUP_NOISE = ("absl::InitializeLog()", "port.cc:", "cudart_stub.cc:", "cpu_feature_guard.cc:",
+                  "To enable the following instructions:", "cuda_platform.cc:", "cuda_dnn.cc:",
+                  "cuda_fft.cc:", "cuda_blas.cc:", "computation_placer.cc:")
 USAGE_EXIT = 2
 ERROR_EXIT = 1
 
@@ -58,6 +64,35 @@ def is_verbose(argv: Optional[Sequence[str]] = None) -> bool:
   return False
 
 
+def _is_startup_noise(line: str) -> bool:
+  return any(marker in line for marker in _STARTUP_NOISE)
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with the process's stderr captured, and passes on all but the noise.
+
+  TensorFlow's C++ libraries log while they load, before absl::InitializeLog, and those lines
+  ignore TF_CPP_MIN_LOG_LEVEL; only the file descriptor can catch them. Lines that are not
+  known start-up noise are written back, and so is everything when the import fails.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as captured:
+    os.dup2(captured.fileno(), 2)
+    failed = True
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      failed = False
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      text = captured.read().decode("utf-8", errors="replace")
+      kept = [line for line in text.splitlines(keepends=True)
+              if failed or not _is_startup_noise(line)]
+      sys.stderr.write("".join(kept))
+
+
 def silence_startup(argv: Optional[Sequence[str]] = None) -> None:
   """Silences TensorFlow's C++ start-up lines and known deprecation warnings.
 
@@ -68,13 +103,24 @@ def silence_startup(argv: Optional[Sequence[str]] = None) -> None:
     return
   os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_CPP_MIN_LOG_LEVEL
   os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+  _import_tensorflow_quietly()
   for module in _QUIET_WARNING_MODULES:
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning, UserWarning):
       warnings.filterwarnings("ignore", category=category, module=rf"{module}(\.|$)")
-  # TensorFlow's Python logger: deprecation notices and internal INFO lines (checkpoint sharding
-  # timings...). dunet's own messages are logged by absl under other names and stay.
+  # TensorFlow's Python logger: deprecation notices and internal INFO lines.
   for name in ("tensorflow", "tf2onnx", "h5py"):
     std_logging.getLogger(name).setLevel(std_logging.ERROR)
+  # TensorFlow modules that log through absl, as dunet does (checkpoint sharding timings, renamed
+  # SavedModel captures, fingerprints): their INFO lines go, dunet's own stay.
+  std_logging.getLogger("absl").addFilter(_drop_third_party_info)
+
+
+def _drop_third_party_info(record: std_logging.LogRecord) -> bool:
+  """False (drop) for an INFO/DEBUG line logged from TensorFlow's or tf2onnx's own files."""
+  if record.levelno >= std_logging.WARNING:
+    return True
+  path = record.pathname.replace(os.sep, "/")
+  return not any(part in path for part in ("/tensorflow/", "/tf2onnx/", "/tf_keras/", "/keras/"))
 
 
 # ================================================================================================

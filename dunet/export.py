@@ -41,10 +41,6 @@ from dunet import cli  # noqa: E402
 from dunet import serving  # noqa: E402
 from dunet.data import preprocess  # noqa: E402
 from dunet.deploy import saved_model  # noqa: E402
-# The library moved to dunet/deploy/saved_model.py; these keep `dunet.export.NAME` callers working
-# (tests/test_keras_h5.py) until they import it from there.
-from dunet.deploy.saved_model import DEFAULT_TOLERANCE  # noqa: E402,F401
-from dunet.deploy.saved_model import export_saved_model  # noqa: E402,F401
 
 FLAGS = flags.FLAGS
 PROGRAM = "dunet-export"

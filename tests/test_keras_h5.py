@@ -222,7 +222,8 @@ def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_
   """What users do with converted weights: dunet's evaluate, predict and export read the workdir
   as they read a training run (input size and the reference preprocessing from config.json)."""
   import cv2  # pylint: disable=g-import-not-at-top
-  from dunet import evaluate, export, predict, serving  # pylint: disable=g-import-not-at-top
+  from dunet import evaluate, predict, serving  # pylint: disable=g-import-not-at-top
+  from dunet.deploy import saved_model  # pylint: disable=g-import-not-at-top
   from dunet.data import preprocess  # pylint: disable=g-import-not-at-top
 
   out_dir = tmp_path / "converted"
@@ -256,8 +257,8 @@ def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_
   written = cv2.imread(str(tmp_path / "predicted" / "masks" / "0.png"), cv2.IMREAD_UNCHANGED)
   assert written.shape == (50, 70)
 
-  exported = export.export_saved_model(str(out_dir), str(tmp_path / "saved_model"))
-  assert max(exported.parity.values()) <= export.DEFAULT_TOLERANCE
+  exported = saved_model.export_saved_model(str(out_dir), str(tmp_path / "saved_model"))
+  assert max(exported.parity.values()) <= saved_model.DEFAULT_TOLERANCE
   reloaded = serving.load_segmenter(str(tmp_path / "saved_model"))
   np.testing.assert_allclose(reloaded.serve(pictures)["probability"].numpy(),
                              loaded.serve(pictures)["probability"].numpy(), atol=1e-5)

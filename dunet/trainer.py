@@ -128,7 +128,8 @@ class Trainer:
     optimization = config.optimization
     self.parts = builder.build_training_parts(
         policy, optimization.optimizer, optimization.learning_rate, strategy=strategy,
-        make_model=make_model, model_options=dict(batch_norm_momentum=config.model.batch_norm_momentum,
+        make_model=make_model,
+        model_options=dict(batch_norm_momentum=config.model.batch_norm_momentum,
                            vgg19_kernel_init=config.model.vgg19_init),
         initial_loss_scale=config.runtime.initial_loss_scale,
         loss_scale_growth_interval=config.runtime.loss_scale_growth_interval)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -209,13 +210,26 @@ def test_flag_errors_are_clear(tmp_path, args, message):
   assert message in completed.stderr, completed.stderr[-2000:]
 
 
-def test_help_documents_flags():
+def test_help_groups_the_essential_flags_and_helpfull_documents_all():
   completed = _cli("--help")
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  for group in train.HELP_GROUPS:
+    assert f"{group[0]}:" in completed.stdout, group[0]
+    for name in group[1]:
+      assert f"--{name}\n" in completed.stdout or f"--[no]{name}\n" in completed.stdout, name
+  assert "--helpfull" in completed.stdout
+  full = _cli("--helpfull")
   for flag in ("--precision:", "jit_compile:", "--strategy:", "--vgg19_weights:",
                "--aug_p_flip_horizontal:", "--data_dir:", "--preprocessing:", "--loss_reduction:",
                "--batch_norm_statistics:", "--precise_bn_batches:", "--vgg19_init:",
                "--init_checkpoint:"):
-    assert flag in completed.stdout, flag
+    assert flag in full.stdout, flag
+
+
+def test_help_groups_name_only_flags():
+  from dunet import cli  # pylint: disable=import-outside-toplevel
+  names = [name for _, group in train.HELP_GROUPS for name in group]
+  assert set(cli.unknown_names(names, flags.FLAGS)) <= {"config", "verbose"}  # cli.run's own
 
 
 @pytest.mark.slow
@@ -240,6 +254,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
   assert metrics["stopped_by"] == "SIGTERM"
   step = int(tf.train.latest_checkpoint(str(workdir / "checkpoints")).rsplit("-", 1)[1])
   assert step == metrics["step"] >= 2
+  # A short summary for people (the JSON is in metrics.json), and flags.txt with dunet's flags.
+  assert f"Trained {step} steps in " in output and "(stopped by SIGTERM)" in output
+  assert f"Metrics: {workdir / 'metrics.json'}" in output
+  flag_lines = (workdir / "flags.txt").read_text().splitlines()
+  assert f"--workdir={workdir}" in flag_lines and "--batch_size=4" in flag_lines
+  assert "--noaugment" in flag_lines
+  assert not [line for line in flag_lines if line.startswith(("--logtostderr", "--test_"))]
 
 
 def _trainable_weights(prefix):

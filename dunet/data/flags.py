@@ -1,4 +1,6 @@
-"""absl flags of the input pipeline: data folder, preprocessing, shuffling and each augmentation."""
+"""absl flags of the input pipeline, for the dunet-train command line only (dunet/train.py
+imports it; library code takes a dunet.config.DataConfig): data folder, preprocessing, shuffling
+and each augmentation."""
 
 from __future__ import annotations
 

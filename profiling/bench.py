@@ -3,8 +3,9 @@
   python profiling/bench.py --height=128 --width=128 --batch=4 --steps=10 \
       --precision=float32 --jit_compile=false
 
-Times the exact training function dunet.train runs (dunet.builder: dunet.runner over dunet.step.train_step) on a
-fixed synthetic batch, so the input pipeline is not measured (profiling/bench_input.py does that).
+Times the exact training function dunet.train runs (built by dunet.builder: dunet.runner over
+dunet.step.train_step) on a fixed synthetic batch, so the input pipeline is not measured
+(profiling/bench_input.py does that).
 After warm-up, `--windows` windows of `--steps` steps are timed and the median reported.
 MFU = analytic training FLOPs per image (3 x the forward FLOPs of the traced convolutions) x
 images/s, over the peak convolution throughput measured in the same run with one large

@@ -110,7 +110,8 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
   again = tmp_path / "again"
   run_training(again, data_dir, deterministic=True, max_steps=7, augment=True,
                batch_norm_statistics="moving")
-  assert testing_utils.event_scalars(again / "train", "loss/total") == testing_utils.event_scalars(uninterrupted / "train", "loss/total")
+  assert testing_utils.event_scalars(again / "train", "loss/total") == (
+      testing_utils.event_scalars(uninterrupted / "train", "loss/total"))
   expected, with_moving = _model_variables(uninterrupted), _model_variables(again)
   statistics = [name for name in expected if "moving_" in name]
   assert statistics and len(statistics) < len(expected)
@@ -129,8 +130,8 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
   assert expected.keys() == got.keys()
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-  assert testing_utils.event_scalars(resumed / "train", "loss/total")[7] == testing_utils.event_scalars(uninterrupted / "train",
-                                                                  "loss/total")[7]
+  assert testing_utils.event_scalars(resumed / "train", "loss/total")[7] == (
+      testing_utils.event_scalars(uninterrupted / "train", "loss/total")[7])
 
 
 def _head_losses(model, images, masks):

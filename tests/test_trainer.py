@@ -90,8 +90,8 @@ def test_evaluate_recomputes_statistics_then_scores_the_validation_set(data_dir)
   valid = next(iter(pipeline.make_eval_dataset(data_dir, "valid", batch_size=4,
                                                preprocessing="unit")))
   assert len(seen) == 1 and seen[0]["image"].shape[0] == 2
-  outputs = [l.numpy().astype(np.float64) for l in trainer.model(valid["image"],
-                                                                 is_training=False)]
+  outputs = [logits.numpy().astype(np.float64)
+             for logits in trainer.model(valid["image"], is_training=False)]
   masks = valid["mask"].numpy() >= 0.5
   bce = [np.mean(np.maximum(x, 0) - x * masks + np.log1p(np.exp(-np.abs(x)))) for x in outputs]
   np.testing.assert_allclose(values["loss/total"], sum(bce), rtol=1e-5)

@@ -1,6 +1,6 @@
 """Training and inference throughput, memory and MFU of DoubleU-Net on this machine.
 
-  python profiling/bench.py --height=128 --width=128 --batch=4 --steps=10 \
+  python -m profiling.bench --height=128 --width=128 --batch=4 --steps=10 \
       --precision=float32 --jit_compile=false
 
 Times the exact training function dunet.train runs (built by dunet.builder: dunet.runner over
@@ -35,8 +35,7 @@ from dunet import flops
 from dunet import losses
 from dunet import precision
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_description  # noqa: E402  pylint: disable=wrong-import-position
+from profiling.machine import machine_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("height", 128, "Input height (divisible by 16).")
@@ -127,7 +126,7 @@ def run_benchmark() -> Dict[str, object]:
       "mfu": round(training_flops * train_images_per_s / peak, 4),
       "machine": machine_description(),
       "load_average_1min": round(os.getloadavg()[0], 2),
-      "command": " ".join(["python", "profiling/bench.py"] + sys.argv[1:]),
+      "command": " ".join(["python", "-m", "profiling.bench"] + sys.argv[1:]),
   }
 
 

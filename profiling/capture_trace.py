@@ -1,26 +1,24 @@
 """Runs a few training steps of a config under the profiler and prints the trace summary.
 
-  python profiling/capture_trace.py --flagfile=configs/demo.flags --logdir=runs/profile \
+  python -m profiling.capture_trace --config=demo --logdir=runs/profile \
       --skip_steps=3 --trace_steps=3
 
 Trains `skip_steps + trace_steps` steps into `--logdir` (a fresh workdir) with dunet.train,
 tracing the last `trace_steps` (after tracing and compilation are done), then summarises the trace
 (profiling/summarize_trace.py). `tensorboard --logdir=<logdir>` shows it in the Profile tab. On a
-GPU machine the trace holds the GPU kernels; here, host ops. Every dunet.train flag can be given.
+GPU machine the trace holds the GPU kernels; here, host ops. Every dunet-train flag can be given,
+and `--config=NAME` / `--flagfile=FILE` as dunet-train reads them.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dunet import checkpoint as checkpoint_lib  # noqa: E402
-from dunet import train  # noqa: E402  (defines the training flags)
-import summarize_trace  # noqa: E402
+from dunet import checkpoint as checkpoint_lib
+from dunet import cli
+from dunet import train  # (defines the training flags)
+from profiling import summarize_trace
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("skip_steps", 3, "Untraced steps first (tracing, compilation, warm-up).")
@@ -47,4 +45,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, program="python -m profiling.capture_trace", configs=True,
+          help_groups=(("Trace", ("logdir", "skip_steps", "trace_steps", "top")),
+                       *train.HELP_GROUPS),
+          summary=cli.docstring_summary(__doc__))

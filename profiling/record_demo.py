@@ -1,6 +1,6 @@
 r"""Runs the README's first command (the demo training) and records its time and validation DSC.
 
-  python profiling/record_demo.py [--record] [--note="what changed"] [-- EXTRA TRAIN FLAGS]
+  python -m profiling.record_demo [--record] [--note="what changed"] [-- EXTRA TRAIN FLAGS]
 
 Runs `python -m dunet.train --flagfile=configs/demo.flags --workdir=<fresh temporary folder>`
 plus any flags after `--` (e.g. `-- --precision=float32`), times the whole command (data
@@ -25,9 +25,8 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import machine_description  # noqa: E402  pylint: disable=wrong-import-position
+from profiling.machine import machine_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("flagfile_path", os.path.join("configs", "demo.flags"),
@@ -80,7 +79,7 @@ def run_demo(extra_flags: Sequence[str]) -> Dict[str, object]:
       "load_average_1min": round(os.getloadavg()[0], 2),
       "workdir": workdir,
       "machine": machine_description(),
-      "command": " ".join(["python", "profiling/record_demo.py"] + sys.argv[1:]),
+      "command": " ".join(["python", "-m", "profiling.record_demo"] + sys.argv[1:]),
   }
 
 

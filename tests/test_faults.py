@@ -34,7 +34,7 @@ from dunet.errors import ConfigError
 from dunet.errors import DataError
 from dunet.errors import DivergedError
 from dunet.models import DoubleUNet
-from tests.data.conftest import make_generic, picture, write_mask
+from tests.data.helpers import make_generic, picture, write_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32

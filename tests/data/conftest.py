@@ -7,9 +7,6 @@ from pathlib import Path
 import pytest
 
 from dunet.data import demo, prepare
-# Re-exported until tests/test_faults.py imports them from tests.data.helpers; then drop this.
-from tests.data.helpers import (SIZE, make_generic, make_pairs, picture,  # noqa: F401
-                                write_mask, write_rgb)
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,11 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BENCH = os.path.join(REPO, "profiling", "bench.py")
 
 
 def _bench(*args):
-  return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", "profiling.bench", *args], capture_output=True,
+                        text=True,
                         timeout=600, cwd=REPO)
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "profiling", "record_demo.py")
+SCRIPT = ["-m", "profiling.record_demo"]
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_runs_the_demo_config_and_appends_a_row(tmp_path):
   extra = ["--demo_count=24", "--height=32", "--width=32", "--epochs=1", "--batch_size=4",
            f"--data_dir={tmp_path / 'data'}", "--precision=float32"]
   completed = subprocess.run(
-      [sys.executable, SCRIPT, "--record", f"--results_dir={tmp_path}", "--note=tiny", "--",
+      [sys.executable, *SCRIPT, "--record", f"--results_dir={tmp_path}", "--note=tiny", "--",
        *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -31,7 +31,7 @@ def test_runs_the_demo_config_and_appends_a_row(tmp_path):
 
 
 def test_rejects_stray_arguments():
-  completed = subprocess.run([sys.executable, SCRIPT, "--", "epochs=1"], cwd=REPO,
+  completed = subprocess.run([sys.executable, *SCRIPT, "--", "epochs=1"], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
   assert completed.returncode != 0
   assert "must look like --name=value" in completed.stderr

@@ -18,8 +18,9 @@ class BuildPyWithConfigs(build_py):
       return
     target = os.path.join(self.build_lib, "dunet", "configs")
     self.mkpath(target)
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              "configs", "*.flags"))):
+    for path in sorted(
+      glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "*.flags"))
+    ):
       self.copy_file(path, target)
 
 

@@ -23,19 +23,25 @@ from dunet.models import DoubleUNet
 @dataclasses.dataclass
 class TrainingParts:
   """The stateful pieces of training, created under one strategy's scope."""
+
   model: tf.Module
-  optimizer: Any        # a dunet.optim optimizer
-  loss_scale: Any       # a dunet.precision loss scale (a no-op one without float16)
+  optimizer: Any  # a dunet.optim optimizer
+  loss_scale: Any  # a dunet.precision loss scale (a no-op one without float16)
   policy: precision.Policy
 
 
-def build_training_parts(policy: precision.Policy, optimizer_name: str, learning_rate: float, *,
-                         strategy: Optional[tf.distribute.Strategy] = None,
-                         make_model: Callable[..., tf.Module] = DoubleUNet,
-                         model_options: Optional[Mapping[str, Any]] = None,
-                         optimizer_options: Optional[Mapping[str, Any]] = None,
-                         initial_loss_scale: float = 2.0**15,
-                         loss_scale_growth_interval: int = 2000) -> TrainingParts:
+def build_training_parts(
+  policy: precision.Policy,
+  optimizer_name: str,
+  learning_rate: float,
+  *,
+  strategy: Optional[tf.distribute.Strategy] = None,
+  make_model: Callable[..., tf.Module] = DoubleUNet,
+  model_options: Optional[Mapping[str, Any]] = None,
+  optimizer_options: Optional[Mapping[str, Any]] = None,
+  initial_loss_scale: float = 2.0**15,
+  loss_scale_growth_interval: int = 2000,
+) -> TrainingParts:
   """Creates model, optimizer and loss scale, in this order, under `strategy.scope()`.
 
   Args:
@@ -57,19 +63,25 @@ def build_training_parts(policy: precision.Policy, optimizer_name: str, learning
   strategy = strategy or tf.distribute.get_strategy()
   with strategy.scope():
     model = make_model(compute_dtype=policy.compute_dtype, **dict(model_options or {}))
-    optimizer = optim.make_optimizer(optimizer_name, learning_rate, model.trainable_variables,
-                                     **dict(optimizer_options or {}))
-    loss_scale = precision.make_loss_scale(policy, initial_scale=initial_loss_scale,
-                                           growth_interval=loss_scale_growth_interval)
+    optimizer = optim.make_optimizer(
+      optimizer_name, learning_rate, model.trainable_variables, **dict(optimizer_options or {})
+    )
+    loss_scale = precision.make_loss_scale(
+      policy, initial_scale=initial_loss_scale, growth_interval=loss_scale_growth_interval
+    )
   return TrainingParts(model=model, optimizer=optimizer, loss_scale=loss_scale, policy=policy)
 
 
-def make_train_function(parts: TrainingParts, *, loss_fn: Callable,
-                        head_weights: Sequence[float], global_batch_size: int,
-                        strategy: Optional[tf.distribute.Strategy] = None,
-                        jit_compile: bool = False,
-                        global_step: Optional[tf.Variable] = None
-                        ) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
+def make_train_function(
+  parts: TrainingParts,
+  *,
+  loss_fn: Callable,
+  head_weights: Sequence[float],
+  global_batch_size: int,
+  strategy: Optional[tf.distribute.Strategy] = None,
+  jit_compile: bool = False,
+  global_step: Optional[tf.Variable] = None,
+) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
   """tf.function(batch) -> measurements reduced across replicas: dunet.step.train_step per replica.
 
   Args:
@@ -81,16 +93,26 @@ def make_train_function(parts: TrainingParts, *, loss_fn: Callable,
     jit_compile: compile each replica's step with XLA.
     global_step: incremented once per call, if given.
   """
-  replica_step = functools.partial(step_lib.train_step, parts.model, parts.optimizer,
-                                   parts.loss_scale, loss_fn=loss_fn, head_weights=head_weights,
-                                   global_batch_size=global_batch_size)
-  return runner.make_train_function(strategy or tf.distribute.get_strategy(), replica_step,
-                                    jit_compile, global_step)
+  replica_step = functools.partial(
+    step_lib.train_step,
+    parts.model,
+    parts.optimizer,
+    parts.loss_scale,
+    loss_fn=loss_fn,
+    head_weights=head_weights,
+    global_batch_size=global_batch_size,
+  )
+  return runner.make_train_function(
+    strategy or tf.distribute.get_strategy(), replica_step, jit_compile, global_step
+  )
 
 
-def make_eval_function(model: tf.Module, *, loss_fn: Callable, head_weights: Sequence[float],
-                       threshold: float = 0.5
-                       ) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
+def make_eval_function(
+  model: tf.Module, *, loss_fn: Callable, head_weights: Sequence[float], threshold: float = 0.5
+) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
   """tf.function(batch) -> dunet.step.eval_step's losses, confusion counts and probabilities."""
-  return tf.function(functools.partial(step_lib.eval_step, model, loss_fn=loss_fn,
-                                       head_weights=head_weights, threshold=threshold))
+  return tf.function(
+    functools.partial(
+      step_lib.eval_step, model, loss_fn=loss_fn, head_weights=head_weights, threshold=threshold
+    )
+  )

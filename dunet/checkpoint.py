@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import logging
 import numpy as np
 import tensorflow as tf
+
 # The state file's own writer (atomic, relative paths): what tf.train.CheckpointManager uses.
 # pylint: disable-next=g-direct-tensorflow-import
 from tensorflow.python.checkpoint import checkpoint_management
@@ -82,8 +83,7 @@ def listed_checkpoints(directory: str) -> List[str]:
   state = tf.train.get_checkpoint_state(directory)
   if state is None:
     return []
-  paths = [path for path in state.all_model_checkpoint_paths
-           if path != state.model_checkpoint_path]
+  paths = [path for path in state.all_model_checkpoint_paths if path != state.model_checkpoint_path]
   return paths + [state.model_checkpoint_path]
 
 
@@ -97,8 +97,11 @@ def _newest_existing(directory: str) -> Optional[str]:
   for prefix in reversed(listed):
     if _exists(prefix):
       return prefix
-    logging.warning("%s is listed in %s but its files are missing; trying an older one", prefix,
-                    os.path.join(directory, STATE_FILENAME))
+    logging.warning(
+      "%s is listed in %s but its files are missing; trying an older one",
+      prefix,
+      os.path.join(directory, STATE_FILENAME),
+    )
   return None
 
 
@@ -142,9 +145,10 @@ def resolve_checkpoint(path: str, prefer: str = "best") -> str:
     if found:
       return found
   raise CheckpointNotFoundError(
-      f"no checkpoint at {path!r}: expected a workdir with {BEST_SUBDIR}/ or "
-      f"{CHECKPOINT_SUBDIR}/, a folder with a 'checkpoint' file, or a prefix like .../ckpt-12 "
-      "(with its .index file)")
+    f"no checkpoint at {path!r}: expected a workdir with {BEST_SUBDIR}/ or "
+    f"{CHECKPOINT_SUBDIR}/, a folder with a 'checkpoint' file, or a prefix like .../ckpt-12 "
+    "(with its .index file)"
+  )
 
 
 def restore_model(model: tf.Module, path: str, prefer: str = "best") -> str:
@@ -181,8 +185,9 @@ def read_scalar(prefix: Optional[str], name: str, default: Any = None) -> Any:
 # ==================================================================================================
 # Restoring a run
 # ==================================================================================================
-def restore_newest(checkpoint: tf.train.Checkpoint, directory: str,
-                   repair: bool = False) -> Optional[str]:
+def restore_newest(
+  checkpoint: tf.train.Checkpoint, directory: str, repair: bool = False
+) -> Optional[str]:
   """Restores the newest readable checkpoint of `directory` into `checkpoint`.
 
   The checkpoints the state file lists are tried newest first (without a state file: the
@@ -206,22 +211,28 @@ def restore_newest(checkpoint: tf.train.Checkpoint, directory: str,
   if not candidates:
     candidates = sorted(_prefixes_on_disk(directory), key=step_of, reverse=True)
     if candidates:
-      logging.warning("%s has checkpoint files but no readable state file; trying %s", directory,
-                      ", ".join(os.path.basename(prefix) for prefix in candidates))
+      logging.warning(
+        "%s has checkpoint files but no readable state file; trying %s",
+        directory,
+        ", ".join(os.path.basename(prefix) for prefix in candidates),
+      )
   failures = []
   for prefix in candidates:
     try:
       status = checkpoint.read(prefix)
     except _READ_ERRORS as error:
       failures.append((prefix, _short_message(error)))
-      logging.warning("cannot read checkpoint %s (%s); trying an older one", prefix,
-                      failures[-1][1])
+      logging.warning(
+        "cannot read checkpoint %s (%s); trying an older one", prefix, failures[-1][1]
+      )
       continue
     try:
       status.assert_existing_objects_matched()
     except AssertionError as error:
-      raise ValueError(f"checkpoint {prefix} does not match this run (were flags such as "
-                       f"--optimizer or --precision changed?): {error}") from error
+      raise ValueError(
+        f"checkpoint {prefix} does not match this run (were flags such as "
+        f"--optimizer or --precision changed?): {error}"
+      ) from error
     status.expect_partial()  # extra values are fine (e.g. save_counter of older checkpoints)
     if failures and repair:
       _set_aside(directory, [failed for failed, _ in failures], listed, prefix)
@@ -229,8 +240,9 @@ def restore_newest(checkpoint: tf.train.Checkpoint, directory: str,
   if failures:
     details = "; ".join(f"{prefix}: {problem}" for prefix, problem in failures)
     raise CheckpointReadError(
-        f"no checkpoint in {directory} can be read ({details}). Move the folder away (or delete "
-        "it) to start the run over.")
+      f"no checkpoint in {directory} can be read ({details}). Move the folder away (or delete "
+      "it) to start the run over."
+    )
   return None
 
 
@@ -243,16 +255,18 @@ def _set_aside(directory: str, broken: Sequence[str], listed: Sequence[str], goo
       tf.io.gfile.rename(path, os.path.join(target, os.path.basename(path)), overwrite=True)
     logging.warning("moved the unreadable checkpoint %s into %s", prefix, target)
   kept = [prefix for prefix in listed if prefix not in broken]
-  kept = kept[:kept.index(good) + 1] if good in kept else [good]
+  kept = kept[: kept.index(good) + 1] if good in kept else [good]
   _write_state(directory, kept)
 
 
 def _prefixes_on_disk(directory: str) -> List[str]:
   if not tf.io.gfile.isdir(directory):
     return []
-  return [os.path.join(directory, name[:-len(".index")])
-          for name in tf.io.gfile.listdir(directory)
-          if name.endswith(".index") and _PREFIX_PATTERN.match(name[:-len(".index")])]
+  return [
+    os.path.join(directory, name[: -len(".index")])
+    for name in tf.io.gfile.listdir(directory)
+    if name.endswith(".index") and _PREFIX_PATTERN.match(name[: -len(".index")])
+  ]
 
 
 def _short_message(error: BaseException) -> str:
@@ -278,8 +292,9 @@ def check_writable(workdir: str) -> None:
       handle.write("ok")
     tf.io.gfile.remove(probe)
   except (OSError, tf.errors.OpError) as error:
-    raise CheckpointWriteError(f"cannot write into --workdir={workdir}: {_short_message(error)}. "
-                               "Choose a writable folder.") from error
+    raise CheckpointWriteError(
+      f"cannot write into --workdir={workdir}: {_short_message(error)}. Choose a writable folder."
+    ) from error
 
 
 class Checkpointer:
@@ -287,9 +302,9 @@ class Checkpointer:
 
   def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, max_to_keep: int):
     """Args:
-      checkpoint: what to save.
-      directory: the folder (created on the first save).
-      max_to_keep: how many checkpoints stay listed; older ones are deleted.
+    checkpoint: what to save.
+    directory: the folder (created on the first save).
+    max_to_keep: how many checkpoints stay listed; older ones are deleted.
     """
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be at least 1, got {max_to_keep}")
@@ -351,8 +366,9 @@ class Checkpointer:
   def _add(self, step: int, write) -> str:
     prefix = os.path.join(self.directory, f"ckpt-{step}")
     # A fresh name: never writes into what an interrupted earlier save may have left listed.
-    staging = os.path.join(self.directory,
-                           f".ckpt-{step}-{os.getpid()}-{time.time_ns()}{_STAGING_SUFFIX}")
+    staging = os.path.join(
+      self.directory, f".ckpt-{step}-{os.getpid()}-{time.time_ns()}{_STAGING_SUFFIX}"
+    )
     previous = self.latest
     try:
       tf.io.gfile.makedirs(self.directory)
@@ -362,11 +378,15 @@ class Checkpointer:
     except (OSError, tf.errors.OpError) as error:
       self._listed = None  # the state file may have changed before the failure
       self._discard(staging, prefix)
-      before = (f"the previous checkpoint {previous} is intact and a restart resumes from it"
-                if previous else "there is no earlier checkpoint in that folder")
+      before = (
+        f"the previous checkpoint {previous} is intact and a restart resumes from it"
+        if previous
+        else "there is no earlier checkpoint in that folder"
+      )
       raise CheckpointWriteError(
-          f"could not write checkpoint {prefix} into {self.directory}: "
-          f"{_short_message(error)}. Nothing half-written is left listed; {before}.") from error
+        f"could not write checkpoint {prefix} into {self.directory}: "
+        f"{_short_message(error)}. Nothing half-written is left listed; {before}."
+      ) from error
     return prefix
 
   def _commit(self, staged: str, prefix: str) -> None:
@@ -384,7 +404,7 @@ class Checkpointer:
     self._pause("data_moved", prefix)
     place(staged + ".index", prefix + ".index")
     self._pause("moved", prefix)
-    kept = ([path for path in kept if path != prefix] + [prefix])[-self.max_to_keep:]
+    kept = ([path for path in kept if path != prefix] + [prefix])[-self.max_to_keep :]
     self._record(kept)
     self._pause("recorded", prefix)
     self._sweep(kept)
@@ -423,8 +443,9 @@ class Checkpointer:
         for path in tf.io.gfile.glob(prefix + ".*"):
           tf.io.gfile.remove(path)
     except (OSError, tf.errors.OpError) as error:
-      logging.warning("could not clean up after the failed write of %s: %s", prefix,
-                      _short_message(error))
+      logging.warning(
+        "could not clean up after the failed write of %s: %s", prefix, _short_message(error)
+      )
 
   @staticmethod
   def _pause(phase: str, prefix: str) -> None:
@@ -442,8 +463,8 @@ class Checkpointer:
 def _write_state(directory: str, prefixes: Sequence[str]) -> None:
   """Replaces the state file atomically (written aside, then renamed)."""
   checkpoint_management.update_checkpoint_state_internal(
-      directory, prefixes[-1], all_model_checkpoint_paths=list(prefixes),
-      save_relative_paths=True)
+    directory, prefixes[-1], all_model_checkpoint_paths=list(prefixes), save_relative_paths=True
+  )
 
 
 def _rename(source: str, target: str) -> None:

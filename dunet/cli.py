@@ -41,13 +41,31 @@ HELP_ARGS = frozenset({"--help", "-h", "-?", "--helpshort", "-help"})
 QUIET_TF_CPP_MIN_LOG_LEVEL = "3"
 # Deprecation chatter of third-party packages that dunet cannot act on (tf2onnx, onnx, keras,
 # numpy via TensorFlow), by the module that warns.
-_QUIET_WARNING_MODULES = ("tf2onnx", "onnx", "onnxruntime", "keras", "tensorflow", "google",
-                          "absl", "numpy", "h5py")
+_QUIET_WARNING_MODULES = (
+  "tf2onnx",
+  "onnx",
+  "onnxruntime",
+  "keras",
+  "tensorflow",
+  "google",
+  "absl",
+  "numpy",
+  "h5py",
+)
 # What TensorFlow's C++ libraries print while they load (before absl::InitializeLog, so
 # TF_CPP_MIN_LOG_LEVEL does not reach them), by the source file or text of each line.
-_STARTUP_NOISE = ("absl::InitializeLog()", "port.cc:", "cudart_stub.cc:", "cpu_feature_guard.cc:",
-                  "To enable the following instructions:", "cuda_platform.cc:", "cuda_dnn.cc:",
-                  "cuda_fft.cc:", "cuda_blas.cc:", "computation_placer.cc:")
+_STARTUP_NOISE = (
+  "absl::InitializeLog()",
+  "port.cc:",
+  "cudart_stub.cc:",
+  "cpu_feature_guard.cc:",
+  "To enable the following instructions:",
+  "cuda_platform.cc:",
+  "cuda_dnn.cc:",
+  "cuda_fft.cc:",
+  "cuda_blas.cc:",
+  "computation_placer.cc:",
+)
 USAGE_EXIT = 2
 ERROR_EXIT = 1
 
@@ -82,14 +100,16 @@ def _import_tensorflow_quietly() -> None:
     failed = True
     try:
       import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
       failed = False
     finally:
       os.dup2(saved, 2)
       os.close(saved)
       captured.seek(0)
       text = captured.read().decode("utf-8", errors="replace")
-      kept = [line for line in text.splitlines(keepends=True)
-              if failed or not _is_startup_noise(line)]
+      kept = [
+        line for line in text.splitlines(keepends=True) if failed or not _is_startup_noise(line)
+      ]
       sys.stderr.write("".join(kept))
 
 
@@ -152,21 +172,23 @@ def config_path(name: str) -> Path:
   """
   stem = Path(name).name
   if stem.endswith(".flags"):
-    stem = stem[:-len(".flags")]
+    stem = stem[: -len(".flags")]
   for folder in config_dirs():
     candidate = folder / f"{stem}.flags"
     if candidate.is_file():
       return candidate
-  raise errors.ConfigError(f"--config={name}: no such config; shipped configs: "
-                           f"{', '.join(config_names()) or 'none found'} (or pass "
-                           "--flagfile=PATH for a file of your own)")
+  raise errors.ConfigError(
+    f"--config={name}: no such config; shipped configs: "
+    f"{', '.join(config_names()) or 'none found'} (or pass "
+    "--flagfile=PATH for a file of your own)"
+  )
 
 
 def _flag_value(arg: str, name: str) -> Optional[str]:
   """The value of `--name=value` / `-name=value`, else None."""
   for prefix in (f"--{name}=", f"-{name}="):
     if arg.startswith(prefix):
-      return arg[len(prefix):]
+      return arg[len(prefix) :]
   return None
 
 
@@ -179,8 +201,9 @@ def _read_flagfile(path: Path, including: Optional[Path], stack: Tuple[Path, ...
   try:
     lines = path.read_text(encoding="utf-8").splitlines()
   except OSError as error:
-    raise errors.ConfigError(f"--flagfile={path}: cannot be read{where}: "
-                             f"{error.strerror or error}") from error
+    raise errors.ConfigError(
+      f"--flagfile={path}: cannot be read{where}: {error.strerror or error}"
+    ) from error
   args: List[str] = []
   for number, raw in enumerate(lines, start=1):
     line = raw.strip()
@@ -205,8 +228,13 @@ def _resolve_flagfile(value: str, base: Optional[Path]) -> Path:
   return path.absolute()
 
 
-def _expand_arg(arg: str, base: Optional[Path], including: Optional[Path],
-                stack: Tuple[Path, ...], configs: bool = True) -> List[str]:
+def _expand_arg(
+  arg: str,
+  base: Optional[Path],
+  including: Optional[Path],
+  stack: Tuple[Path, ...],
+  configs: bool = True,
+) -> List[str]:
   flagfile = _flag_value(arg, "flagfile")
   if flagfile is not None:
     return _read_flagfile(_resolve_flagfile(flagfile, base), including, stack)
@@ -260,8 +288,9 @@ def _flag_line(flag) -> str:
   return f"  {name}\n{body}"
 
 
-def format_help(flag_values, program: str, summary: str, help_groups: HelpGroups,
-                configs: bool) -> str:
+def format_help(
+  flag_values, program: str, summary: str, help_groups: HelpGroups, configs: bool
+) -> str:
   """The `--help` text: the essential flags by concern, then where the rest are."""
   parts = [f"usage: {program} [--flag=value ...]"]
   if configs:
@@ -290,7 +319,8 @@ def _is_dunet_module(module_name: str) -> bool:
   # Under `python -m dunet.train` the defining module is named by its file.
   path = Path(module_name)
   return path.suffix == ".py" and path.resolve().parent.is_relative_to(
-      Path(__file__).resolve().parent)
+    Path(__file__).resolve().parent
+  )
 
 
 def _dunet_flag_names(flag_values) -> List[str]:
@@ -328,17 +358,28 @@ def _fail(program: str, message: str, code: int, usage: bool) -> None:
 
 def _define_common_flags(flag_values, configs: bool) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if VERBOSE_FLAG not in flag_values:
-    flags.DEFINE_bool(VERBOSE_FLAG, False, "Show TensorFlow's start-up and deprecation messages "
-                      "(also shown when TF_CPP_MIN_LOG_LEVEL is set).", flag_values=flag_values)
+    flags.DEFINE_bool(
+      VERBOSE_FLAG,
+      False,
+      "Show TensorFlow's start-up and deprecation messages "
+      "(also shown when TF_CPP_MIN_LOG_LEVEL is set).",
+      flag_values=flag_values,
+    )
   if configs and CONFIG_FLAG not in flag_values:
-    flags.DEFINE_string(CONFIG_FLAG, None, "A shipped config by name (configs/NAME.flags, e.g. "
-                        "cvc, demo; see the list below); later flags override its values.",
-                        flag_values=flag_values)
+    flags.DEFINE_string(
+      CONFIG_FLAG,
+      None,
+      "A shipped config by name (configs/NAME.flags, e.g. "
+      "cvc, demo; see the list below); later flags override its values.",
+      flag_values=flag_values,
+    )
 
 
-def make_flags_parser(flag_values, program: str, summary: str, help_groups: HelpGroups,
-                      configs: bool) -> Callable[[List[str]], List[str]]:
+def make_flags_parser(
+  flag_values, program: str, summary: str, help_groups: HelpGroups, configs: bool
+) -> Callable[[List[str]], List[str]]:
   """An absl `flags_parser`: expands flagfiles/configs, prints grouped help, one-line errors."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -358,8 +399,9 @@ def make_flags_parser(flag_values, program: str, summary: str, help_groups: Help
   return parse
 
 
-def wrap_main(main: Callable[[List[str]], Optional[int]], program: str
-              ) -> Callable[[List[str]], Optional[int]]:
+def wrap_main(
+  main: Callable[[List[str]], Optional[int]], program: str
+) -> Callable[[List[str]], Optional[int]]:
   """main with dunet's error conventions (see the module docstring)."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
@@ -375,9 +417,15 @@ def wrap_main(main: Callable[[List[str]], Optional[int]], program: str
   return wrapped
 
 
-def run(main: Callable[[List[str]], Optional[int]], *, program: str,
-        help_groups: HelpGroups = (), configs: bool = False, summary: str = "",
-        argv: Optional[Sequence[str]] = None) -> None:
+def run(
+  main: Callable[[List[str]], Optional[int]],
+  *,
+  program: str,
+  help_groups: HelpGroups = (),
+  configs: bool = False,
+  summary: str = "",
+  argv: Optional[Sequence[str]] = None,
+) -> None:
   """Runs `main` as absl's app.run does, with dunet's conventions (module docstring).
 
   Args:
@@ -391,11 +439,15 @@ def run(main: Callable[[List[str]], Optional[int]], *, program: str,
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   flag_values = flags.FLAGS
   _define_common_flags(flag_values, configs)
 
-  app.run(wrap_main(main, program), argv=list(argv) if argv is not None else None,
-          flags_parser=make_flags_parser(flag_values, program, summary, help_groups, configs))
+  app.run(
+    wrap_main(main, program),
+    argv=list(argv) if argv is not None else None,
+    flags_parser=make_flags_parser(flag_values, program, summary, help_groups, configs),
+  )
 
 
 def docstring_summary(module_doc: Optional[str]) -> str:

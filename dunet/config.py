@@ -37,10 +37,11 @@ PRECISIONS = (precision.AUTO, *precision.POLICY_NAMES)
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """The prepared data, its preprocessing and the training augmentation."""
-  data_dir: Optional[str] = None      # None with demo: data/demo
+
+  data_dir: Optional[str] = None  # None with demo: data/demo
   demo: bool = False
   demo_count: int = 200
-  height: int = 0                     # 0: the prepared data's size
+  height: int = 0  # 0: the prepared data's size
   width: int = 0
   preprocessing: str = "standardize"
   shuffle_buffer: int = pipeline.DEFAULT_SHUFFLE_BUFFER
@@ -51,6 +52,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The network and where its first weights come from."""
+
   batch_norm_momentum: float = 0.99
   vgg19_init: str = "he_normal"
   vgg19_weights: Optional[str] = None
@@ -60,9 +62,10 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizationConfig:
   """Batch, run length, loss, optimizer and learning-rate schedule."""
+
   batch_size: int = 16
   epochs: int = 300
-  max_steps: int = 0                  # 0: epochs x steps per epoch
+  max_steps: int = 0  # 0: epochs x steps per epoch
   loss: str = "bce_dice"
   loss_reduction: str = losses.PER_IMAGE
   head_weights: Tuple[float, ...] = (1.0, 1.0)
@@ -74,12 +77,13 @@ class OptimizationConfig:
   plateau_factor: float = 0.1
   plateau_patience: int = 5
   min_learning_rate: float = 1e-5
-  early_stopping_patience: int = 0    # 0: never
+  early_stopping_patience: int = 0  # 0: never
 
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
   """When and how the validation set is scored."""
+
   eval_every_epochs: int = 1
   threshold: float = 0.5
   batch_norm_statistics: str = precise_bn.PRECISE
@@ -89,6 +93,7 @@ class ValidationConfig:
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """Precision, loss scaling, compilation, distribution and determinism."""
+
   precision: str = precision.AUTO
   initial_loss_scale: float = 2.0**15
   loss_scale_growth_interval: int = 2000
@@ -101,21 +106,24 @@ class RuntimeConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """How many checkpoints are kept and how often they are written."""
+
   keep_checkpoints: int = 3
-  checkpoint_every_steps: int = 0     # 0: at the end of every epoch only
+  checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
   """Progress, TensorBoard summaries and profiler traces."""
+
   log_every_steps: int = 10
-  profile_steps: str = ""             # "START,STOP" inclusive, or empty
+  profile_steps: str = ""  # "START,STOP" inclusive, or empty
   summary_images: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs besides its workdir."""
+
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   optimization: OptimizationConfig = dataclasses.field(default_factory=OptimizationConfig)
@@ -146,8 +154,11 @@ class TrainConfig:
     Raises:
       ConfigError: an unknown setting name.
     """
-    sections = {section.name: {} for section in dataclasses.fields(self)
-                if dataclasses.is_dataclass(getattr(self, section.name))}
+    sections = {
+      section.name: {}
+      for section in dataclasses.fields(self)
+      if dataclasses.is_dataclass(getattr(self, section.name))
+    }
     top = {}
     owners = setting_sections()
     for name, value in settings.items():
@@ -157,8 +168,11 @@ class TrainConfig:
         sections[owners[name]][name] = value
       else:
         top[name] = value
-    replaced = {name: dataclasses.replace(getattr(self, name), **changes)
-                for name, changes in sections.items() if changes}
+    replaced = {
+      name: dataclasses.replace(getattr(self, name), **changes)
+      for name, changes in sections.items()
+      if changes
+    }
     return dataclasses.replace(self, **replaced, **top)
 
   def validate(self) -> None:
@@ -175,15 +189,26 @@ class TrainConfig:
     _validate_optimization(self.optimization)
     _validate_validation(self.validation)
     _validate_runtime(self.runtime)
-    _check(self.checkpoint.keep_checkpoints >= 1, "checkpoint", "keep_checkpoints",
-           "must be at least 1", self.checkpoint.keep_checkpoints)
-    _check(self.checkpoint.checkpoint_every_steps >= 0, "checkpoint", "checkpoint_every_steps",
-           "must be >= 0", self.checkpoint.checkpoint_every_steps)
+    _check(
+      self.checkpoint.keep_checkpoints >= 1,
+      "checkpoint",
+      "keep_checkpoints",
+      "must be at least 1",
+      self.checkpoint.keep_checkpoints,
+    )
+    _check(
+      self.checkpoint.checkpoint_every_steps >= 0,
+      "checkpoint",
+      "checkpoint_every_steps",
+      "must be >= 0",
+      self.checkpoint.checkpoint_every_steps,
+    )
     _validate_logging(self.logging)
     # Last: a command line with a bad value and no data folder yet hears of the value first.
     if not self.data.demo and not self.data.data_dir:
-      raise ConfigError("--data_dir is required (or --demo for the synthetic data set) "
-                        "(TrainConfig.data.data_dir)")
+      raise ConfigError(
+        "--data_dir is required (or --demo for the synthetic data set) (TrainConfig.data.data_dir)"
+      )
 
 
 def setting_sections() -> Dict[str, str]:
@@ -234,23 +259,41 @@ def _check_choice(section: str, name: str, value: Any, choices) -> None:
 def _validate_data(data: DataConfig) -> None:
   for name in ("height", "width"):
     value = getattr(data, name)
-    _check(value >= 0 and value % SIZE_DIVISOR == 0, "data", name,
-           f"must be divisible by {SIZE_DIVISOR} (0: the prepared data's size)", value)
+    _check(
+      value >= 0 and value % SIZE_DIVISOR == 0,
+      "data",
+      name,
+      f"must be divisible by {SIZE_DIVISOR} (0: the prepared data's size)",
+      value,
+    )
   _check(data.demo_count > 0, "data", "demo_count", "must be positive", data.demo_count)
   _check_choice("data", "preprocessing", data.preprocessing, preprocess.PREPROCESSING)
-  _check(data.shuffle_buffer >= 1, "data", "shuffle_buffer", "must be at least 1",
-         data.shuffle_buffer)
-  _check(isinstance(data.augment, AugmentConfig), "data", "augment", "must be an AugmentConfig",
-         data.augment)
+  _check(
+    data.shuffle_buffer >= 1, "data", "shuffle_buffer", "must be at least 1", data.shuffle_buffer
+  )
+  _check(
+    isinstance(data.augment, AugmentConfig),
+    "data",
+    "augment",
+    "must be an AugmentConfig",
+    data.augment,
+  )
 
 
 def _validate_model(model: ModelConfig) -> None:
-  _check(0.0 <= model.batch_norm_momentum < 1.0, "model", "batch_norm_momentum",
-         "must be in [0, 1)", model.batch_norm_momentum)
+  _check(
+    0.0 <= model.batch_norm_momentum < 1.0,
+    "model",
+    "batch_norm_momentum",
+    "must be in [0, 1)",
+    model.batch_norm_momentum,
+  )
   _check_choice("model", "vgg19_init", model.vgg19_init, VGG19_INITS)
   if model.init_checkpoint and model.vgg19_weights:
-    raise ConfigError("--init_checkpoint already holds network 1's encoder: leave out "
-                      "--vgg19_weights (TrainConfig.model)")
+    raise ConfigError(
+      "--init_checkpoint already holds network 1's encoder: leave out "
+      "--vgg19_weights (TrainConfig.model)"
+    )
 
 
 def _validate_optimization(config: OptimizationConfig) -> None:
@@ -265,43 +308,90 @@ def _validate_optimization(config: OptimizationConfig) -> None:
   _check_choice(section, "lr_schedule", config.lr_schedule, LR_SCHEDULES)
   _check_choice(section, "monitor", config.monitor, MONITORS)
   weights = config.head_weights
-  _check(len(weights) == 2 and min(weights) >= 0 and sum(weights) > 0, section, "head_weights",
-         "must be two non-negative numbers, not both zero", list(weights))
-  _check(0.0 < config.plateau_factor < 1.0, section, "plateau_factor", "must be in (0, 1)",
-         config.plateau_factor)
-  _check(config.plateau_patience >= 1, section, "plateau_patience", "must be at least 1",
-         config.plateau_patience)
+  _check(
+    len(weights) == 2 and min(weights) >= 0 and sum(weights) > 0,
+    section,
+    "head_weights",
+    "must be two non-negative numbers, not both zero",
+    list(weights),
+  )
+  _check(
+    0.0 < config.plateau_factor < 1.0,
+    section,
+    "plateau_factor",
+    "must be in (0, 1)",
+    config.plateau_factor,
+  )
+  _check(
+    config.plateau_patience >= 1,
+    section,
+    "plateau_patience",
+    "must be at least 1",
+    config.plateau_patience,
+  )
 
 
 def _validate_validation(config: ValidationConfig) -> None:
-  _check(config.eval_every_epochs >= 1, "validation", "eval_every_epochs", "must be at least 1",
-         config.eval_every_epochs)
-  _check(0.0 <= config.threshold <= 1.0, "validation", "threshold", "must be in [0, 1]",
-         config.threshold)
-  _check_choice("validation", "batch_norm_statistics", config.batch_norm_statistics,
-                precise_bn.STATISTICS_CHOICES)
-  _check(config.precise_bn_batches >= 1, "validation", "precise_bn_batches",
-         "must be at least 1", config.precise_bn_batches)
+  _check(
+    config.eval_every_epochs >= 1,
+    "validation",
+    "eval_every_epochs",
+    "must be at least 1",
+    config.eval_every_epochs,
+  )
+  _check(
+    0.0 <= config.threshold <= 1.0, "validation", "threshold", "must be in [0, 1]", config.threshold
+  )
+  _check_choice(
+    "validation",
+    "batch_norm_statistics",
+    config.batch_norm_statistics,
+    precise_bn.STATISTICS_CHOICES,
+  )
+  _check(
+    config.precise_bn_batches >= 1,
+    "validation",
+    "precise_bn_batches",
+    "must be at least 1",
+    config.precise_bn_batches,
+  )
 
 
 def _validate_runtime(config: RuntimeConfig) -> None:
   _check_choice("runtime", "precision", config.precision, PRECISIONS)
-  _check(config.initial_loss_scale > 0, "runtime", "initial_loss_scale", "must be positive",
-         config.initial_loss_scale)
-  _check(config.loss_scale_growth_interval >= 1, "runtime", "loss_scale_growth_interval",
-         "must be at least 1", config.loss_scale_growth_interval)
+  _check(
+    config.initial_loss_scale > 0,
+    "runtime",
+    "initial_loss_scale",
+    "must be positive",
+    config.initial_loss_scale,
+  )
+  _check(
+    config.loss_scale_growth_interval >= 1,
+    "runtime",
+    "loss_scale_growth_interval",
+    "must be at least 1",
+    config.loss_scale_growth_interval,
+  )
   _check_choice("runtime", "strategy", config.strategy, STRATEGIES)
   _check(config.cpu_devices >= 0, "runtime", "cpu_devices", "must be >= 0", config.cpu_devices)
 
 
 def _validate_logging(config: LoggingConfig) -> None:
-  _check(config.log_every_steps >= 1, "logging", "log_every_steps", "must be at least 1",
-         config.log_every_steps)
-  _check(config.summary_images >= 0, "logging", "summary_images", "must be >= 0",
-         config.summary_images)
+  _check(
+    config.log_every_steps >= 1,
+    "logging",
+    "log_every_steps",
+    "must be at least 1",
+    config.log_every_steps,
+  )
+  _check(
+    config.summary_images >= 0, "logging", "summary_images", "must be >= 0", config.summary_images
+  )
   try:
     profiler.parse_step_range(config.profile_steps)
   except ValueError as error:
-    raise ConfigError(f"--profile_steps must be 'START,STOP' with 1 <= START <= STOP, got "
-                      f"{config.profile_steps!r}: {error} (TrainConfig.logging.profile_steps)"
-                      ) from error
+    raise ConfigError(
+      f"--profile_steps must be 'START,STOP' with 1 <= START <= STOP, got "
+      f"{config.profile_steps!r}: {error} (TrainConfig.logging.profile_steps)"
+    ) from error

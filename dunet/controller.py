@@ -39,8 +39,9 @@ METRICS_FILENAME = "metrics.json"
 MONITORED_DSC = "head2/per_image/dsc"
 
 
-def check_finite(measured: Dict[str, float], step: int, policy: precision.Policy,
-                 last_good: Optional[str]) -> None:
+def check_finite(
+  measured: Dict[str, float], step: int, policy: precision.Policy, last_good: Optional[str]
+) -> None:
   """Stops training (before anything is saved) on a step that went non-finite.
 
   With float16 the dynamic loss scale skips overflowing steps by design; otherwise a non-finite
@@ -58,9 +59,10 @@ def check_finite(measured: Dict[str, float], step: int, policy: precision.Policy
     problem = "the parameters overflowed after the update (their norm is not finite)"
   if problem:
     raise DivergedError(
-        f"training diverged at step {step}: {problem} (precision {policy.name}). Stopped without "
-        f"saving this step; the last good checkpoint is {last_good or 'none (none was saved yet)'}"
-        ". Try a lower --learning_rate.")
+      f"training diverged at step {step}: {problem} (precision {policy.name}). Stopped without "
+      f"saving this step; the last good checkpoint is {last_good or 'none (none was saved yet)'}"
+      ". Try a lower --learning_rate."
+    )
 
 
 def chunk_end(step: int, epoch_end: int, every: Sequence[int]) -> int:
@@ -76,9 +78,10 @@ def chunk_end(step: int, epoch_end: int, every: Sequence[int]) -> int:
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   """What a validation decided."""
-  improved: bool                   # the best validation DSC so far (the best checkpoint moves)
-  learning_rate: float             # to use from now on
-  stop: bool                       # early stopping
+
+  improved: bool  # the best validation DSC so far (the best checkpoint moves)
+  learning_rate: float  # to use from now on
+  stop: bool  # early stopping
 
 
 class ValidationJudge:
@@ -88,26 +91,36 @@ class ValidationJudge:
   uninterrupted one would.
   """
 
-  def __init__(self, monitor: str = "dsc", lr_schedule: str = "cosine",
-               plateau_factor: float = 0.1, plateau_patience: int = 5,
-               min_learning_rate: float = 0.0, early_stopping_patience: int = 0,
-               best_dsc: Optional[tf.Variable] = None):
+  def __init__(
+    self,
+    monitor: str = "dsc",
+    lr_schedule: str = "cosine",
+    plateau_factor: float = 0.1,
+    plateau_patience: int = 5,
+    min_learning_rate: float = 0.0,
+    early_stopping_patience: int = 0,
+    best_dsc: Optional[tf.Variable] = None,
+  ):
     """Args:
-      monitor: "dsc" (head 2's validation DSC, higher is better) or "loss" (lower is better):
-        what the plateau schedule and early stopping watch.
-      lr_schedule: the plateau schedule acts only when this is "plateau".
-      plateau_factor, plateau_patience, min_learning_rate: the plateau schedule's.
-      early_stopping_patience: validations without improvement before stopping (0: never).
-      best_dsc: the variable holding the best DSC (made under a strategy scope by the caller).
+    monitor: "dsc" (head 2's validation DSC, higher is better) or "loss" (lower is better):
+      what the plateau schedule and early stopping watch.
+    lr_schedule: the plateau schedule acts only when this is "plateau".
+    plateau_factor, plateau_patience, min_learning_rate: the plateau schedule's.
+    early_stopping_patience: validations without improvement before stopping (0: never).
+    best_dsc: the variable holding the best DSC (made under a strategy scope by the caller).
     """
     mode = "max" if monitor == "dsc" else "min"
     self.monitor, self.lr_schedule = monitor, lr_schedule
     self.early_stopping_patience = early_stopping_patience
-    self.plateau = optim.ReduceOnPlateau(factor=plateau_factor, patience=plateau_patience,
-                                         min_lr=min_learning_rate, mode=mode)
+    self.plateau = optim.ReduceOnPlateau(
+      factor=plateau_factor, patience=plateau_patience, min_lr=min_learning_rate, mode=mode
+    )
     self.early_stopping = optim.EarlyStopping(patience=early_stopping_patience or 1, mode=mode)
-    self.best_dsc = best_dsc if best_dsc is not None else tf.Variable(
-        -1.0, dtype=tf.float32, trainable=False, name="best_dsc")
+    self.best_dsc = (
+      best_dsc
+      if best_dsc is not None
+      else tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_dsc")
+    )
 
   def judge(self, valid_metrics: Dict[str, float], learning_rate: float) -> Verdict:
     """Records one validation's metrics; returns what follows from them."""
@@ -120,8 +133,11 @@ class ValidationJudge:
       self.best_dsc.assign(dsc)
     stop = bool(self.early_stopping_patience) and self.early_stopping.update(monitored)
     if stop:
-      logging.info("Early stopping: no better validation %s for %d validations.", self.monitor,
-                   self.early_stopping_patience)
+      logging.info(
+        "Early stopping: no better validation %s for %d validations.",
+        self.monitor,
+        self.early_stopping_patience,
+      )
     return Verdict(improved=improved, learning_rate=float(learning_rate), stop=stop)
 
 
@@ -133,14 +149,21 @@ class CheckpointActions:
   lands in the workdir. Writes are crash-safe: see dunet/checkpoint.py.
   """
 
-  def __init__(self, state: tf.train.Checkpoint, workdir: str, write_dir: str, chief: bool,
-               keep_checkpoints: int):
+  def __init__(
+    self,
+    state: tf.train.Checkpoint,
+    workdir: str,
+    write_dir: str,
+    chief: bool,
+    keep_checkpoints: int,
+  ):
     self.state, self.workdir, self.chief = state, workdir, chief
     self.latest_checkpointer = checkpoint_lib.Checkpointer(
-        state, os.path.join(write_dir, checkpoint_lib.CHECKPOINT_SUBDIR),
-        max_to_keep=keep_checkpoints)
+      state, os.path.join(write_dir, checkpoint_lib.CHECKPOINT_SUBDIR), max_to_keep=keep_checkpoints
+    )
     self.best_checkpointer = checkpoint_lib.Checkpointer(
-        state, os.path.join(write_dir, checkpoint_lib.BEST_SUBDIR), max_to_keep=1)
+      state, os.path.join(write_dir, checkpoint_lib.BEST_SUBDIR), max_to_keep=1
+    )
     self._last_saved: Optional[int] = None
 
   @property
@@ -156,14 +179,15 @@ class CheckpointActions:
       best_dsc: the restored best DSC (read after restoring).
     """
     restored = checkpoint_lib.restore_newest(
-        self.state, os.path.join(self.workdir, checkpoint_lib.CHECKPOINT_SUBDIR),
-        repair=self.chief)
+      self.state, os.path.join(self.workdir, checkpoint_lib.CHECKPOINT_SUBDIR), repair=self.chief
+    )
     self._last_saved = step()  # step 0 is never saved
     if restored:
       logging.info("Resumed from %s at step %d", restored, step())
       # Killed between writing an improved checkpoint and copying it to best/: copy it now.
       if self.chief and best_dsc() > checkpoint_lib.read_scalar(
-          checkpoint_lib.best_checkpoint(self.workdir), "best_dsc", default=-1.0):
+        checkpoint_lib.best_checkpoint(self.workdir), "best_dsc", default=-1.0
+      ):
         self.best_checkpointer.adopt(restored)
     return restored
 
@@ -181,24 +205,33 @@ class CheckpointActions:
 class SummaryActions:
   """TensorBoard scalars (train/, valid/) and validation pictures; no-ops off the chief."""
 
-  def __init__(self, workdir: str, chief: bool, log_every_steps: int, total_steps: int,
-               summary_images: int, preprocessing: str):
+  def __init__(
+    self,
+    workdir: str,
+    chief: bool,
+    log_every_steps: int,
+    total_steps: int,
+    summary_images: int,
+    preprocessing: str,
+  ):
     self.log_every_steps, self.total_steps = log_every_steps, total_steps
     self.summary_images, self.preprocessing = summary_images, preprocessing
-    self.train_writer = (tf.summary.create_file_writer(os.path.join(workdir, "train"))
-                         if chief else None)
-    self.valid_writer = (tf.summary.create_file_writer(os.path.join(workdir, "valid"))
-                         if chief else None)
+    self.train_writer = (
+      tf.summary.create_file_writer(os.path.join(workdir, "train")) if chief else None
+    )
+    self.valid_writer = (
+      tf.summary.create_file_writer(os.path.join(workdir, "valid")) if chief else None
+    )
 
   def is_log_step(self, step: int) -> bool:
     """Whether training scalars are written after `step`."""
     return step % self.log_every_steps == 0 or step == self.total_steps
 
-  def train_scalars(self, step: int, measured: Dict[str, float],
-                    images_per_second: float) -> None:
+  def train_scalars(self, step: int, measured: Dict[str, float], images_per_second: float) -> None:
     if self.train_writer is not None and self.is_log_step(step):
-      summaries.write_scalars(self.train_writer, step,
-                              dict(measured, images_per_second=images_per_second))
+      summaries.write_scalars(
+        self.train_writer, step, dict(measured, images_per_second=images_per_second)
+      )
 
   def valid_scalars(self, step: int, valid_metrics: Dict[str, float]) -> None:
     if self.valid_writer is not None:
@@ -215,19 +248,28 @@ class SummaryActions:
       # not join.
       count = self.summary_images
       display = preprocess.to_display_uint8(batch["image"][:count], self.preprocessing).numpy()
-      panel = summaries.prediction_panel(display, batch["mask"][:count].numpy(),
-                                         result["probability/head1"][:count].numpy(),
-                                         result["probability/head2"][:count].numpy())
-      summaries.write_images(self.valid_writer, step, "valid/input|truth|head1|head2", panel,
-                             count)
+      panel = summaries.prediction_panel(
+        display,
+        batch["mask"][:count].numpy(),
+        result["probability/head1"][:count].numpy(),
+        result["probability/head2"][:count].numpy(),
+      )
+      summaries.write_images(self.valid_writer, step, "valid/input|truth|head1|head2", panel, count)
+
     return write
 
 
 class Controller:
   """Runs (or resumes) a whole training run of `trainer` in `workdir`."""
 
-  def __init__(self, trainer: Trainer, config: TrainConfig, workdir: str, chief: bool,
-               stop_requested: Callable[[], Optional[str]] = lambda: None):
+  def __init__(
+    self,
+    trainer: Trainer,
+    config: TrainConfig,
+    workdir: str,
+    chief: bool,
+    stop_requested: Callable[[], Optional[str]] = lambda: None,
+  ):
     """Restores the newest checkpoint of `workdir` (or initialises the weights).
 
     Args:
@@ -241,25 +283,42 @@ class Controller:
     self.stop_requested = stop_requested
     optimization = config.optimization
     with trainer.strategy.scope():
-      best_dsc = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_dsc",
-                             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      best_dsc = tf.Variable(
+        -1.0,
+        dtype=tf.float32,
+        trainable=False,
+        name="best_dsc",
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+      )
     self.judge = ValidationJudge(
-        optimization.monitor, optimization.lr_schedule, optimization.plateau_factor,
-        optimization.plateau_patience, optimization.min_learning_rate,
-        optimization.early_stopping_patience, best_dsc)
+      optimization.monitor,
+      optimization.lr_schedule,
+      optimization.plateau_factor,
+      optimization.plateau_patience,
+      optimization.min_learning_rate,
+      optimization.early_stopping_patience,
+      best_dsc,
+    )
     parts = trainer.parts
     # These names are the checkpoint's variable paths: resuming and the Keras converter use them.
-    state = tf.train.Checkpoint(model=parts.model, optimizer=parts.optimizer,
-                                loss_scale=parts.loss_scale, global_step=trainer.global_step,
-                                best_dsc=best_dsc, plateau=self.judge.plateau,
-                                early_stopping=self.judge.early_stopping)
+    state = tf.train.Checkpoint(
+      model=parts.model,
+      optimizer=parts.optimizer,
+      loss_scale=parts.loss_scale,
+      global_step=trainer.global_step,
+      best_dsc=best_dsc,
+      plateau=self.judge.plateau,
+      early_stopping=self.judge.early_stopping,
+    )
     self.write_dir = workdir if chief else tempfile.mkdtemp(prefix="dunet-worker-")
-    self.checkpoints = CheckpointActions(state, workdir, self.write_dir, chief,
-                                         config.checkpoint.keep_checkpoints)
+    self.checkpoints = CheckpointActions(
+      state, workdir, self.write_dir, chief, config.checkpoint.keep_checkpoints
+    )
     if not self.checkpoints.restore(lambda: trainer.step, lambda: float(best_dsc.numpy())):
       trainer.initialize_weights()
     self.step_profiler = profiler.StepProfiler(
-        self.write_dir, profiler.parse_step_range(config.logging.profile_steps))
+      self.write_dir, profiler.parse_step_range(config.logging.profile_steps)
+    )
     trainer.step_context = self.step_profiler.step
 
   @property
@@ -270,11 +329,20 @@ class Controller:
     """Trains to the end (or a stop); returns the final metrics, also in metrics.json."""
     data, config = self.trainer.data, self.config
     step = self.trainer.step
-    self.summaries = SummaryActions(self.workdir, self.chief, config.logging.log_every_steps,
-                                    data.total_steps, config.logging.summary_images,
-                                    config.data.preprocessing)
-    progress = ProgressLine(data.total_steps, config.optimization.batch_size,
-                            every=config.logging.log_every_steps, start_step=step)
+    self.summaries = SummaryActions(
+      self.workdir,
+      self.chief,
+      config.logging.log_every_steps,
+      data.total_steps,
+      config.logging.summary_images,
+      config.data.preprocessing,
+    )
+    progress = ProgressLine(
+      data.total_steps,
+      config.optimization.batch_size,
+      every=config.logging.log_every_steps,
+      start_step=step,
+    )
     valid_metrics: Dict[str, float] = {}
     stopped_early = False
     for epoch in range(step // data.steps_per_epoch, config.optimization.epochs):
@@ -317,21 +385,31 @@ class Controller:
     """Validates; returns (metrics, Verdict) after updating schedule, best and stopping."""
     valid_metrics = self.trainer.evaluate(on_first_batch=self.summaries.overlays(step))
     self.summaries.valid_scalars(step, valid_metrics)
-    logging.info("epoch %d step %d validation: %s", epoch + 1, step, summaries.flatten_for_log(
-        {k: v for k, v in valid_metrics.items() if k.startswith("head2/per_image")}))
+    logging.info(
+      "epoch %d step %d validation: %s",
+      epoch + 1,
+      step,
+      summaries.flatten_for_log(
+        {k: v for k, v in valid_metrics.items() if k.startswith("head2/per_image")}
+      ),
+    )
     learning_rate = self.trainer.optimizer.learning_rate
     verdict = self.judge.judge(valid_metrics, float(learning_rate.numpy()))
     if self.config.optimization.lr_schedule == "plateau":
       learning_rate.assign(verdict.learning_rate)
     return valid_metrics, verdict
 
-  def _finish(self, step: int, stopped_early: bool,
-              valid_metrics: Dict[str, float]) -> Dict[str, object]:
+  def _finish(
+    self, step: int, stopped_early: bool, valid_metrics: Dict[str, float]
+  ) -> Dict[str, object]:
     if not self.chief:
       shutil.rmtree(self.write_dir, ignore_errors=True)
-    final = {"step": step, "best_valid_dsc": self.best_dsc,
-             "stopped_by": self.stop_requested() or ("early_stopping" if stopped_early else None),
-             "valid": valid_metrics}
+    final = {
+      "step": step,
+      "best_valid_dsc": self.best_dsc,
+      "stopped_by": self.stop_requested() or ("early_stopping" if stopped_early else None),
+      "valid": valid_metrics,
+    }
     if self.chief:
       fileio.write_json_atomic(os.path.join(self.workdir, METRICS_FILENAME), final)
     return final

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # before TensorFlow is imported: its start-up noise
   from dunet import cli as _cli
+
   _cli.silence_startup()
 
 import os
@@ -32,12 +33,16 @@ from dunet import keras_h5
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    "keras_h5", None,
-    "The Keras HDF5 file of the reference DoubleU-Net: the model.h5 its ModelCheckpoint saved "
-    "(model.save('x.h5') in Keras 2 or 3), or a model.save_weights('x.h5') file.")
+  "keras_h5",
+  None,
+  "The Keras HDF5 file of the reference DoubleU-Net: the model.h5 its ModelCheckpoint saved "
+  "(model.save('x.h5') in Keras 2 or 3), or a model.save_weights('x.h5') file.",
+)
 flags.DEFINE_string(
-    "out_dir", None,
-    "The dunet workdir to create (local path). It must not exist or be empty unless --overwrite.")
+  "out_dir",
+  None,
+  "The dunet workdir to create (local path). It must not exist or be empty unless --overwrite.",
+)
 flags.DEFINE_bool("overwrite", False, "Replace --out_dir if it already exists.")
 
 
@@ -50,15 +55,17 @@ def main(argv) -> int:
     raise app.UsageError(f"--keras_h5={FLAGS.keras_h5}: no such file")
   summary = keras_h5.convert_keras_h5(FLAGS.keras_h5, FLAGS.out_dir, overwrite=FLAGS.overwrite)
   moving = summary.scalars - summary.trainable_scalars
-  print(f"Converted {FLAGS.keras_h5}\n"
-        f"  Keras layers mapped: {summary.keras_layers}\n"
-        f"  dunet variables:     {summary.variables}\n"
-        f"  scalars:             {summary.scalars:,} ({summary.trainable_scalars:,} trainable + "
-        f"{moving:,} BatchNorm moving statistics)\n"
-        f"  keras version:       {summary.config['source']['keras_version']}\n"
-        f"  checkpoint:          {summary.checkpoint_prefix} (verified by reloading)\n"
-        f"  preprocessing:       {summary.config['preprocessing']}\n"
-        f"Use {summary.out_dir} as the workdir for evaluate, predict and export.")
+  print(
+    f"Converted {FLAGS.keras_h5}\n"
+    f"  Keras layers mapped: {summary.keras_layers}\n"
+    f"  dunet variables:     {summary.variables}\n"
+    f"  scalars:             {summary.scalars:,} ({summary.trainable_scalars:,} trainable + "
+    f"{moving:,} BatchNorm moving statistics)\n"
+    f"  keras version:       {summary.config['source']['keras_version']}\n"
+    f"  checkpoint:          {summary.checkpoint_prefix} (verified by reloading)\n"
+    f"  preprocessing:       {summary.config['preprocessing']}\n"
+    f"Use {summary.out_dir} as the workdir for evaluate, predict and export."
+  )
   return 0
 
 
@@ -67,8 +74,12 @@ HELP_GROUPS = (("Conversion", ("keras_h5", "out_dir", "overwrite")),)
 
 def run() -> None:
   """The program (console-script entry point `dunet-convert-keras`)."""
-  cli.run(main, program="dunet-convert-keras", help_groups=HELP_GROUPS,
-          summary=cli.docstring_summary(__doc__))
+  cli.run(
+    main,
+    program="dunet-convert-keras",
+    help_groups=HELP_GROUPS,
+    summary=cli.docstring_summary(__doc__),
+  )
 
 
 if __name__ == "__main__":

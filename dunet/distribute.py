@@ -1,13 +1,13 @@
 """Choosing a distribution strategy, and logical CPU devices for trying distribution without GPUs.
 
-  default       one device (TensorFlow's default strategy: no replicas to synchronise);
-  mirrored      MirroredStrategy over all local GPUs, or over all logical CPUs when there is no GPU
-                (split the CPU first with `configure_logical_cpus`);
-  multi_worker  MultiWorkerMirroredStrategy; the cluster and this process's place in it come from
-                the TF_CONFIG environment variable, e.g.
-                {"cluster": {"worker": ["host0:port", "host1:port"]},
-                 "task": {"type": "worker", "index": 0}}.
-                Every worker runs the same program.
+default       one device (TensorFlow's default strategy: no replicas to synchronise);
+mirrored      MirroredStrategy over all local GPUs, or over all logical CPUs when there is no GPU
+              (split the CPU first with `configure_logical_cpus`);
+multi_worker  MultiWorkerMirroredStrategy; the cluster and this process's place in it come from
+              the TF_CONFIG environment variable, e.g.
+              {"cluster": {"worker": ["host0:port", "host1:port"]},
+               "task": {"type": "worker", "index": 0}}.
+              Every worker runs the same program.
 """
 
 from __future__ import annotations
@@ -42,20 +42,24 @@ def configure_logical_cpus(count: int) -> None:
   if configured is not None:
     if len(configured) == count:
       return
-    raise RuntimeError(f"the CPU is already split into {len(configured)} logical devices; "
-                       f"cannot change that to {count} in the same process")
+    raise RuntimeError(
+      f"the CPU is already split into {len(configured)} logical devices; "
+      f"cannot change that to {count} in the same process"
+    )
   try:
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+      cpu, [tf.config.LogicalDeviceConfiguration()] * count
+    )
   except RuntimeError as error:
     # TensorFlow initialised its devices without a split: one logical CPU per physical CPU.
     existing = len(tf.config.list_logical_devices("CPU"))
     if existing == count:
       return
     raise RuntimeError(
-        f"cannot split the CPU into {count} logical devices: TensorFlow already initialised "
-        f"{existing} CPU device(s). Call configure_logical_cpus before running any TensorFlow "
-        f"op.") from error
+      f"cannot split the CPU into {count} logical devices: TensorFlow already initialised "
+      f"{existing} CPU device(s). Call configure_logical_cpus before running any TensorFlow "
+      f"op."
+    ) from error
 
 
 def make_strategy(name: str, devices: Optional[Sequence[str]] = None) -> tf.distribute.Strategy:
@@ -90,7 +94,8 @@ def make_strategy(name: str, devices: Optional[Sequence[str]] = None) -> tf.dist
     return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
   check_tf_config(os.environ.get("TF_CONFIG"))
   return tf.distribute.MultiWorkerMirroredStrategy(
-      communication_options=tf.distribute.experimental.CommunicationOptions())
+    communication_options=tf.distribute.experimental.CommunicationOptions()
+  )
 
 
 def check_tf_config(tf_config: Optional[str]) -> Dict[str, Any]:
@@ -105,11 +110,14 @@ def check_tf_config(tf_config: Optional[str]) -> Dict[str, Any]:
   Raises:
     ValueError: naming what is missing or wrong.
   """
-  example = ('{"cluster": {"worker": ["host0:port", "host1:port"]}, '
-             '"task": {"type": "worker", "index": 0}}')
+  example = (
+    '{"cluster": {"worker": ["host0:port", "host1:port"]}, "task": {"type": "worker", "index": 0}}'
+  )
   if not tf_config:
-    raise ValueError(f"the multi_worker strategy needs the TF_CONFIG environment variable, e.g. "
-                     f"TF_CONFIG='{example}'")
+    raise ValueError(
+      f"the multi_worker strategy needs the TF_CONFIG environment variable, e.g. "
+      f"TF_CONFIG='{example}'"
+    )
   try:
     config = json.loads(tf_config)
   except json.JSONDecodeError as error:
@@ -118,26 +126,35 @@ def check_tf_config(tf_config: Optional[str]) -> Dict[str, Any]:
     raise ValueError(f"TF_CONFIG must be a JSON object like {example}, got {tf_config!r}")
   cluster = config.get("cluster")
   if not isinstance(cluster, dict) or not cluster:
-    raise ValueError(f"TF_CONFIG has no \"cluster\" (job name -> list of host:port), e.g. "
-                     f"{example}")
+    raise ValueError(f'TF_CONFIG has no "cluster" (job name -> list of host:port), e.g. {example}')
   for job, addresses in cluster.items():
-    if (not isinstance(addresses, list) or not addresses
-        or not all(isinstance(a, str) and ":" in a for a in addresses)):
-      raise ValueError(f"TF_CONFIG cluster job {job!r} must be a non-empty list of 'host:port' "
-                       f"strings, got {addresses!r}")
+    if (
+      not isinstance(addresses, list)
+      or not addresses
+      or not all(isinstance(a, str) and ":" in a for a in addresses)
+    ):
+      raise ValueError(
+        f"TF_CONFIG cluster job {job!r} must be a non-empty list of 'host:port' "
+        f"strings, got {addresses!r}"
+      )
   if "worker" not in cluster and "chief" not in cluster:
-    raise ValueError(f"TF_CONFIG cluster has no \"worker\" (or \"chief\") job: {cluster!r}")
+    raise ValueError(f'TF_CONFIG cluster has no "worker" (or "chief") job: {cluster!r}')
   task = config.get("task")
   if not isinstance(task, dict) or "type" not in task or "index" not in task:
-    raise ValueError(f"TF_CONFIG has no \"task\" with \"type\" and \"index\" (this process's "
-                     f"place in the cluster), e.g. {example}")
+    raise ValueError(
+      f'TF_CONFIG has no "task" with "type" and "index" (this process\'s '
+      f"place in the cluster), e.g. {example}"
+    )
   task_type, index = task["type"], task["index"]
   if task_type not in cluster:
-    raise ValueError(f"TF_CONFIG task type {task_type!r} is not a job of the cluster "
-                     f"({', '.join(cluster)})")
+    raise ValueError(
+      f"TF_CONFIG task type {task_type!r} is not a job of the cluster ({', '.join(cluster)})"
+    )
   if not isinstance(index, int) or not 0 <= index < len(cluster[task_type]):
-    raise ValueError(f"TF_CONFIG task index {index!r} is out of range for the "
-                     f"{len(cluster[task_type])} {task_type!r} task(s)")
+    raise ValueError(
+      f"TF_CONFIG task index {index!r} is out of range for the "
+      f"{len(cluster[task_type])} {task_type!r} task(s)"
+    )
   return config
 
 

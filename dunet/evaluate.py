@@ -56,6 +56,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":
   from dunet import cli
+
   cli.silence_startup()  # before TensorFlow is imported
 
 import csv  # noqa: E402
@@ -94,26 +95,33 @@ SegmentFn = inference.SegmentFn
 
 # Report order: the final output first.
 HEADS = ("head2", "head1", "mean")
-HEAD_TITLES = {"head2": "head 2 (final output)", "head1": "head 1",
-               "mean": "mean of heads 1 and 2"}
+HEAD_TITLES = {"head2": "head 2 (final output)", "head1": "head 1", "mean": "mean of heads 1 and 2"}
 STATISTIC_TITLES = {"per_image": "mean over images", "pooled": "pooled over pixels"}
 # Columns of the table: the paper's four in its order, then F2 and accuracy.
-TABLE_SCORES = (("dsc", "DSC"), ("iou", "mIoU / IoU"), ("recall", "recall"),
-                ("precision", "precision"), ("f2", "F2"), ("accuracy", "accuracy"))
+TABLE_SCORES = (
+  ("dsc", "DSC"),
+  ("iou", "mIoU / IoU"),
+  ("recall", "recall"),
+  ("precision", "precision"),
+  ("f2", "F2"),
+  ("accuracy", "accuracy"),
+)
 SPLIT_CHOICES = ("test", "valid", "train", "all")
 ORIGINAL, PREPARED = "original", "prepared"
 RAW_SPLIT = "raw"
 METRICS_JSON, METRICS_MD, PER_IMAGE_CSV = "metrics.json", "metrics.md", "per_image.csv"
 REPORT_FORMAT, REPORT_VERSION = "dunet-eval", 1
 STATISTICS_NOTE = (
-    "per_image = the mean over images of each image's score (the headline: the paper's tables "
-    "report mean DSC and mIoU over test images; the authors' code averaged per-batch Keras "
-    "metrics over both heads on soft masks, which is neither statistic exactly); pooled = one "
-    "score from the counts summed over all pixels of all images.")
+  "per_image = the mean over images of each image's score (the headline: the paper's tables "
+  "report mean DSC and mIoU over test images; the authors' code averaged per-batch Keras "
+  "metrics over both heads on soft masks, which is neither statistic exactly); pooled = one "
+  "score from the counts summed over all pixels of all images."
+)
 EMPTY_MASK_NOTE = (
-    "an image whose prediction and ground truth are both empty scores 1.0; a prediction on an "
-    "empty ground truth, or an empty prediction on a non-empty one, scores 0.0 (accuracy is "
-    "always defined).")
+  "an image whose prediction and ground truth are both empty scores 1.0; a prediction on an "
+  "empty ground truth, or an empty prediction on a non-empty one, scores 0.0 (accuracy is "
+  "always defined)."
+)
 
 
 @dataclasses.dataclass
@@ -127,6 +135,7 @@ class Example:
     truth: uint8 {0, 1} [H, W], the mask scored against (original or prepared size).
     resolution: "original" or "prepared": where `truth` lives.
   """
+
   name: str
   split: str
   image: np.ndarray
@@ -140,6 +149,7 @@ class ImageScore:
 
   `swept` holds head 2's counts at other thresholds ({threshold: counts}), when asked for.
   """
+
   name: str
   split: str
   height: int
@@ -172,31 +182,35 @@ def splits_to_evaluate(data_dir: PathLike, split: str) -> Dict[str, int]:
     raise ConfigError(f"unknown split {split!r}; expected one of {SPLIT_CHOICES}")
   counts = pipeline.read_data_info(data_dir)["counts"]
   if split == "all":
-    chosen = {name: int(counts.get(name, 0)) for name in splits_lib.SPLITS
-              if int(counts.get(name, 0)) > 0}
+    chosen = {
+      name: int(counts.get(name, 0)) for name in splits_lib.SPLITS if int(counts.get(name, 0)) > 0
+    }
     if not chosen:
       raise ConfigError(f"{data_dir}: the prepared data holds no examples (counts {counts})")
     return chosen
   if int(counts.get(split, 0)) <= 0:
-    raise ConfigError(f"{data_dir}: the prepared data has no {split!r} examples (counts "
-                      f"{counts}); choose another --split, or prepare the data again with "
-                      "tools/prepare_data.py (e.g. --test_raw_dir for a separate test set)")
+    raise ConfigError(
+      f"{data_dir}: the prepared data has no {split!r} examples (counts "
+      f"{counts}); choose another --split, or prepare the data again with "
+      "tools/prepare_data.py (e.g. --test_raw_dir for a separate test set)"
+    )
   return {split: int(counts[split])}
 
 
-def prepared_batches(data_dir: PathLike, split_names: Iterable[str],
-                     batch_size: int) -> Iterator[List[Example]]:
+def prepared_batches(
+  data_dir: PathLike, split_names: Iterable[str], batch_size: int
+) -> Iterator[List[Example]]:
   """Batches of prepared examples, each split in file order.
 
   Validation and test records are scored against their original-resolution mask; training
   records (which keep none) against the prepared mask.
   """
   for split in split_names:
-    dataset = pipeline.make_eval_dataset(data_dir, split, batch_size=batch_size,
-                                         preprocessing=None)
+    dataset = pipeline.make_eval_dataset(data_dir, split, batch_size=batch_size, preprocessing=None)
     # A damaged shard is reported as a DataError naming it, not as a bare TF read error.
-    for batch in records.name_read_errors(dataset.as_numpy_iterator(),
-                                          pipeline.shard_files(data_dir, split)):
+    for batch in records.name_read_errors(
+      dataset.as_numpy_iterator(), pipeline.shard_files(data_dir, split)
+    ):
       examples = []
       for index, name in enumerate(batch["name"]):
         png = batch["original_mask_png"][index]
@@ -204,17 +218,24 @@ def prepared_batches(data_dir: PathLike, split_names: Iterable[str],
           truth, resolution = records.decode_mask_png(png), ORIGINAL
           expected = (int(batch["original_height"][index]), int(batch["original_width"][index]))
           if truth.shape != expected:
-            raise DataError(data_dir, f"record {name.decode()!r} of the {split} split holds a "
-                            f"{truth.shape} original mask but records the size {expected}: "
-                            "prepare the data again")
+            raise DataError(
+              data_dir,
+              f"record {name.decode()!r} of the {split} split holds a "
+              f"{truth.shape} original mask but records the size {expected}: "
+              "prepare the data again",
+            )
         else:
           truth, resolution = batch["mask"][index, :, :, 0].astype(np.uint8), PREPARED
         examples.append(Example(name.decode(), split, batch["image"][index], truth, resolution))
       yield examples
 
 
-def raw_examples(raw_dir: PathLike, layout: str = "auto", on_error: str = "raise",
-                 skipped: Optional[List[Dict[str, str]]] = None) -> Iterator[Example]:
+def raw_examples(
+  raw_dir: PathLike,
+  layout: str = "auto",
+  on_error: str = "raise",
+  skipped: Optional[List[Dict[str, str]]] = None,
+) -> Iterator[Example]:
   """The pairs of a raw data set folder, read at their original resolution.
 
   Args:
@@ -249,8 +270,9 @@ def raw_examples(raw_dir: PathLike, layout: str = "auto", on_error: str = "raise
 # ================================================================================================
 
 
-def score_batch(segment: SegmentFn, examples: Sequence[Example], threshold: float,
-                sweep: Sequence[float] = ()) -> List[ImageScore]:
+def score_batch(
+  segment: SegmentFn, examples: Sequence[Example], threshold: float, sweep: Sequence[float] = ()
+) -> List[ImageScore]:
   """Runs one batch of same-size pictures and counts each head against each image's mask.
 
   Head 2, head 1 and their mean (probabilities averaged at the model's output size, then
@@ -267,21 +289,43 @@ def score_batch(segment: SegmentFn, examples: Sequence[Example], threshold: floa
     probabilities = maps[index]
     if probabilities.shape[:2] != example.truth.shape:
       probabilities = serving.resize_probabilities(
-          probabilities[None], tf.constant(example.truth.shape, tf.int32))[0].numpy()
+        probabilities[None], tf.constant(example.truth.shape, tf.int32)
+      )[0].numpy()
     truth = example.truth > 0
-    counts = {head: metrics.confusion_counts_np(
-        metrics.binarize(probabilities[:, :, channel], threshold), truth)
-              for channel, head in enumerate(HEADS)}
-    swept = {float(value): metrics.confusion_counts_np(
-        metrics.binarize(probabilities[:, :, 0], value), truth) for value in sweep}
-    scores.append(ImageScore(example.name, example.split, truth.shape[0], truth.shape[1],
-                             example.resolution, counts, swept))
+    counts = {
+      head: metrics.confusion_counts_np(
+        metrics.binarize(probabilities[:, :, channel], threshold), truth
+      )
+      for channel, head in enumerate(HEADS)
+    }
+    swept = {
+      float(value): metrics.confusion_counts_np(
+        metrics.binarize(probabilities[:, :, 0], value), truth
+      )
+      for value in sweep
+    }
+    scores.append(
+      ImageScore(
+        example.name,
+        example.split,
+        truth.shape[0],
+        truth.shape[1],
+        example.resolution,
+        counts,
+        swept,
+      )
+    )
   return scores
 
 
-def score_batches(segment: SegmentFn, batches: Iterable[Sequence[Example]], threshold: float,
-                  total: Optional[int] = None, progress: bool = True,
-                  sweep: Sequence[float] = ()) -> List[ImageScore]:
+def score_batches(
+  segment: SegmentFn,
+  batches: Iterable[Sequence[Example]],
+  threshold: float,
+  total: Optional[int] = None,
+  progress: bool = True,
+  sweep: Sequence[float] = (),
+) -> List[ImageScore]:
   """`score_batch` over batches, with a progress line on stderr when `progress`."""
   bar = inference.ImageProgress(total or 0, progress)
   scores: List[ImageScore] = []
@@ -311,10 +355,11 @@ def summarize(scores: Sequence[ImageScore]) -> Dict[str, Dict[str, Dict[str, flo
 # Thresholds tried on the validation split for head 2 (`choose_threshold`).
 THRESHOLD_GRID = tuple(round(0.05 * step, 2) for step in range(1, 20))
 THRESHOLD_NOTE = (
-    "the validation-optimal threshold maximises head 2's mean per-image DSC over the validation "
-    "split (thresholds 0.05 to 0.95 in steps of 0.05; ties go to the one nearest 0.5); it is "
-    "chosen on validation only and then applied to the evaluated split, never tuned on the "
-    "test split.")
+  "the validation-optimal threshold maximises head 2's mean per-image DSC over the validation "
+  "split (thresholds 0.05 to 0.95 in steps of 0.05; ties go to the one nearest 0.5); it is "
+  "chosen on validation only and then applied to the evaluated split, never tuned on the "
+  "test split."
+)
 
 
 def best_threshold(scores: Sequence[ImageScore], default: float = 0.5) -> Dict[str, float]:
@@ -326,11 +371,18 @@ def best_threshold(scores: Sequence[ImageScore], default: float = 0.5) -> Dict[s
   thresholds = sorted(scores[0].swept)
   if not thresholds:
     raise ValueError("the scores hold no swept thresholds")
-  mean_dsc = {t: float(np.mean([metrics.scores_from_counts(score.swept[t])["dsc"]
-                                for score in scores])) for t in thresholds}
+  mean_dsc = {
+    t: float(np.mean([metrics.scores_from_counts(score.swept[t])["dsc"] for score in scores]))
+    for t in thresholds
+  }
   chosen = max(thresholds, key=lambda t: (round(mean_dsc[t], 9), -abs(t - default)))
-  at_default = (mean_dsc[default] if default in mean_dsc else float(np.mean(
-      [metrics.scores_from_counts(score.counts["head2"])["dsc"] for score in scores])))
+  at_default = (
+    mean_dsc[default]
+    if default in mean_dsc
+    else float(
+      np.mean([metrics.scores_from_counts(score.counts["head2"])["dsc"] for score in scores])
+    )
+  )
   return {"threshold": chosen, "dsc": mean_dsc[chosen], "dsc_at_default": at_default}
 
 
@@ -346,11 +398,21 @@ def summarize_swept(scores: Sequence[ImageScore], threshold: float) -> Dict[str,
 # ================================================================================================
 
 
-def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = None,
-             split: str = "test", raw_dir: Optional[PathLike] = None, layout: str = "auto",
-             on_error: str = "raise", threshold: float = 0.5, tta: bool = False,
-             flips: Sequence[str] = tuple(serving.FLIPS), batch_size: int = 8,
-             progress: bool = True, choose_threshold: bool = True) -> Dict[str, object]:
+def evaluate(
+  loaded: serving.LoadedSegmenter,
+  *,
+  data_dir: Optional[PathLike] = None,
+  split: str = "test",
+  raw_dir: Optional[PathLike] = None,
+  layout: str = "auto",
+  on_error: str = "raise",
+  threshold: float = 0.5,
+  tta: bool = False,
+  flips: Sequence[str] = tuple(serving.FLIPS),
+  batch_size: int = 8,
+  progress: bool = True,
+  choose_threshold: bool = True,
+) -> Dict[str, object]:
   """Evaluates a model on a prepared split or a raw data set folder.
 
   Args:
@@ -379,8 +441,10 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
     ConfigError: nothing to evaluate, an unknown or missing split, bad settings.
   """
   if (data_dir is None) == (raw_dir is None):
-    raise ConfigError("give exactly one of a prepared data folder (--data_dir) and a raw data "
-                      "set folder (--raw_dir)")
+    raise ConfigError(
+      "give exactly one of a prepared data folder (--data_dir) and a raw data "
+      "set folder (--raw_dir)"
+    )
   if batch_size <= 0:
     raise ConfigError(f"batch size must be positive, got {batch_size}")
   if not 0.0 <= threshold <= 1.0:
@@ -395,38 +459,64 @@ def evaluate(loaded: serving.LoadedSegmenter, *, data_dir: Optional[PathLike] = 
     if stale:
       logging.warning("%s", stale)
     if (info["height"], info["width"]) != (loaded.height, loaded.width):
-      logging.warning("%s was prepared at %dx%d but the model takes %dx%d: pictures are resized "
-                      "twice (the model resizes its inputs)", data_dir, info["height"],
-                      info["width"], loaded.height, loaded.width)
-    data = {"data_dir": os.path.abspath(data_dir), "split": split, "splits": chosen,
-            "prepared_height": info["height"], "prepared_width": info["width"],
-            "layout": info.get("layout")}
+      logging.warning(
+        "%s was prepared at %dx%d but the model takes %dx%d: pictures are resized "
+        "twice (the model resizes its inputs)",
+        data_dir,
+        info["height"],
+        info["width"],
+        loaded.height,
+        loaded.width,
+      )
+    data = {
+      "data_dir": os.path.abspath(data_dir),
+      "split": split,
+      "splits": chosen,
+      "prepared_height": info["height"],
+      "prepared_width": info["width"],
+      "layout": info.get("layout"),
+    }
     batches: Iterable[Sequence[Example]] = prepared_batches(data_dir, chosen, batch_size)
     total = sum(chosen.values())
   else:
     scan = layouts.scan(raw_dir, layout)  # early: a bad folder fails before the model runs
     data = {"raw_dir": os.path.abspath(raw_dir), "layout": scan.layout, "split": RAW_SPLIT}
     batches = inference.batches_by_size(
-        raw_examples(raw_dir, scan.layout, on_error, skipped),
-        lambda example: example.image.shape[:2], batch_size)
+      raw_examples(raw_dir, scan.layout, on_error, skipped),
+      lambda example: example.image.shape[:2],
+      batch_size,
+    )
     total = len(scan.pairs)
   sweep = THRESHOLD_GRID if choose_threshold and data_dir is not None else ()
-  scores = score_batches(segment, batches, threshold, total=total, progress=progress,
-                         sweep=sweep)
+  scores = score_batches(segment, batches, threshold, total=total, progress=progress, sweep=sweep)
   if not scores:
     raise ConfigError(f"no image could be evaluated ({len(skipped)} skipped)")
-  validation_threshold = (choose_validation_threshold(segment, data_dir, scores, threshold,
-                                                      batch_size, progress) if sweep else None)
-  report = build_report(scores, loaded=loaded, data=data, threshold=threshold,
-                        flips=list(flips) if tta else None, skipped=skipped,
-                        validation_threshold=validation_threshold)
+  validation_threshold = (
+    choose_validation_threshold(segment, data_dir, scores, threshold, batch_size, progress)
+    if sweep
+    else None
+  )
+  report = build_report(
+    scores,
+    loaded=loaded,
+    data=data,
+    threshold=threshold,
+    flips=list(flips) if tta else None,
+    skipped=skipped,
+    validation_threshold=validation_threshold,
+  )
   report["_scores"] = scores
   return report
 
 
-def choose_validation_threshold(segment: SegmentFn, data_dir: PathLike,
-                                scores: Sequence[ImageScore], threshold: float, batch_size: int,
-                                progress: bool) -> Optional[Dict[str, object]]:
+def choose_validation_threshold(
+  segment: SegmentFn,
+  data_dir: PathLike,
+  scores: Sequence[ImageScore],
+  threshold: float,
+  batch_size: int,
+  progress: bool,
+) -> Optional[Dict[str, object]]:
   """Head 2's validation-optimal threshold and the evaluated images' scores at it.
 
   The validation images are those among `scores` when the evaluation covers the valid split,
@@ -438,26 +528,40 @@ def choose_validation_threshold(segment: SegmentFn, data_dir: PathLike,
   valid_scores = [score for score in scores if score.split == "valid"]
   includes_valid = bool(valid_scores)
   if not includes_valid:
-    valid_scores = score_batches(segment, prepared_batches(data_dir, ["valid"], batch_size),
-                                 threshold, total=valid_count, progress=progress,
-                                 sweep=THRESHOLD_GRID)
+    valid_scores = score_batches(
+      segment,
+      prepared_batches(data_dir, ["valid"], batch_size),
+      threshold,
+      total=valid_count,
+      progress=progress,
+      sweep=THRESHOLD_GRID,
+    )
   choice = best_threshold(valid_scores, default=threshold)
   return {
-      "threshold": choice["threshold"],
-      "valid_dsc": choice["dsc"],
-      "valid_dsc_at_threshold": choice["dsc_at_default"],
-      "chosen_on": ("valid (also evaluated here: its scores at this threshold are optimistic)"
-                    if includes_valid else "valid"),
-      "rule": THRESHOLD_NOTE,
-      "head2": summarize_swept(scores, choice["threshold"]),
+    "threshold": choice["threshold"],
+    "valid_dsc": choice["dsc"],
+    "valid_dsc_at_threshold": choice["dsc_at_default"],
+    "chosen_on": (
+      "valid (also evaluated here: its scores at this threshold are optimistic)"
+      if includes_valid
+      else "valid"
+    ),
+    "rule": THRESHOLD_NOTE,
+    "head2": summarize_swept(scores, choice["threshold"]),
   }
 
 
 PRECISE_BN_SUBDIR = "precise_bn"
 
 
-def recompute_batch_norm(loaded: serving.LoadedSegmenter, data_dir: PathLike, batches: int,
-                         batch_size: int, out_dir: PathLike, seed: int = 42) -> Dict[str, object]:
+def recompute_batch_norm(
+  loaded: serving.LoadedSegmenter,
+  data_dir: PathLike,
+  batches: int,
+  batch_size: int,
+  out_dir: PathLike,
+  seed: int = 42,
+) -> Dict[str, object]:
   """Recomputes the loaded model's BatchNorm statistics and saves the model with them.
 
   The population statistics over `batches` unaugmented training batches of `data_dir`
@@ -472,80 +576,128 @@ def recompute_batch_norm(loaded: serving.LoadedSegmenter, data_dir: PathLike, ba
     ConfigError: a SavedModel (its statistics are constants), or data at another size.
   """
   if loaded.kind != "checkpoint":
-    raise ConfigError(f"{loaded.source}: --recompute_bn needs a checkpoint; a SavedModel's "
-                      "BatchNorm statistics are constants (recompute before exporting)")
+    raise ConfigError(
+      f"{loaded.source}: --recompute_bn needs a checkpoint; a SavedModel's "
+      "BatchNorm statistics are constants (recompute before exporting)"
+    )
   info = pipeline.read_data_info(data_dir)
   if (int(info["height"]), int(info["width"])) != (loaded.height, loaded.width):
-    raise ConfigError(f"{data_dir} was prepared at {info['height']}x{info['width']}, the "
-                      f"model takes {loaded.height}x{loaded.width}: BatchNorm statistics "
-                      "must come from pictures of the model's size")
+    raise ConfigError(
+      f"{data_dir} was prepared at {info['height']}x{info['width']}, the "
+      f"model takes {loaded.height}x{loaded.width}: BatchNorm statistics "
+      "must come from pictures of the model's size"
+    )
   model = loaded.module.model
   dataset = pipeline.make_statistics_dataset(
-      data_dir, global_batch_size=batch_size, batches=batches,
-      preprocessing=loaded.preprocessing, seed=seed)
+    data_dir,
+    global_batch_size=batch_size,
+    batches=batches,
+    preprocessing=loaded.preprocessing,
+    seed=seed,
+  )
   summary = precise_bn.recompute_statistics(
-      model, records.name_read_errors(dataset, pipeline.shard_files(data_dir, "train")))
+    model, records.name_read_errors(dataset, pipeline.shard_files(data_dir, "train"))
+  )
   folder = os.path.join(os.fspath(out_dir), PRECISE_BN_SUBDIR)
   config = dict(serving.find_run_config(loaded.source))
-  config.update(preprocessing=loaded.preprocessing, height=loaded.height, width=loaded.width,
-                batch_norm_statistics=precise_bn.PRECISE,
-                recomputed_from={"checkpoint": loaded.source, "data_dir": os.path.abspath(
-                    data_dir), "images": summary.images, "batches": summary.batches})
+  config.update(
+    preprocessing=loaded.preprocessing,
+    height=loaded.height,
+    width=loaded.width,
+    batch_norm_statistics=precise_bn.PRECISE,
+    recomputed_from={
+      "checkpoint": loaded.source,
+      "data_dir": os.path.abspath(data_dir),
+      "images": summary.images,
+      "batches": summary.batches,
+    },
+  )
   with fileio.staged_directory(folder, overwrite=True, purpose="precise-bn") as staging:
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                               os.path.join(staging, checkpoint_lib.BEST_SUBDIR),
-                               max_to_keep=1).save(checkpoint_number=1)
+    tf.train.CheckpointManager(
+      tf.train.Checkpoint(model=model),
+      os.path.join(staging, checkpoint_lib.BEST_SUBDIR),
+      max_to_keep=1,
+    ).save(checkpoint_number=1)
     checkpoint_lib.write_config(staging, config)
-  logging.info("BatchNorm statistics recomputed over %d training images; model saved in %s",
-               summary.images, folder)
+  logging.info(
+    "BatchNorm statistics recomputed over %d training images; model saved in %s",
+    summary.images,
+    folder,
+  )
   return {"images": summary.images, "batches": summary.batches, "checkpoint": folder}
 
 
-def build_report(scores: Sequence[ImageScore], *, loaded: serving.LoadedSegmenter,
-                 data: Dict[str, object], threshold: float, flips: Optional[List[str]],
-                 skipped: Sequence[Dict[str, str]],
-                 validation_threshold: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+def build_report(
+  scores: Sequence[ImageScore],
+  *,
+  loaded: serving.LoadedSegmenter,
+  data: Dict[str, object],
+  threshold: float,
+  flips: Optional[List[str]],
+  skipped: Sequence[Dict[str, str]],
+  validation_threshold: Optional[Dict[str, object]] = None,
+) -> Dict[str, object]:
   """The evaluation as a JSON-ready dict (what metrics.json holds)."""
   results = summarize(scores)
-  by_resolution = {name: sum(score.resolution == name for score in scores)
-                   for name in (ORIGINAL, PREPARED)}
-  resolution = ("mixed" if all(by_resolution.values())
-                else ORIGINAL if by_resolution[ORIGINAL] else PREPARED)
+  by_resolution = {
+    name: sum(score.resolution == name for score in scores) for name in (ORIGINAL, PREPARED)
+  }
+  resolution = (
+    "mixed" if all(by_resolution.values()) else ORIGINAL if by_resolution[ORIGINAL] else PREPARED
+  )
   notes = []
   if by_resolution[PREPARED]:
-    notes.append(f"{by_resolution[PREPARED]} image(s) of the train split were scored at the "
-                 "prepared size (training records keep no original-resolution mask); score a "
-                 "whole data set at its original size with --raw_dir")
+    notes.append(
+      f"{by_resolution[PREPARED]} image(s) of the train split were scored at the "
+      "prepared size (training records keep no original-resolution mask); score a "
+      "whole data set at its original size with --raw_dir"
+    )
   if skipped:
-    notes.append(f"{len(skipped)} file(s) skipped (listed under 'skipped'): these scores leave "
-                 "them out")
+    notes.append(
+      f"{len(skipped)} file(s) skipped (listed under 'skipped'): these scores leave them out"
+    )
   headline = results["head2"][metrics.HEADLINE_STATISTIC]
   empty_truth = sum(not score.counts["head2"][[metrics.TP, metrics.FN]].any() for score in scores)
-  empty_prediction = {head: int(sum(not score.counts[head][[metrics.TP, metrics.FP]].any()
-                                    for score in scores)) for head in HEADS}
+  empty_prediction = {
+    head: int(sum(not score.counts[head][[metrics.TP, metrics.FP]].any() for score in scores))
+    for head in HEADS
+  }
   return {
-      "format": REPORT_FORMAT,
-      "version": REPORT_VERSION,
-      "model": {"source": loaded.source, "kind": loaded.kind, "input_height": loaded.height,
-                "input_width": loaded.width, "preprocessing": loaded.preprocessing},
-      "data": data,
-      "images": len(scores),
-      "resolution": resolution,
-      "images_by_resolution": by_resolution,
-      "threshold": threshold,
-      "tta": flips,
-      "headline": {"head": "head2", "statistic": metrics.HEADLINE_STATISTIC,
-                   "dsc": headline["dsc"], "iou": headline["iou"],
-                   "recall": headline["recall"], "precision": headline["precision"]},
-      "statistics": STATISTICS_NOTE,
-      "empty_masks": {"convention": EMPTY_MASK_NOTE, "ground_truth": int(empty_truth),
-                      "prediction": empty_prediction},
-      "metrics": results,
-      "validation_threshold": validation_threshold,
-      "notes": notes,
-      "skipped": list(skipped),
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(sys.argv),
+    "format": REPORT_FORMAT,
+    "version": REPORT_VERSION,
+    "model": {
+      "source": loaded.source,
+      "kind": loaded.kind,
+      "input_height": loaded.height,
+      "input_width": loaded.width,
+      "preprocessing": loaded.preprocessing,
+    },
+    "data": data,
+    "images": len(scores),
+    "resolution": resolution,
+    "images_by_resolution": by_resolution,
+    "threshold": threshold,
+    "tta": flips,
+    "headline": {
+      "head": "head2",
+      "statistic": metrics.HEADLINE_STATISTIC,
+      "dsc": headline["dsc"],
+      "iou": headline["iou"],
+      "recall": headline["recall"],
+      "precision": headline["precision"],
+    },
+    "statistics": STATISTICS_NOTE,
+    "empty_masks": {
+      "convention": EMPTY_MASK_NOTE,
+      "ground_truth": int(empty_truth),
+      "prediction": empty_prediction,
+    },
+    "metrics": results,
+    "validation_threshold": validation_threshold,
+    "notes": notes,
+    "skipped": list(skipped),
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": " ".join(sys.argv),
   }
 
 
@@ -559,43 +711,46 @@ def format_markdown(report: Dict[str, object]) -> str:
   flips = report["tta"]
   headline = report["headline"]
   lines = [
-      "# DoubleU-Net evaluation",
-      "",
-      f"- model: `{model['source']}` ({model['kind']}, input {model['input_height']}x"
-      f"{model['input_width']}, preprocessing {model['preprocessing']})",
-      f"- data: {where}: {report['images']} images, scored {_resolution_text(report)}",
-      f"- threshold {report['threshold']:g}; test-time augmentation: "
-      f"{'flips ' + ', '.join(flips) if flips else 'none'}",
-      f"- headline (head 2, mean over images): DSC {headline['dsc']:.4f}, mIoU "
-      f"{headline['iou']:.4f}, recall {headline['recall']:.4f}, precision "
-      f"{headline['precision']:.4f}",
-      "",
-      "| output | statistic | " + " | ".join(title for _, title in TABLE_SCORES) + " |",
-      "| --- | --- |" + " ---: |" * len(TABLE_SCORES),
+    "# DoubleU-Net evaluation",
+    "",
+    f"- model: `{model['source']}` ({model['kind']}, input {model['input_height']}x"
+    f"{model['input_width']}, preprocessing {model['preprocessing']})",
+    f"- data: {where}: {report['images']} images, scored {_resolution_text(report)}",
+    f"- threshold {report['threshold']:g}; test-time augmentation: "
+    f"{'flips ' + ', '.join(flips) if flips else 'none'}",
+    f"- headline (head 2, mean over images): DSC {headline['dsc']:.4f}, mIoU "
+    f"{headline['iou']:.4f}, recall {headline['recall']:.4f}, precision "
+    f"{headline['precision']:.4f}",
+    "",
+    "| output | statistic | " + " | ".join(title for _, title in TABLE_SCORES) + " |",
+    "| --- | --- |" + " ---: |" * len(TABLE_SCORES),
   ]
   for head in HEADS:
     for statistic in metrics.STATISTICS:
       values = report["metrics"][head][statistic]
-      lines.append(f"| {HEAD_TITLES[head]} | {STATISTIC_TITLES[statistic]} | "
-                   + " | ".join(f"{values[name]:.4f}" for name, _ in TABLE_SCORES) + " |")
+      lines.append(
+        f"| {HEAD_TITLES[head]} | {STATISTIC_TITLES[statistic]} | "
+        + " | ".join(f"{values[name]:.4f}" for name, _ in TABLE_SCORES)
+        + " |"
+      )
   chosen = report.get("validation_threshold")
   if chosen:
     values = chosen["head2"]["per_image"]
     lines += [
-        "",
-        f"Validation-optimal threshold {chosen['threshold']:g} (chosen on {chosen['chosen_on']};"
-        f" validation DSC {chosen['valid_dsc']:.4f} there, {chosen['valid_dsc_at_threshold']:.4f}"
-        f" at {report['threshold']:g}): head 2 on this split, mean over images: DSC "
-        f"{values['dsc']:.4f}, mIoU {values['iou']:.4f}, recall {values['recall']:.4f}, "
-        f"precision {values['precision']:.4f}.",
+      "",
+      f"Validation-optimal threshold {chosen['threshold']:g} (chosen on {chosen['chosen_on']};"
+      f" validation DSC {chosen['valid_dsc']:.4f} there, {chosen['valid_dsc_at_threshold']:.4f}"
+      f" at {report['threshold']:g}): head 2 on this split, mean over images: DSC "
+      f"{values['dsc']:.4f}, mIoU {values['iou']:.4f}, recall {values['recall']:.4f}, "
+      f"precision {values['precision']:.4f}.",
     ]
   empty = report["empty_masks"]
   lines += [
-      "",
-      f"Statistics: {report['statistics']}",
-      "",
-      f"Empty masks: {empty['ground_truth']} empty ground truth(s), "
-      f"{empty['prediction']['head2']} empty head-2 prediction(s); {empty['convention']}",
+    "",
+    f"Statistics: {report['statistics']}",
+    "",
+    f"Empty masks: {empty['ground_truth']} empty ground truth(s), "
+    f"{empty['prediction']['head2']} empty head-2 prediction(s); {empty['convention']}",
   ]
   for note in report["notes"]:
     lines += ["", f"Note: {note}"]
@@ -608,32 +763,58 @@ def _resolution_text(report: Dict[str, object]) -> str:
     return "at their original resolution"
   if report["resolution"] == PREPARED:
     return "at the prepared size (training records keep no original-resolution mask)"
-  return (f"at their original resolution ({counts[ORIGINAL]}) and at the prepared size "
-          f"({counts[PREPARED]}, training records)")
+  return (
+    f"at their original resolution ({counts[ORIGINAL]}) and at the prepared size "
+    f"({counts[PREPARED]}, training records)"
+  )
 
 
 def per_image_csv(scores: Sequence[ImageScore]) -> str:
   """One CSV row per image with head 2's counts and scores, sorted by split and name."""
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(["name", "split", "height", "width", "resolution", "tp", "fp", "fn", "tn",
-                   "dsc", "iou", "precision", "recall"])
+  writer.writerow(
+    [
+      "name",
+      "split",
+      "height",
+      "width",
+      "resolution",
+      "tp",
+      "fp",
+      "fn",
+      "tn",
+      "dsc",
+      "iou",
+      "precision",
+      "recall",
+    ]
+  )
   order = {name: index for index, name in enumerate((*splits_lib.SPLITS, RAW_SPLIT))}
   for score in sorted(scores, key=lambda s: (order.get(s.split, len(order)), s.name)):
     counts = score.counts["head2"]
     values = metrics.scores_from_counts(counts)
-    writer.writerow([score.name, score.split, score.height, score.width, score.resolution,
-                     *(int(c) for c in counts),
-                     *(f"{float(values[name]):.6f}" for name in ("dsc", "iou", "precision",
-                                                                   "recall"))])
+    writer.writerow(
+      [
+        score.name,
+        score.split,
+        score.height,
+        score.width,
+        score.resolution,
+        *(int(c) for c in counts),
+        *(f"{float(values[name]):.6f}" for name in ("dsc", "iou", "precision", "recall")),
+      ]
+    )
   return buffer.getvalue()
 
 
 def write_report(report: Dict[str, object], out_dir: PathLike) -> Dict[str, str]:
   """Writes metrics.json, metrics.md and per_image.csv atomically; returns their paths."""
   tf.io.gfile.makedirs(os.fspath(out_dir))
-  paths = {name: os.path.join(os.fspath(out_dir), name)
-           for name in (METRICS_JSON, METRICS_MD, PER_IMAGE_CSV)}
+  paths = {
+    name: os.path.join(os.fspath(out_dir), name)
+    for name in (METRICS_JSON, METRICS_MD, PER_IMAGE_CSV)
+  }
   document = {key: value for key, value in report.items() if not key.startswith("_")}
   fileio.write_json_atomic(paths[METRICS_JSON], document, indent=1, sort_keys=False)
   fileio.write_text_atomic(paths[METRICS_MD], format_markdown(report))
@@ -658,8 +839,9 @@ def find_workdir(checkpoint: str) -> Optional[str]:
   return None
 
 
-def default_out_dir(checkpoint: str, split: str, raw_dir: Optional[str], tta: bool,
-                    prefer: str = "best") -> Optional[str]:
+def default_out_dir(
+  checkpoint: str, split: str, raw_dir: Optional[str], tta: bool, prefer: str = "best"
+) -> Optional[str]:
   """<workdir>/eval/<split or raw-NAME>[-latest][-tta]; None when there is no workdir.
 
   "-latest" marks workdir evaluations of the latest (not the best) checkpoint.
@@ -667,7 +849,7 @@ def default_out_dir(checkpoint: str, split: str, raw_dir: Optional[str], tta: bo
   workdir = find_workdir(checkpoint)
   if workdir is None:
     return None
-  name = (f"raw-{os.path.basename(os.path.normpath(raw_dir))}" if raw_dir else split)
+  name = f"raw-{os.path.basename(os.path.normpath(raw_dir))}" if raw_dir else split
   if prefer == "latest" and tf.io.gfile.isdir(checkpoint):
     name += "-latest"
   return os.path.join(workdir, "eval", name + ("-tta" if tta else ""))
@@ -680,11 +862,11 @@ def default_out_dir(checkpoint: str, split: str, raw_dir: Optional[str], tta: bo
 FLAGS = flags.FLAGS
 PROGRAM = "dunet-evaluate"
 HELP_GROUPS = (
-    ("Model", model_flags.MODEL_FLAGS),
-    ("Data", ("data_dir", "split", "raw_dir", "layout", "on_error")),
-    ("Scoring", ("threshold", "choose_threshold", "recompute_bn", "batch_size")),
-    ("Output", ("out_dir",)),
-    ("Inference", model_flags.INFERENCE_FLAGS),
+  ("Model", model_flags.MODEL_FLAGS),
+  ("Data", ("data_dir", "split", "raw_dir", "layout", "on_error")),
+  ("Scoring", ("threshold", "choose_threshold", "recompute_bn", "batch_size")),
+  ("Output", ("out_dir",)),
+  ("Inference", model_flags.INFERENCE_FLAGS),
 )
 
 
@@ -693,37 +875,90 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   define flags of the same names, and tests import them all)."""
   fv = dict(flag_values=flag_values)
   model_flags.define_model_flags(flag_values)
-  flags.DEFINE_string("data_dir", None, "A prepared data folder (tools/prepare_data.py). Default: "
-                      "the data_dir in the run's config.json (the data it trained on).", **fv)
-  flags.DEFINE_enum("split", "test", list(SPLIT_CHOICES), "The prepared split to evaluate: test, "
-                    "valid, train (scored at the prepared size: training records keep no "
-                    "original-resolution mask) or all of them.", **fv)
-  flags.DEFINE_string("raw_dir", None, "Evaluate a whole raw data set folder as distributed "
-                      "instead (e.g. ETIS-LaribPolypDB), read at its original resolution; "
-                      "replaces --data_dir and --split.", **fv)
-  flags.DEFINE_enum("layout", "auto", ["auto", *layouts.LAYOUTS], "Folder layout of --raw_dir "
-                    "(auto: detected from its sub-folder names; see tools/prepare_data.py "
-                    "--help).", **fv)
-  flags.DEFINE_enum("on_error", "raise", list(layouts.ON_ERROR), "Bad files in --raw_dir "
-                    "(unreadable, unpaired, size mismatch): raise = stop naming the file; skip = "
-                    "leave them out and list them in metrics.json (the scores then omit them).",
-                    **fv)
-  flags.DEFINE_float("threshold", 0.5, "A pixel is foreground where the probability is >= this.",
-                     lower_bound=0.0, upper_bound=1.0, **fv)
-  flags.DEFINE_integer("recompute_bn", 0, "Before evaluating, recompute the BatchNorm "
-                       "statistics over this many unaugmented training batches (of "
-                       "--batch_size) of the run's data, and save the model with them in "
-                       "<out_dir>/precise_bn (0: use the checkpoint's statistics).",
-                       lower_bound=0, **fv)
-  flags.DEFINE_bool("choose_threshold", True, "Also report head 2's validation-optimal "
-                    "threshold (chosen on the prepared data's valid split, never on the test "
-                    "split) and the scores at it, beside --threshold.", **fv)
-  flags.DEFINE_integer("batch_size", 8, "Pictures per model call (raw pictures of one size are "
-                       "batched together).", lower_bound=1, **fv)
-  flags.DEFINE_string("out_dir", None, "Where metrics.json, metrics.md and per_image.csv go. "
-                      "Default: <workdir>/eval/<split>[-latest][-tta] (eval/raw-<folder name>... "
-                      "with --raw_dir), replaced by the next run with the same settings; "
-                      "required for SavedModels and checkpoint prefixes outside a workdir.", **fv)
+  flags.DEFINE_string(
+    "data_dir",
+    None,
+    "A prepared data folder (tools/prepare_data.py). Default: "
+    "the data_dir in the run's config.json (the data it trained on).",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "split",
+    "test",
+    list(SPLIT_CHOICES),
+    "The prepared split to evaluate: test, "
+    "valid, train (scored at the prepared size: training records keep no "
+    "original-resolution mask) or all of them.",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "raw_dir",
+    None,
+    "Evaluate a whole raw data set folder as distributed "
+    "instead (e.g. ETIS-LaribPolypDB), read at its original resolution; "
+    "replaces --data_dir and --split.",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "layout",
+    "auto",
+    ["auto", *layouts.LAYOUTS],
+    "Folder layout of --raw_dir "
+    "(auto: detected from its sub-folder names; see tools/prepare_data.py "
+    "--help).",
+    **fv,
+  )
+  flags.DEFINE_enum(
+    "on_error",
+    "raise",
+    list(layouts.ON_ERROR),
+    "Bad files in --raw_dir "
+    "(unreadable, unpaired, size mismatch): raise = stop naming the file; skip = "
+    "leave them out and list them in metrics.json (the scores then omit them).",
+    **fv,
+  )
+  flags.DEFINE_float(
+    "threshold",
+    0.5,
+    "A pixel is foreground where the probability is >= this.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+    **fv,
+  )
+  flags.DEFINE_integer(
+    "recompute_bn",
+    0,
+    "Before evaluating, recompute the BatchNorm "
+    "statistics over this many unaugmented training batches (of "
+    "--batch_size) of the run's data, and save the model with them in "
+    "<out_dir>/precise_bn (0: use the checkpoint's statistics).",
+    lower_bound=0,
+    **fv,
+  )
+  flags.DEFINE_bool(
+    "choose_threshold",
+    True,
+    "Also report head 2's validation-optimal "
+    "threshold (chosen on the prepared data's valid split, never on the test "
+    "split) and the scores at it, beside --threshold.",
+    **fv,
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    8,
+    "Pictures per model call (raw pictures of one size are batched together).",
+    lower_bound=1,
+    **fv,
+  )
+  flags.DEFINE_string(
+    "out_dir",
+    None,
+    "Where metrics.json, metrics.md and per_image.csv go. "
+    "Default: <workdir>/eval/<split>[-latest][-tta] (eval/raw-<folder name>... "
+    "with --raw_dir), replaced by the next run with the same settings; "
+    "required for SavedModels and checkpoint prefixes outside a workdir.",
+    **fv,
+  )
 
 
 def _resolve_data_dir(checkpoint: str) -> str:
@@ -734,14 +969,19 @@ def _resolve_data_dir(checkpoint: str) -> str:
   config = {} if serving.is_saved_model(checkpoint) else serving.find_run_config(checkpoint)
   recorded = config.get("data_dir")
   if not recorded:
-    raise ConfigError(f"{checkpoint} records no data folder (no config.json with a "
-                      "data_dir): pass --data_dir (a folder prepared with "
-                      "tools/prepare_data.py) or --raw_dir (a data set as distributed)")
+    raise ConfigError(
+      f"{checkpoint} records no data folder (no config.json with a "
+      "data_dir): pass --data_dir (a folder prepared with "
+      "tools/prepare_data.py) or --raw_dir (a data set as distributed)"
+    )
   try:
     pipeline.read_data_info(recorded)
   except DataError as error:
-    raise DataError(recorded, f"the run's config.json names this data folder, but it is not "
-                    f"usable ({error.problem}); pass --data_dir or --raw_dir") from error
+    raise DataError(
+      recorded,
+      f"the run's config.json names this data folder, but it is not "
+      f"usable ({error.problem}); pass --data_dir or --raw_dir",
+    ) from error
   return recorded
 
 
@@ -750,11 +990,13 @@ def _check_inputs() -> Tuple[str, Optional[str]]:
   written; returns (out_dir, data_dir or None for --raw_dir)."""
   # The checkpoint first: its absence is the likelier mistake, and the error names the path.
   serving.resolve_model_source(FLAGS.checkpoint, FLAGS.prefer)
-  out_dir = FLAGS.out_dir or default_out_dir(FLAGS.checkpoint, FLAGS.split, FLAGS.raw_dir,
-                                             FLAGS.tta, FLAGS.prefer)
+  out_dir = FLAGS.out_dir or default_out_dir(
+    FLAGS.checkpoint, FLAGS.split, FLAGS.raw_dir, FLAGS.tta, FLAGS.prefer
+  )
   if out_dir is None:
-    raise app.UsageError(f"--out_dir is required: {FLAGS.checkpoint} is not inside a training "
-                         "workdir")
+    raise app.UsageError(
+      f"--out_dir is required: {FLAGS.checkpoint} is not inside a training workdir"
+    )
   if FLAGS.raw_dir:
     layouts.scan(FLAGS.raw_dir, FLAGS.layout)  # DataError naming a missing or empty folder
     data_dir = None
@@ -772,27 +1014,45 @@ def main(argv: Sequence[str]) -> int:
   if not FLAGS.checkpoint:
     raise app.UsageError("--checkpoint is required (a workdir, checkpoint prefix or SavedModel)")
   if FLAGS.raw_dir and (FLAGS.data_dir or FLAGS["split"].present):
-    raise app.UsageError("--raw_dir evaluates a whole raw folder: leave out --data_dir and "
-                         "--split")
+    raise app.UsageError("--raw_dir evaluates a whole raw folder: leave out --data_dir and --split")
   out_dir, data_dir = _check_inputs()
-  loaded = serving.load_segmenter(FLAGS.checkpoint, prefer=FLAGS.prefer,
-                                  height=FLAGS.height or None, width=FLAGS.width or None,
-                                  precision_name=FLAGS.precision)
+  loaded = serving.load_segmenter(
+    FLAGS.checkpoint,
+    prefer=FLAGS.prefer,
+    height=FLAGS.height or None,
+    width=FLAGS.width or None,
+    precision_name=FLAGS.precision,
+  )
   recomputed = None
   if FLAGS.recompute_bn:
     recomputed = recompute_batch_norm(
-        loaded, data_dir or _resolve_data_dir(FLAGS.checkpoint), FLAGS.recompute_bn,
-        FLAGS.batch_size, out_dir,
-        seed=int(serving.find_run_config(loaded.source).get("seed", 42)))
-  report = evaluate(loaded, data_dir=data_dir, split=FLAGS.split, raw_dir=FLAGS.raw_dir,
-                    layout=FLAGS.layout, on_error=FLAGS.on_error, threshold=FLAGS.threshold,
-                    tta=FLAGS.tta, flips=FLAGS.tta_flips, batch_size=FLAGS.batch_size,
-                    progress=FLAGS.progress, choose_threshold=FLAGS.choose_threshold)
+      loaded,
+      data_dir or _resolve_data_dir(FLAGS.checkpoint),
+      FLAGS.recompute_bn,
+      FLAGS.batch_size,
+      out_dir,
+      seed=int(serving.find_run_config(loaded.source).get("seed", 42)),
+    )
+  report = evaluate(
+    loaded,
+    data_dir=data_dir,
+    split=FLAGS.split,
+    raw_dir=FLAGS.raw_dir,
+    layout=FLAGS.layout,
+    on_error=FLAGS.on_error,
+    threshold=FLAGS.threshold,
+    tta=FLAGS.tta,
+    flips=FLAGS.tta_flips,
+    batch_size=FLAGS.batch_size,
+    progress=FLAGS.progress,
+    choose_threshold=FLAGS.choose_threshold,
+  )
   if recomputed:
     report["batch_norm_recomputed"] = recomputed
     report["notes"].append(
-        f"BatchNorm statistics recomputed over {recomputed['images']} training images "
-        f"before scoring; the model with them is in {recomputed['checkpoint']}")
+      f"BatchNorm statistics recomputed over {recomputed['images']} training images "
+      f"before scoring; the model with them is in {recomputed['checkpoint']}"
+    )
   paths = write_report(report, out_dir)
   print(format_markdown(report))
   print(f"Wrote {paths[METRICS_JSON]}, {paths[METRICS_MD]} and {paths[PER_IMAGE_CSV]}")

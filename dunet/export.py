@@ -30,6 +30,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":
   from dunet import cli
+
   cli.silence_startup()  # before TensorFlow is imported
 
 from typing import Sequence  # noqa: E402
@@ -45,8 +46,8 @@ from dunet.deploy import saved_model  # noqa: E402
 FLAGS = flags.FLAGS
 PROGRAM = "dunet-export"
 HELP_GROUPS = (
-    ("Model", ("checkpoint", "prefer", "height", "width", "preprocessing")),
-    ("Output", ("out_dir", "overwrite", "tolerance")),
+  ("Model", ("checkpoint", "prefer", "height", "width", "preprocessing")),
+  ("Output", ("out_dir", "overwrite", "tolerance")),
 )
 
 
@@ -54,26 +55,53 @@ def define_flags() -> None:
   """Defines the command-line flags (only when run as a program: importing the module defines
   none)."""
   flags.DEFINE_string(
-      "checkpoint", None,
-      "What to export (required): a training workdir (its best checkpoint, or the latest with "
-      "--prefer=latest), a workdir written by tools/convert_keras_h5.py, or a checkpoint prefix "
-      "such as runs/cvc/best/ckpt-12.")
-  flags.DEFINE_string("out_dir", None, "The SavedModel folder to create (required). It must not "
-                      "exist (or be empty) unless --overwrite.")
-  flags.DEFINE_integer("height", None, "Model input height (a multiple of 16); default: the "
-                       "run's config.json. Needed for runs that recorded none.")
-  flags.DEFINE_integer("width", None, "Model input width (a multiple of 16); default: the run's "
-                       "config.json.")
-  flags.DEFINE_enum("preprocessing", None, list(preprocess.PREPROCESSING),
-                    "Preprocessing built into the signatures; default: the run's config.json "
-                    "(reference when it records none).")
-  flags.DEFINE_enum("prefer", "best", ["best", "latest"], "Which checkpoint of a workdir: the "
-                    "best by validation DSC, or the latest training checkpoint.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir (only once the new "
-                    "export has been verified).")
-  flags.DEFINE_float("tolerance", saved_model.DEFAULT_TOLERANCE, "Largest absolute difference "
-                     "allowed between the reloaded SavedModel and the in-memory model "
-                     "(probabilities).", lower_bound=0.0)
+    "checkpoint",
+    None,
+    "What to export (required): a training workdir (its best checkpoint, or the latest with "
+    "--prefer=latest), a workdir written by tools/convert_keras_h5.py, or a checkpoint prefix "
+    "such as runs/cvc/best/ckpt-12.",
+  )
+  flags.DEFINE_string(
+    "out_dir",
+    None,
+    "The SavedModel folder to create (required). It must not "
+    "exist (or be empty) unless --overwrite.",
+  )
+  flags.DEFINE_integer(
+    "height",
+    None,
+    "Model input height (a multiple of 16); default: the "
+    "run's config.json. Needed for runs that recorded none.",
+  )
+  flags.DEFINE_integer(
+    "width", None, "Model input width (a multiple of 16); default: the run's config.json."
+  )
+  flags.DEFINE_enum(
+    "preprocessing",
+    None,
+    list(preprocess.PREPROCESSING),
+    "Preprocessing built into the signatures; default: the run's config.json "
+    "(reference when it records none).",
+  )
+  flags.DEFINE_enum(
+    "prefer",
+    "best",
+    ["best", "latest"],
+    "Which checkpoint of a workdir: the best by validation DSC, or the latest training checkpoint.",
+  )
+  flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an existing --out_dir (only once the new export has been verified).",
+  )
+  flags.DEFINE_float(
+    "tolerance",
+    saved_model.DEFAULT_TOLERANCE,
+    "Largest absolute difference "
+    "allowed between the reloaded SavedModel and the in-memory model "
+    "(probabilities).",
+    lower_bound=0.0,
+  )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -84,16 +112,24 @@ def main(argv: Sequence[str]) -> int:
   if missing:
     raise app.UsageError("required: " + ", ".join(f"--{name}" for name in missing))
   summary = saved_model.export_saved_model(
-      FLAGS.checkpoint, FLAGS.out_dir, prefer=FLAGS.prefer, height=FLAGS.height,
-      width=FLAGS.width, preprocessing=FLAGS.preprocessing, overwrite=FLAGS.overwrite,
-      tolerance=FLAGS.tolerance)
-  print(f"Exported {summary.source}\n"
-        f"  to:            {summary.out_dir}\n"
-        f"  input size:    {summary.height}x{summary.width} (any size accepted by "
-        f"serving_default)\n"
-        f"  preprocessing: {summary.preprocessing}\n"
-        f"  signatures:    {serving.SERVING_SIGNATURE}, {serving.MODEL_SIZE_SIGNATURE}\n"
-        f"  parity (max |reloaded - model|, tolerance {summary.tolerance:.1e}):")
+    FLAGS.checkpoint,
+    FLAGS.out_dir,
+    prefer=FLAGS.prefer,
+    height=FLAGS.height,
+    width=FLAGS.width,
+    preprocessing=FLAGS.preprocessing,
+    overwrite=FLAGS.overwrite,
+    tolerance=FLAGS.tolerance,
+  )
+  print(
+    f"Exported {summary.source}\n"
+    f"  to:            {summary.out_dir}\n"
+    f"  input size:    {summary.height}x{summary.width} (any size accepted by "
+    f"serving_default)\n"
+    f"  preprocessing: {summary.preprocessing}\n"
+    f"  signatures:    {serving.SERVING_SIGNATURE}, {serving.MODEL_SIZE_SIGNATURE}\n"
+    f"  parity (max |reloaded - model|, tolerance {summary.tolerance:.1e}):"
+  )
   for key, value in summary.parity.items():
     print(f"    {key:<28} {value:.3e}")
   return 0

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":
   from dunet import cli
+
   cli.silence_startup()  # before TensorFlow is imported
 
 from typing import Sequence  # noqa: E402
@@ -76,68 +77,140 @@ from dunet.deploy import tensorrt  # noqa: E402
 FLAGS = flags.FLAGS
 PROGRAM = "dunet-export-trt"
 HELP_GROUPS = (
-    ("Source", ("saved_model", "checkpoint", "prefer", "height", "width", "preprocessing")),
-    ("Output", ("out_dir", "overwrite", "fp16", "opset")),
-    ("TensorRT", ("tensorrt", "engines", "min_batch", "opt_batch", "max_batch",
-                  "workspace_mib")),
-    ("Checks", ("fp32_tolerance", "fp16_tolerance", "engine_tolerance", "parity_pictures",
-                "latency_batch", "latency_runs", "onnxruntime_providers")),
+  ("Source", ("saved_model", "checkpoint", "prefer", "height", "width", "preprocessing")),
+  ("Output", ("out_dir", "overwrite", "fp16", "opset")),
+  ("TensorRT", ("tensorrt", "engines", "min_batch", "opt_batch", "max_batch", "workspace_mib")),
+  (
+    "Checks",
+    (
+      "fp32_tolerance",
+      "fp16_tolerance",
+      "engine_tolerance",
+      "parity_pictures",
+      "latency_batch",
+      "latency_runs",
+      "onnxruntime_providers",
+    ),
+  ),
 )
 
 
 def define_flags() -> None:
   """Defines the command-line flags (only when run as a program: importing the module defines
   none)."""
-  flags.DEFINE_string("saved_model", None, "A SavedModel written by `python -m dunet.export` "
-                      "(one of --saved_model and --checkpoint is required).")
-  flags.DEFINE_string("checkpoint", None, "Export from a training workdir, a converted Keras "
-                      "workdir or a checkpoint prefix instead: the verified SavedModel is written "
-                      "to <out_dir>/saved_model first.")
-  flags.DEFINE_string("out_dir", None, "The folder to create (required); it must not exist (or "
-                      "be empty) unless --overwrite.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir (only once everything new "
-                    "passed its checks).")
-  flags.DEFINE_enum("prefer", "best", ["best", "latest"], "With --checkpoint: the best or the "
-                    "latest checkpoint of a workdir.")
-  flags.DEFINE_integer("height", None, "With --checkpoint: model input height when the run's "
-                       "config.json records none (a multiple of 16).")
+  flags.DEFINE_string(
+    "saved_model",
+    None,
+    "A SavedModel written by `python -m dunet.export` "
+    "(one of --saved_model and --checkpoint is required).",
+  )
+  flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Export from a training workdir, a converted Keras "
+    "workdir or a checkpoint prefix instead: the verified SavedModel is written "
+    "to <out_dir>/saved_model first.",
+  )
+  flags.DEFINE_string(
+    "out_dir",
+    None,
+    "The folder to create (required); it must not exist (or be empty) unless --overwrite.",
+  )
+  flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an existing --out_dir (only once everything new passed its checks).",
+  )
+  flags.DEFINE_enum(
+    "prefer",
+    "best",
+    ["best", "latest"],
+    "With --checkpoint: the best or the latest checkpoint of a workdir.",
+  )
+  flags.DEFINE_integer(
+    "height",
+    None,
+    "With --checkpoint: model input height when the run's "
+    "config.json records none (a multiple of 16).",
+  )
   flags.DEFINE_integer("width", None, "With --checkpoint: model input width, as --height.")
-  flags.DEFINE_enum("preprocessing", None, list(preprocess.PREPROCESSING), "With --checkpoint: "
-                    "override the run's preprocessing.")
+  flags.DEFINE_enum(
+    "preprocessing",
+    None,
+    list(preprocess.PREPROCESSING),
+    "With --checkpoint: override the run's preprocessing.",
+  )
   flags.DEFINE_integer("opset", onnx.DEFAULT_OPSET, "ONNX opset for tf2onnx.", lower_bound=13)
-  flags.DEFINE_bool("fp16", True, "Also write the float16 ONNX graph (float16 arithmetic, uint8 "
-                    "in, float32 out).")
-  flags.DEFINE_float("fp32_tolerance", pipeline.DEFAULT_FP32_TOLERANCE, "Largest allowed "
-                     "difference of a probability between onnxruntime (fp32 graph) and "
-                     "TensorFlow.", lower_bound=0)
-  flags.DEFINE_float("fp16_tolerance", pipeline.DEFAULT_FP16_TOLERANCE, "Largest allowed "
-                     "difference of a probability between onnxruntime (fp16 graph) and "
-                     "TensorFlow (float32).", lower_bound=0)
-  flags.DEFINE_float("engine_tolerance", pipeline.DEFAULT_ENGINE_TOLERANCE, "Largest allowed "
-                     "difference of a probability between a TensorRT engine and TensorFlow "
-                     "(float32).", lower_bound=0)
-  flags.DEFINE_integer("parity_pictures", pipeline.PARITY_PICTURES, "Deterministic pictures (one "
-                       "batch) the ONNX graphs and engines are compared with TensorFlow on.",
-                       lower_bound=1)
-  flags.DEFINE_enum("tensorrt", "auto", ["auto", "require", "skip"], "auto: build engines where "
-                    "the tensorrt package and a CUDA GPU are present, else say what is missing "
-                    "and print the trtexec command; require: fail (before any conversion) when "
-                    "they are missing; skip: never build (the trtexec command is still printed).")
-  flags.DEFINE_list("engines", ["fp16"], "TensorRT engines to build, from the ONNX graph of each "
-                    "listed precision (fp16, fp32).")
-  flags.DEFINE_integer("min_batch", 1, "Smallest batch of the engine's optimization profile.",
-                       lower_bound=1)
+  flags.DEFINE_bool(
+    "fp16", True, "Also write the float16 ONNX graph (float16 arithmetic, uint8 in, float32 out)."
+  )
+  flags.DEFINE_float(
+    "fp32_tolerance",
+    pipeline.DEFAULT_FP32_TOLERANCE,
+    "Largest allowed difference of a probability between onnxruntime (fp32 graph) and TensorFlow.",
+    lower_bound=0,
+  )
+  flags.DEFINE_float(
+    "fp16_tolerance",
+    pipeline.DEFAULT_FP16_TOLERANCE,
+    "Largest allowed "
+    "difference of a probability between onnxruntime (fp16 graph) and "
+    "TensorFlow (float32).",
+    lower_bound=0,
+  )
+  flags.DEFINE_float(
+    "engine_tolerance",
+    pipeline.DEFAULT_ENGINE_TOLERANCE,
+    "Largest allowed "
+    "difference of a probability between a TensorRT engine and TensorFlow "
+    "(float32).",
+    lower_bound=0,
+  )
+  flags.DEFINE_integer(
+    "parity_pictures",
+    pipeline.PARITY_PICTURES,
+    "Deterministic pictures (one "
+    "batch) the ONNX graphs and engines are compared with TensorFlow on.",
+    lower_bound=1,
+  )
+  flags.DEFINE_enum(
+    "tensorrt",
+    "auto",
+    ["auto", "require", "skip"],
+    "auto: build engines where "
+    "the tensorrt package and a CUDA GPU are present, else say what is missing "
+    "and print the trtexec command; require: fail (before any conversion) when "
+    "they are missing; skip: never build (the trtexec command is still printed).",
+  )
+  flags.DEFINE_list(
+    "engines",
+    ["fp16"],
+    "TensorRT engines to build, from the ONNX graph of each listed precision (fp16, fp32).",
+  )
+  flags.DEFINE_integer(
+    "min_batch", 1, "Smallest batch of the engine's optimization profile.", lower_bound=1
+  )
   flags.DEFINE_integer("opt_batch", 8, "Batch TensorRT tunes its kernels for.", lower_bound=1)
   flags.DEFINE_integer("max_batch", 16, "Largest batch the engine accepts.", lower_bound=1)
-  flags.DEFINE_integer("workspace_mib", 4096, "TensorRT builder workspace limit in MiB.",
-                       lower_bound=1)
-  flags.DEFINE_integer("latency_batch", 8, "The larger batch of the latency table (besides 1).",
-                       lower_bound=1)
-  flags.DEFINE_integer("latency_runs", 5, "Timed runs per format and batch (after one warm-up); "
-                       "0 skips the latency table.", lower_bound=0)
-  flags.DEFINE_list("onnxruntime_providers", ["CPUExecutionProvider"], "onnxruntime execution "
-                    "providers for the parity checks and the latency table, in order of "
-                    "preference.")
+  flags.DEFINE_integer(
+    "workspace_mib", 4096, "TensorRT builder workspace limit in MiB.", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "latency_batch", 8, "The larger batch of the latency table (besides 1).", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "latency_runs",
+    5,
+    "Timed runs per format and batch (after one warm-up); 0 skips the latency table.",
+    lower_bound=0,
+  )
+  flags.DEFINE_list(
+    "onnxruntime_providers",
+    ["CPUExecutionProvider"],
+    "onnxruntime execution "
+    "providers for the parity checks and the latency table, in order of "
+    "preference.",
+  )
 
 
 def settings_from_flags() -> pipeline.Settings:
@@ -147,17 +220,28 @@ def settings_from_flags() -> pipeline.Settings:
     dunet.errors.ConfigError: a batch profile out of order.
   """
   return pipeline.Settings(
-      out_dir=FLAGS.out_dir, saved_model=FLAGS.saved_model, checkpoint=FLAGS.checkpoint,
-      prefer=FLAGS.prefer, height=FLAGS.height, width=FLAGS.width,
-      preprocessing=FLAGS.preprocessing, overwrite=FLAGS.overwrite, opset=FLAGS.opset,
-      fp16=FLAGS.fp16, fp32_tolerance=FLAGS.fp32_tolerance,
-      fp16_tolerance=FLAGS.fp16_tolerance, engine_tolerance=FLAGS.engine_tolerance,
-      parity_pictures=FLAGS.parity_pictures, tensorrt=FLAGS.tensorrt,
-      engines=tuple(FLAGS.engines),
-      profile=tensorrt.BatchProfile(FLAGS.min_batch, FLAGS.opt_batch, FLAGS.max_batch),
-      workspace_mib=FLAGS.workspace_mib, latency_batch=FLAGS.latency_batch,
-      latency_runs=FLAGS.latency_runs,
-      onnxruntime_providers=tuple(FLAGS.onnxruntime_providers))
+    out_dir=FLAGS.out_dir,
+    saved_model=FLAGS.saved_model,
+    checkpoint=FLAGS.checkpoint,
+    prefer=FLAGS.prefer,
+    height=FLAGS.height,
+    width=FLAGS.width,
+    preprocessing=FLAGS.preprocessing,
+    overwrite=FLAGS.overwrite,
+    opset=FLAGS.opset,
+    fp16=FLAGS.fp16,
+    fp32_tolerance=FLAGS.fp32_tolerance,
+    fp16_tolerance=FLAGS.fp16_tolerance,
+    engine_tolerance=FLAGS.engine_tolerance,
+    parity_pictures=FLAGS.parity_pictures,
+    tensorrt=FLAGS.tensorrt,
+    engines=tuple(FLAGS.engines),
+    profile=tensorrt.BatchProfile(FLAGS.min_batch, FLAGS.opt_batch, FLAGS.max_batch),
+    workspace_mib=FLAGS.workspace_mib,
+    latency_batch=FLAGS.latency_batch,
+    latency_runs=FLAGS.latency_runs,
+    onnxruntime_providers=tuple(FLAGS.onnxruntime_providers),
+  )
 
 
 def main(argv: Sequence[str]) -> int:

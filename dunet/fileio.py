@@ -51,8 +51,9 @@ def write_text_atomic(path: PathLike, text: str) -> None:
   write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: PathLike, value: Any, *, indent: int = 2,
-                      sort_keys: bool = True) -> None:
+def write_json_atomic(
+  path: PathLike, value: Any, *, indent: int = 2, sort_keys: bool = True
+) -> None:
   """`write_text_atomic` of `value` as JSON (with a final newline)."""
   write_text_atomic(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
 
@@ -69,8 +70,9 @@ def check_out_dir(out_dir: PathLike, overwrite: bool) -> None:
     return
   if os.path.isdir(out_dir) and not os.listdir(out_dir):
     return
-  raise errors.OutputExistsError(f"{out_dir} already exists and is not empty; choose another --out_dir "
-                        "or pass --overwrite")
+  raise errors.OutputExistsError(
+    f"{out_dir} already exists and is not empty; choose another --out_dir or pass --overwrite"
+  )
 
 
 def make_staging_dir(out_dir: PathLike, purpose: str) -> str:
@@ -100,8 +102,9 @@ def replace_directory(staging: PathLike, out_dir: PathLike) -> None:
   if not os.path.lexists(out_dir):
     os.rename(staging, out_dir)
     return
-  retired = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.replaced-",
-                             dir=os.path.dirname(out_dir))
+  retired = tempfile.mkdtemp(
+    prefix=f".{os.path.basename(out_dir)}.replaced-", dir=os.path.dirname(out_dir)
+  )
   os.rename(out_dir, os.path.join(retired, "old"))
   os.rename(staging, out_dir)
   shutil.rmtree(retired, ignore_errors=True)
@@ -133,8 +136,9 @@ def staged_directory(out_dir: PathLike, overwrite: bool, purpose: str) -> Iterat
       try:
         check_out_dir(out_dir, overwrite)
       except errors.OutputExistsError as error:
-        raise errors.OutputExistsError(f"{os.fspath(out_dir)} appeared while this {purpose} ran; "
-                                       "it was left as it is") from error
+        raise errors.OutputExistsError(
+          f"{os.fspath(out_dir)} appeared while this {purpose} ran; it was left as it is"
+        ) from error
     replace_directory(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

@@ -25,7 +25,8 @@ def forward_flops(model: tf.Module, height: int, width: int, batch_size: int = 1
   """
   function = tf.function(lambda images: model(images, is_training=False))
   graph = function.get_concrete_function(
-      tf.TensorSpec([batch_size, height, width, 3], tf.float32)).graph
+    tf.TensorSpec([batch_size, height, width, 3], tf.float32)
+  ).graph
   conv = matmul = 0
   for op in graph.get_operations():
     if op.type == "Conv2D":

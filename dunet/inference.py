@@ -19,8 +19,19 @@ import glob
 import os
 import sys
 from pathlib import Path
-from typing import (Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
-                    Tuple, TypeVar, Union)
+from typing import (
+  Callable,
+  Dict,
+  Hashable,
+  Iterable,
+  Iterator,
+  List,
+  Optional,
+  Sequence,
+  Tuple,
+  TypeVar,
+  Union,
+)
 
 from absl import logging
 import cv2
@@ -39,9 +50,9 @@ T = TypeVar("T")
 _GLOB_CHARACTERS = "*?["
 
 
-def make_segment_fn(loaded: serving.LoadedSegmenter, tta: bool = False,
-                    flips: Sequence[str] = tuple(serving.FLIPS)
-                    ) -> SegmentFn:
+def make_segment_fn(
+  loaded: serving.LoadedSegmenter, tta: bool = False, flips: Sequence[str] = tuple(serving.FLIPS)
+) -> SegmentFn:
   """uint8 [B, h, w, 3] -> {"probability", "probability_head1"}: float32 [B, h, w, 1] numpy.
 
   Args:
@@ -64,15 +75,18 @@ def make_segment_fn(loaded: serving.LoadedSegmenter, tta: bool = False,
 
   def segment(images: np.ndarray) -> Dict[str, np.ndarray]:
     pixels = tf.convert_to_tensor(images, tf.uint8)
-    outputs = (serving.flip_tta(loaded.serve, pixels, tuple(flips)) if tta
-               else loaded.serve(pixels))
+    outputs = serving.flip_tta(loaded.serve, pixels, tuple(flips)) if tta else loaded.serve(pixels)
     return {key: value.numpy() for key, value in outputs.items()}
 
   return segment
 
 
-def batches_by_size(items: Iterable[T], size_of: Callable[[T], Hashable], batch_size: int,
-                    max_waiting: Optional[int] = None) -> Iterator[List[T]]:
+def batches_by_size(
+  items: Iterable[T],
+  size_of: Callable[[T], Hashable],
+  batch_size: int,
+  max_waiting: Optional[int] = None,
+) -> Iterator[List[T]]:
   """Groups items into batches whose items share one size (a serve call takes one size).
 
   Items wait in one queue per size; a full queue is yielded at once. When more than
@@ -125,8 +139,11 @@ class ImageProgress:
     before, self.done = self.done, self.done + count
     if self.bar is None or count <= 0:
       return
-    if (self.bar.is_terminal or self.done // self.every > before // self.every
-        or self.done >= self.total):
+    if (
+      self.bar.is_terminal
+      or self.done // self.every > before // self.every
+      or self.done >= self.total
+    ):
       self.bar.update(min(self.done, self.total), {})
 
   def message(self, text: str) -> None:
@@ -156,12 +173,16 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 def _is_image_file(path: Path) -> bool:
-  return (path.is_file() and not path.name.startswith(".")
-          and path.suffix.lower() in layouts.IMAGE_EXTENSIONS)
+  return (
+    path.is_file()
+    and not path.name.startswith(".")
+    and path.suffix.lower() in layouts.IMAGE_EXTENSIONS
+  )
 
 
-def find_inputs(entries: Union[str, Sequence[str]], recursive: bool = False,
-                exclude: Optional[PathLike] = None) -> Tuple[List[Path], List[Dict[str, str]]]:
+def find_inputs(
+  entries: Union[str, Sequence[str]], recursive: bool = False, exclude: Optional[PathLike] = None
+) -> Tuple[List[Path], List[Dict[str, str]]]:
   """The picture files named by `entries`, and the entries that named nothing.
 
   Args:
@@ -197,8 +218,11 @@ def find_inputs(entries: Union[str, Sequence[str]], recursive: bool = False,
     path = Path(entry)
     if path.is_dir():
       candidates = path.rglob("*") if recursive else path.iterdir()
-      files = sorted(p for p in candidates if _is_image_file(p)
-                     and not any(part.startswith(".") for part in p.relative_to(path).parts))
+      files = sorted(
+        p
+        for p in candidates
+        if _is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+      )
       if not files:
         logging.warning("%s: no image files (extensions %s)", path, layouts.IMAGE_EXTENSIONS)
       for file in files:
@@ -226,8 +250,12 @@ def check_unique_stems(paths: Sequence[Path]) -> None:
     by_stem[path.stem].append(path)
   clashes = {stem: files for stem, files in by_stem.items() if len(files) > 1}
   if clashes:
-    listed = "; ".join(f"{stem!r}: " + ", ".join(str(p) for p in files)
-                       for stem, files in sorted(clashes.items())[:10])
-    raise ConfigError(f"{len(clashes)} output name(s) would be written by several inputs (outputs "
-                     f"are named by file stem): {listed}. Pass a narrower --input (e.g. a glob "
-                     "like 'folder/*.png') or run once per folder with its own --out_dir")
+    listed = "; ".join(
+      f"{stem!r}: " + ", ".join(str(p) for p in files)
+      for stem, files in sorted(clashes.items())[:10]
+    )
+    raise ConfigError(
+      f"{len(clashes)} output name(s) would be written by several inputs (outputs "
+      f"are named by file stem): {listed}. Pass a narrower --input (e.g. a glob "
+      "like 'folder/*.png') or run once per folder with its own --out_dir"
+    )

@@ -48,12 +48,15 @@ CONV2D = "Conv2D"
 BATCH_NORM = "BatchNormalization"
 DENSE = "Dense"
 KERAS_AUTO_NAME_BASE: Dict[str, str] = {
-    CONV2D: "conv2d", BATCH_NORM: "batch_normalization", DENSE: "dense"}
+  CONV2D: "conv2d",
+  BATCH_NORM: "batch_normalization",
+  DENSE: "dense",
+}
 # Arrays of each kind, in the order Keras writes them (and the dunet attribute each one sets).
 KERAS_WEIGHT_ROLES: Dict[str, Tuple[str, ...]] = {
-    CONV2D: ("kernel", "bias"),
-    BATCH_NORM: ("gamma", "beta", "moving_mean", "moving_variance"),
-    DENSE: ("kernel", "bias"),
+  CONV2D: ("kernel", "bias"),
+  BATCH_NORM: ("gamma", "beta", "moving_mean", "moving_variance"),
+  DENSE: ("kernel", "bias"),
 }
 # The reference model's layer counts (VGG19's 16 convolutions are counted apart).
 EXPECTED_LAYER_COUNTS: Dict[str, int] = {CONV2D: 38, BATCH_NORM: 36, DENSE: 24}
@@ -77,6 +80,7 @@ class KerasLayer:
     config: the layer's config from `model_config` ({} without one).
     weights: {role: array}, role being the weight's own name ('kernel', 'gamma', ...).
   """
+
   name: str
   position: int
   class_name: Optional[str]
@@ -97,6 +101,7 @@ class KerasH5File:
       free dimensions), else None.
     has_model_config: whether the file carries the model's architecture.
   """
+
   path: str
   layers: Tuple[KerasLayer, ...]
   keras_version: str
@@ -122,6 +127,7 @@ class LayerSlot:
     variables: (role, variable) in Keras' array order; a conv without bias has no 'bias'.
     what: a short description for messages ('ASPP 1 image-pooling conv').
   """
+
   kind: str
   dunet_path: str
   module: tf.Module
@@ -132,6 +138,7 @@ class LayerSlot:
 @dataclasses.dataclass(frozen=True)
 class Assignment:
   """One Keras array and the dunet variable it is assigned to."""
+
   keras_layer: str
   role: str
   dunet_path: str
@@ -151,9 +158,18 @@ def _conv_slot(conv: Conv2D, path: str, what: str) -> LayerSlot:
 
 
 def _batch_norm_slot(bn: BatchNorm, path: str, what: str) -> LayerSlot:
-  return LayerSlot(BATCH_NORM, path, bn,
-                   (("gamma", bn.gamma), ("beta", bn.beta), ("moving_mean", bn.moving_mean),
-                    ("moving_variance", bn.moving_variance)), what)
+  return LayerSlot(
+    BATCH_NORM,
+    path,
+    bn,
+    (
+      ("gamma", bn.gamma),
+      ("beta", bn.beta),
+      ("moving_mean", bn.moving_mean),
+      ("moving_variance", bn.moving_variance),
+    ),
+    what,
+  )
 
 
 def _dense_slot(dense: Dense, path: str, what: str) -> LayerSlot:
@@ -204,24 +220,29 @@ def reference_creation_order(model: DoubleUNet) -> Tuple[LayerSlot, ...]:
   slots: List[LayerSlot] = []
   slots.extend(_aspp_slots(model.aspp1, "aspp1", "ASPP 1"))
   for index, block in enumerate(model.decoder1.blocks):
-    slots.extend(_conv_block_slots(block, f"decoder1.blocks[{index}]",
-                                   f"decoder 1 stage {index + 1}"))
+    slots.extend(
+      _conv_block_slots(block, f"decoder1.blocks[{index}]", f"decoder 1 stage {index + 1}")
+    )
   slots.append(_conv_slot(model.head1, "head1", "output 1 conv"))
   for index, block in enumerate(model.encoder2.blocks):
-    slots.extend(_conv_block_slots(block, f"encoder2.blocks[{index}]",
-                                   f"encoder 2 stage {index + 1}"))
+    slots.extend(
+      _conv_block_slots(block, f"encoder2.blocks[{index}]", f"encoder 2 stage {index + 1}")
+    )
   slots.extend(_aspp_slots(model.aspp2, "aspp2", "ASPP 2"))
   for index, block in enumerate(model.decoder2.blocks):
-    slots.extend(_conv_block_slots(block, f"decoder2.blocks[{index}]",
-                                   f"decoder 2 stage {index + 1}"))
+    slots.extend(
+      _conv_block_slots(block, f"decoder2.blocks[{index}]", f"decoder 2 stage {index + 1}")
+    )
   slots.append(_conv_slot(model.head2, "head2", "output 2 conv"))
   return tuple(slots)
 
 
 def vgg_slots(model: DoubleUNet) -> Tuple[Tuple[str, LayerSlot], ...]:
   """(Keras layer name, slot) for the 16 VGG19 convolutions, which keep their Keras names."""
-  return tuple((name, _conv_slot(model.vgg19.layer(name), f"vgg19.{name}", f"VGG19 {name}"))
-               for name in VGG19_LAYER_NAMES)
+  return tuple(
+    (name, _conv_slot(model.vgg19.layer(name), f"vgg19.{name}", f"VGG19 {name}"))
+    for name in VGG19_LAYER_NAMES
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +259,9 @@ def _weight_role(weight_name: str) -> str:
   return last.split(":", 1)[0]
 
 
-def _model_config_layers(h5_file, path: str) -> Tuple[Dict[str, Tuple[str, Dict[str, Any]]],
-                                                        Optional[Tuple[Optional[int], ...]]]:
+def _model_config_layers(
+  h5_file, path: str
+) -> Tuple[Dict[str, Tuple[str, Dict[str, Any]]], Optional[Tuple[Optional[int], ...]]]:
   """{layer name: (class name, config)} and the input shape from the `model_config` attribute."""
   raw = h5_file.attrs.get("model_config")
   if raw is None:
@@ -248,8 +270,10 @@ def _model_config_layers(h5_file, path: str) -> Tuple[Dict[str, Tuple[str, Dict[
     model_config = json.loads(_decode(raw))
     layer_configs = model_config["config"]["layers"]
   except (ValueError, KeyError, TypeError) as error:
-    raise KerasH5Error(f"{path}: the model_config attribute is not a Keras functional model "
-                       f"config ({error}); is this the DoubleU-Net file?") from error
+    raise KerasH5Error(
+      f"{path}: the model_config attribute is not a Keras functional model "
+      f"config ({error}); is this the DoubleU-Net file?"
+    ) from error
   layers: Dict[str, Tuple[str, Dict[str, Any]]] = {}
   input_shape = None
   for entry in layer_configs:
@@ -285,16 +309,19 @@ def read_keras_h5(path: str) -> KerasH5File:
   try:
     h5_file = h5py.File(path, "r")
   except OSError as error:
-    raise KerasH5Error(f"{path} is not an HDF5 file ({error}). A Keras 3 '.keras' file is a zip: "
-                       "load it in Keras and save it with model.save('model.h5').") from error
+    raise KerasH5Error(
+      f"{path} is not an HDF5 file ({error}). A Keras 3 '.keras' file is a zip: "
+      "load it in Keras and save it with model.save('model.h5')."
+    ) from error
   with h5_file:
     root = h5_file["model_weights"] if "model_weights" in h5_file else h5_file
     if "layer_names" not in root.attrs:
       raise KerasH5Error(
-          f"{path} is HDF5 but not a Keras legacy model or weights file (no 'layer_names' "
-          f"attribute on {root.name!r}; top-level keys: {sorted(h5_file.keys())[:10]}). Keras 3's "
-          "'.weights.h5' layout is not read: load the model in Keras and save it with "
-          "model.save('model.h5').")
+        f"{path} is HDF5 but not a Keras legacy model or weights file (no 'layer_names' "
+        f"attribute on {root.name!r}; top-level keys: {sorted(h5_file.keys())[:10]}). Keras 3's "
+        "'.weights.h5' layout is not read: load the model in Keras and save it with "
+        "model.save('model.h5')."
+      )
     config_layers, input_shape = _model_config_layers(h5_file, path)
     layers: List[KerasLayer] = []
     for position, raw_name in enumerate(root.attrs["layer_names"]):
@@ -308,8 +335,9 @@ def read_keras_h5(path: str) -> KerasH5File:
       weights: Dict[str, np.ndarray] = {}
       for weight_name in weight_names:
         if weight_name not in group:
-          raise KerasH5Error(f"{path}: layer {name!r} lists weight {weight_name!r} but the "
-                             "dataset is missing")
+          raise KerasH5Error(
+            f"{path}: layer {name!r} lists weight {weight_name!r} but the dataset is missing"
+          )
         role = _weight_role(weight_name)
         if role in weights:
           raise KerasH5Error(f"{path}: layer {name!r} holds two weights named {role!r}")
@@ -317,11 +345,15 @@ def read_keras_h5(path: str) -> KerasH5File:
       class_name, config = config_layers.get(name, (None, {}))
       layers.append(KerasLayer(name, position, class_name, config, weights))
     return KerasH5File(
-        path=path, layers=tuple(layers),
-        keras_version=_decode(h5_file.attrs.get("keras_version", root.attrs.get(
-            "keras_version", "unknown"))),
-        backend=_decode(h5_file.attrs.get("backend", root.attrs.get("backend", "unknown"))),
-        input_shape=input_shape, has_model_config=bool(config_layers))
+      path=path,
+      layers=tuple(layers),
+      keras_version=_decode(
+        h5_file.attrs.get("keras_version", root.attrs.get("keras_version", "unknown"))
+      ),
+      backend=_decode(h5_file.attrs.get("backend", root.attrs.get("backend", "unknown"))),
+      input_shape=input_shape,
+      has_model_config=bool(config_layers),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,14 +407,14 @@ def _config_mismatches(layer: KerasLayer, slot: LayerSlot) -> List[str]:
 
   def check(key: str, actual: Any, expected: Any) -> None:
     if key in config and actual != expected:
-      problems.append(f"{key}={config[key]!r} where dunet's {slot.dunet_path} ({slot.what}) has "
-                      f"{expected!r}")
+      problems.append(
+        f"{key}={config[key]!r} where dunet's {slot.dunet_path} ({slot.what}) has {expected!r}"
+      )
 
   module = slot.module
   if slot.kind == CONV2D:
     check("kernel_size", _pair_value(config.get("kernel_size", 0)), (module.kernel_size,) * 2)
-    check("dilation_rate", _pair_value(config.get("dilation_rate", 1)),
-          (module.dilation_rate,) * 2)
+    check("dilation_rate", _pair_value(config.get("dilation_rate", 1)), (module.dilation_rate,) * 2)
     check("strides", _pair_value(config.get("strides", 1)), (1, 1))
     check("padding", config.get("padding"), "same")
     check("use_bias", config.get("use_bias"), module.bias is not None)
@@ -403,15 +435,17 @@ def _slot_assignments(layer: KerasLayer, slot: LayerSlot, path: str) -> List[Ass
     raise KerasH5Error(f"{where}: the layer's config does not match: {'; '.join(problems)}")
   expected_roles = [role for role, _ in slot.variables]
   if sorted(layer.weights) != sorted(expected_roles):
-    raise KerasH5Error(f"{where}: the layer holds {sorted(layer.weights)}, dunet needs "
-                       f"{expected_roles}")
+    raise KerasH5Error(
+      f"{where}: the layer holds {sorted(layer.weights)}, dunet needs {expected_roles}"
+    )
   assignments = []
   for role, variable in slot.variables:
     value = layer.weights[role]
     if tuple(value.shape) != tuple(variable.shape):
       raise KerasH5Error(
-          f"{where}: {role} has shape {tuple(value.shape)} but dunet variable {variable.name} "
-          f"({slot.dunet_path}.{role}) has shape {tuple(variable.shape)}")
+        f"{where}: {role} has shape {tuple(value.shape)} but dunet variable {variable.name} "
+        f"({slot.dunet_path}.{role}) has shape {tuple(variable.shape)}"
+      )
     assignments.append(Assignment(layer.name, role, slot.dunet_path, variable, value))
   return assignments
 
@@ -452,14 +486,20 @@ def match_doubleunet(keras_file: KerasH5File, model: DoubleUNet) -> List[Assignm
     found = len(by_kind[kind])
     if found != expected:
       names = ", ".join(layer.name for layer in by_kind[kind][:8])
-      problems.append(f"{found} {kind} layers where DoubleU-Net has {expected}"
-                      + (f" (found: {names}{', ...' if found > 8 else ''})" if found else ""))
+      problems.append(
+        f"{found} {kind} layers where DoubleU-Net has {expected}"
+        + (f" (found: {names}{', ...' if found > 8 else ''})" if found else "")
+      )
   if unknown:
-    problems.append(f"layers DoubleU-Net does not have: {', '.join(unknown[:10])}"
-                    + (", ..." if len(unknown) > 10 else ""))
+    problems.append(
+      f"layers DoubleU-Net does not have: {', '.join(unknown[:10])}"
+      + (", ..." if len(unknown) > 10 else "")
+    )
   if problems:
-    raise KerasH5Error(f"{path} is not the reference DoubleU-Net (model.py of "
-                       f"DebeshJha/2020-CBMS-DoubleU-Net): {'; '.join(problems)}")
+    raise KerasH5Error(
+      f"{path} is not the reference DoubleU-Net (model.py of "
+      f"DebeshJha/2020-CBMS-DoubleU-Net): {'; '.join(problems)}"
+    )
 
   assignments: List[Assignment] = []
   for name, slot in vgg_slots(model):
@@ -515,6 +555,7 @@ class ConversionSummary:
     trainable_scalars: of which trainable (29,290,274; the rest are BN moving statistics).
     config: what was written to config.json.
   """
+
   out_dir: str
   checkpoint_prefix: str
   keras_layers: int
@@ -535,14 +576,17 @@ def _verify_checkpoint(workdir: str, assignments: Sequence[Assignment]) -> str:
   reloaded = DoubleUNet()
   prefix = checkpoint_lib.restore_model(reloaded, workdir)
   # Variables are created in the same order in every DoubleUNet, so the paths name them.
-  by_path = {(slot_path, role): variable
-             for slot_path, role, variable in _variables_by_path(reloaded)}
+  by_path = {
+    (slot_path, role): variable for slot_path, role, variable in _variables_by_path(reloaded)
+  }
   for assignment in assignments:
     variable = by_path[(assignment.dunet_path, assignment.role)]
     if not np.array_equal(variable.numpy(), assignment.value):
-      raise RuntimeError(f"verification failed: {assignment.dunet_path}.{assignment.role} "
-                         f"(from Keras layer {assignment.keras_layer}) differs after reloading "
-                         f"{prefix}")
+      raise RuntimeError(
+        f"verification failed: {assignment.dunet_path}.{assignment.role} "
+        f"(from Keras layer {assignment.keras_layer}) differs after reloading "
+        f"{prefix}"
+      )
   return prefix
 
 
@@ -556,8 +600,12 @@ def _variables_by_path(model: DoubleUNet) -> Iterator[Tuple[str, str, tf.Variabl
       yield slot.dunet_path, role, variable
 
 
-def convert_keras_h5(keras_h5_path: str, out_dir: str, overwrite: bool = False,
-                     preprocessing: str = REFERENCE_PREPROCESSING) -> ConversionSummary:
+def convert_keras_h5(
+  keras_h5_path: str,
+  out_dir: str,
+  overwrite: bool = False,
+  preprocessing: str = REFERENCE_PREPROCESSING,
+) -> ConversionSummary:
   """Converts the authors' Keras DoubleU-Net file into a dunet workdir, atomically.
 
   The workdir holds `best/ckpt-1` (written by a CheckpointManager, so `best/checkpoint` exists and
@@ -586,8 +634,9 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str, overwrite: bool = False,
   from dunet.data import preprocess
 
   if preprocessing not in preprocess.PREPROCESSING:
-    raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
-                     f"{preprocess.PREPROCESSING}")
+    raise ValueError(
+      f"unknown preprocessing {preprocessing!r}; expected one of {preprocess.PREPROCESSING}"
+    )
   out_dir = os.path.abspath(out_dir)
   fileio.check_out_dir(out_dir, overwrite)  # before reading a large file
   keras_file = read_keras_h5(keras_h5_path)
@@ -597,13 +646,13 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str, overwrite: bool = False,
     assignment.variable.assign(assignment.value)
 
   config: Dict[str, Any] = {
-      "preprocessing": preprocessing,
-      "source": {
-          "format": "keras_h5",
-          "path": os.path.abspath(keras_h5_path),
-          "keras_version": keras_file.keras_version,
-          "backend": keras_file.backend,
-      },
+    "preprocessing": preprocessing,
+    "source": {
+      "format": "keras_h5",
+      "path": os.path.abspath(keras_h5_path),
+      "keras_version": keras_file.keras_version,
+      "backend": keras_file.backend,
+    },
   }
   if keras_file.input_shape and all(keras_file.input_shape[:2]):
     # The size the Keras model was built (and so trained) at; the network itself takes any
@@ -612,8 +661,10 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str, overwrite: bool = False,
 
   with fileio.staged_directory(out_dir, overwrite, purpose="converting") as staging:
     manager = tf.train.CheckpointManager(
-        tf.train.Checkpoint(model=model),
-        os.path.join(staging, checkpoint_lib.BEST_SUBDIR), max_to_keep=1)
+      tf.train.Checkpoint(model=model),
+      os.path.join(staging, checkpoint_lib.BEST_SUBDIR),
+      max_to_keep=1,
+    )
     manager.save(checkpoint_number=1)
     checkpoint_lib.write_config(staging, config)
     _verify_checkpoint(staging, assignments)
@@ -621,11 +672,15 @@ def convert_keras_h5(keras_h5_path: str, out_dir: str, overwrite: bool = False,
 
   trainable_ids = {id(variable) for variable in model.trainable_variables}
   return ConversionSummary(
-      out_dir=out_dir,
-      checkpoint_prefix=prefix,
-      keras_layers=len({assignment.keras_layer for assignment in assignments}),
-      variables=len(assignments),
-      scalars=sum(assignment.value.size for assignment in assignments),
-      trainable_scalars=sum(assignment.value.size for assignment in assignments
-                            if id(assignment.variable) in trainable_ids),
-      config=config)
+    out_dir=out_dir,
+    checkpoint_prefix=prefix,
+    keras_layers=len({assignment.keras_layer for assignment in assignments}),
+    variables=len(assignments),
+    scalars=sum(assignment.value.size for assignment in assignments),
+    trainable_scalars=sum(
+      assignment.value.size
+      for assignment in assignments
+      if id(assignment.variable) in trainable_ids
+    ),
+    config=config,
+  )

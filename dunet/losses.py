@@ -100,9 +100,9 @@ def bce_dice(logits: tf.Tensor, masks: tf.Tensor) -> tf.Tensor:
 
 
 LOSSES: Dict[str, LossFn] = {
-    "bce": binary_cross_entropy,
-    "dice": dice_loss,
-    "bce_dice": bce_dice,
+  "bce": binary_cross_entropy,
+  "dice": dice_loss,
+  "bce_dice": bce_dice,
 }
 
 
@@ -116,9 +116,12 @@ def get_loss(name: str) -> LossFn:
 
 
 def deep_supervision_loss(
-    logits_per_head: Sequence[tf.Tensor], masks: tf.Tensor, loss_fn: LossFn,
-    head_weights: Sequence[float],
-    global_batch_size: Optional[Union[int, tf.Tensor]]) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+  logits_per_head: Sequence[tf.Tensor],
+  masks: tf.Tensor,
+  loss_fn: LossFn,
+  head_weights: Sequence[float],
+  global_batch_size: Optional[Union[int, tf.Tensor]],
+) -> Tuple[tf.Tensor, List[tf.Tensor]]:
   """Weighted sum of one loss applied to every head, as this replica's share of the global mean.
 
   Each head's per-example losses are summed and divided by `global_batch_size`
@@ -163,9 +166,13 @@ class HeadsLoss:
 
   reduction: str = ""
 
-  def __call__(self, logits_per_head: Sequence[tf.Tensor], masks: tf.Tensor,
-               head_weights: Sequence[float],
-               global_batch_size: BatchSize) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+  def __call__(
+    self,
+    logits_per_head: Sequence[tf.Tensor],
+    masks: tf.Tensor,
+    head_weights: Sequence[float],
+    global_batch_size: BatchSize,
+  ) -> Tuple[tf.Tensor, List[tf.Tensor]]:
     raise NotImplementedError
 
 
@@ -178,8 +185,9 @@ class PerImageLoss(HeadsLoss):
     self.loss_fn = loss_fn
 
   def __call__(self, logits_per_head, masks, head_weights, global_batch_size):
-    return deep_supervision_loss(logits_per_head, masks, self.loss_fn, head_weights,
-                                 global_batch_size)
+    return deep_supervision_loss(
+      logits_per_head, masks, self.loss_fn, head_weights, global_batch_size
+    )
 
 
 class ReferenceLoss(HeadsLoss):
@@ -220,7 +228,8 @@ class ReferenceLoss(HeadsLoss):
     dice = 1.0 - (2.0 * overlap + self.smooth) / (predicted + truth + self.smooth)
     total_cross_entropy = tf.reduce_sum(weights * cross_entropy) / tf.reduce_sum(weights)
     total_dice = 1.0 - (2.0 * tf.reduce_sum(weights * overlap) + self.smooth) / (
-        tf.reduce_sum(weights * (predicted + truth)) + self.smooth)
+      tf.reduce_sum(weights * (predicted + truth)) + self.smooth
+    )
     if self.name == "bce":
       total, per_head = total_cross_entropy, cross_entropy
     elif self.name == "dice":
@@ -237,8 +246,15 @@ class ReferenceLoss(HeadsLoss):
     clipped = tf.clip_by_value(probabilities, KERAS_EPSILON, 1.0 - KERAS_EPSILON)
     cross_entropy = -(masks * tf.math.log(clipped) + (1.0 - masks) * tf.math.log(1.0 - clipped))
     pixels = tf.cast(tf.size(masks), tf.float32)
-    return tf.stack([tf.reduce_sum(cross_entropy), tf.reduce_sum(probabilities * masks),
-                     tf.reduce_sum(probabilities), tf.reduce_sum(masks), pixels])
+    return tf.stack(
+      [
+        tf.reduce_sum(cross_entropy),
+        tf.reduce_sum(probabilities * masks),
+        tf.reduce_sum(probabilities),
+        tf.reduce_sum(masks),
+        pixels,
+      ]
+    )
 
 
 def make_heads_loss(name: str, reduction: str = PER_IMAGE) -> HeadsLoss:

@@ -49,8 +49,9 @@ STATISTICS = ("per_image", "pooled")
 HEADLINE_STATISTIC = "per_image"
 
 
-def confusion_counts(probabilities: tf.Tensor, masks: tf.Tensor,
-                     threshold: float = 0.5) -> tf.Tensor:
+def confusion_counts(
+  probabilities: tf.Tensor, masks: tf.Tensor, threshold: float = 0.5
+) -> tf.Tensor:
   """Per-image pixel counts (tp, fp, fn, tn): TF ops only, usable inside a compiled step.
 
   Args:
@@ -73,8 +74,15 @@ def confusion_counts(probabilities: tf.Tensor, masks: tf.Tensor,
 
   not_predicted = tf.logical_not(predicted)
   not_truth = tf.logical_not(truth)
-  return tf.stack([count(predicted & truth), count(predicted & not_truth),
-                   count(not_predicted & truth), count(not_predicted & not_truth)], axis=1)
+  return tf.stack(
+    [
+      count(predicted & truth),
+      count(predicted & not_truth),
+      count(not_predicted & truth),
+      count(not_predicted & not_truth),
+    ],
+    axis=1,
+  )
 
 
 def confusion_counts_np(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -93,8 +101,9 @@ def confusion_counts_np(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
   predicted = np.asarray(predicted, dtype=bool)
   truth = np.asarray(truth, dtype=bool)
   if predicted.shape != truth.shape:
-    raise ValueError(f"prediction shape {predicted.shape} differs from ground truth shape "
-                     f"{truth.shape}")
+    raise ValueError(
+      f"prediction shape {predicted.shape} differs from ground truth shape {truth.shape}"
+    )
   tp = np.count_nonzero(predicted & truth)
   fp = np.count_nonzero(predicted & ~truth)
   fn = np.count_nonzero(~predicted & truth)
@@ -168,13 +177,13 @@ def scores_from_counts(counts: np.ndarray) -> Dict[str, np.ndarray]:
   tp, fp, fn, tn = (counts[..., i] for i in (TP, FP, FN, TN))
   both_empty = (tp + fp + fn) == 0
   return {
-      "dsc": _ratio(2 * tp, 2 * tp + fp + fn, both_empty),
-      "iou": _ratio(tp, tp + fp + fn, both_empty),
-      "precision": _ratio(tp, tp + fp, both_empty),
-      "recall": _ratio(tp, tp + fn, both_empty),
-      # F-beta with beta = 2 (recall weighted 4x): 5·tp / (5·tp + 4·fn + fp).
-      "f2": _ratio(5 * tp, 5 * tp + 4 * fn + fp, both_empty),
-      "accuracy": _ratio(tp + tn, tp + fp + fn + tn, both_empty),
+    "dsc": _ratio(2 * tp, 2 * tp + fp + fn, both_empty),
+    "iou": _ratio(tp, tp + fp + fn, both_empty),
+    "precision": _ratio(tp, tp + fp, both_empty),
+    "recall": _ratio(tp, tp + fn, both_empty),
+    # F-beta with beta = 2 (recall weighted 4x): 5·tp / (5·tp + 4·fn + fp).
+    "f2": _ratio(5 * tp, 5 * tp + 4 * fn + fp, both_empty),
+    "accuracy": _ratio(tp + tn, tp + fp + fn + tn, both_empty),
   }
 
 
@@ -235,8 +244,10 @@ class MetricAccumulator:
   def nested_result(self) -> Dict[str, Dict[str, float]]:
     """`result()` as {"per_image": {score: value}, "pooled": {score: value}} (for reports)."""
     flat = self.result()
-    return {statistic: {name: flat[f"{statistic}/{name}"] for name in SCORE_NAMES}
-            for statistic in STATISTICS}
+    return {
+      statistic: {name: flat[f"{statistic}/{name}"] for name in SCORE_NAMES}
+      for statistic in STATISTICS
+    }
 
   def reset(self) -> None:
     """Forgets all counts."""

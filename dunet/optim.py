@@ -35,8 +35,9 @@ class _Optimizer(tf.Module):
   # Names of the per-variable slots a subclass keeps (each a zero-initialised copy of the variable).
   SLOT_NAMES: Sequence[str] = ()
 
-  def __init__(self, learning_rate: FloatLike, variables: Sequence[tf.Variable],
-               name: Optional[str] = None):
+  def __init__(
+    self, learning_rate: FloatLike, variables: Sequence[tf.Variable], name: Optional[str] = None
+  ):
     """Creates the state for `variables` under the current distribution strategy.
 
     Args:
@@ -58,19 +59,32 @@ class _Optimizer(tf.Module):
     with strategy.scope():
       # ONLY_FIRST_REPLICA: assignments from replica context (e.g. a schedule inside a step) take
       # the first replica's value instead of failing.
-      self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations",
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-      self.learning_rate = tf.Variable(learning_rate, dtype=tf.float32, trainable=False,
-                                       name="learning_rate",
-                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self.iterations = tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name="iterations",
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+      )
+      self.learning_rate = tf.Variable(
+        learning_rate,
+        dtype=tf.float32,
+        trainable=False,
+        name="learning_rate",
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+      )
       self._create_extra_state()
       slots: Dict[str, List[tf.Variable]] = {slot_name: [] for slot_name in self.SLOT_NAMES}
       for variable in variables:
         with strategy.extended.colocate_vars_with(variable):
           for slot_name in self.SLOT_NAMES:
-            slots[slot_name].append(tf.Variable(
-                tf.zeros(variable.shape, variable.dtype), trainable=False,
-                name=f"{variable.name.split(':')[0]}/{slot_name}"))
+            slots[slot_name].append(
+              tf.Variable(
+                tf.zeros(variable.shape, variable.dtype),
+                trainable=False,
+                name=f"{variable.name.split(':')[0]}/{slot_name}",
+              )
+            )
     # One attribute per slot kind (tracked lists: checkpoints see them).
     for slot_name, values in slots.items():
       setattr(self, slot_name, values)
@@ -87,11 +101,16 @@ class _Optimizer(tf.Module):
     try:
       return self._index_of_variable[variable.ref()]
     except KeyError:
-      raise ValueError(f"variable {variable.name} was not given to the optimizer's "
-                       "constructor, so it has no slots") from None
+      raise ValueError(
+        f"variable {variable.name} was not given to the optimizer's constructor, so it has no slots"
+      ) from None
 
-  def apply(self, grads: Sequence[Optional[tf.Tensor]], variables: Sequence[tf.Variable],
-            should_apply: Optional[Union[bool, tf.Tensor]] = None) -> None:
+  def apply(
+    self,
+    grads: Sequence[Optional[tf.Tensor]],
+    variables: Sequence[tf.Variable],
+    should_apply: Optional[Union[bool, tf.Tensor]] = None,
+  ) -> None:
     """Applies one update with gradients already reduced across replicas.
 
     Works eagerly or in a tf.function, with no strategy, in replica context (inside
@@ -116,11 +135,12 @@ class _Optimizer(tf.Module):
       self._apply_cross_replica(tf.distribute.get_strategy(), grads, variables, should_apply)
     else:
       tf.__internal__.distribute.interim.maybe_merge_call(
-          self._apply_cross_replica, tf.distribute.get_strategy(), grads, variables,
-          should_apply)
+        self._apply_cross_replica, tf.distribute.get_strategy(), grads, variables, should_apply
+      )
 
-  def _apply_cross_replica(self, strategy: tf.distribute.Strategy, grads, variables,
-                           should_apply) -> None:
+  def _apply_cross_replica(
+    self, strategy: tf.distribute.Strategy, grads, variables, should_apply
+  ) -> None:
     """Updates every device's copy of the state with that device's gradient and gate."""
 
     def gated(update: Callable[..., None]) -> Callable[..., None]:
@@ -132,8 +152,10 @@ class _Optimizer(tf.Module):
         def apply_update():
           update(variable, *args)
           return tf.constant(True)
+
         # tf.cond, not zeroed gradients: a zero gradient would still decay Adam's moments.
         tf.cond(gate, apply_update, lambda: tf.constant(False))
+
       return run
 
     gate = should_apply if should_apply is not None else tf.constant(True)
@@ -144,16 +166,21 @@ class _Optimizer(tf.Module):
         continue
       slots = self.slots_of(variable)
       strategy.extended.update(
-          variable, gated(lambda var, g, slots=slots: self._update_variable(var, g, slots)),
-          args=(gate, grad), group=False)
-    strategy.extended.update(self.iterations, gated(lambda counter: counter.assign_add(1)),
-                             args=(gate,), group=False)
+        variable,
+        gated(lambda var, g, slots=slots: self._update_variable(var, g, slots)),
+        args=(gate, grad),
+        group=False,
+      )
+    strategy.extended.update(
+      self.iterations, gated(lambda counter: counter.assign_add(1)), args=(gate,), group=False
+    )
 
   def _update_extra_state(self, strategy, gated, gate) -> None:
     """Updates optimizer-wide state once per step, before the variables (Nadam's product)."""
 
-  def _update_variable(self, variable: tf.Variable, grad: tf.Tensor,
-                       slots: Dict[str, tf.Variable]) -> None:
+  def _update_variable(
+    self, variable: tf.Variable, grad: tf.Tensor, slots: Dict[str, tf.Variable]
+  ) -> None:
     """Updates one variable (this device's copy) and its slots."""
     raise NotImplementedError
 
@@ -172,15 +199,21 @@ class Adam(_Optimizer):
 
   SLOT_NAMES = ("momentums", "velocities")
 
-  def __init__(self, learning_rate: FloatLike, variables: Sequence[tf.Variable],
-               beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    learning_rate: FloatLike,
+    variables: Sequence[tf.Variable],
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    name: Optional[str] = None,
+  ):
     """Args:
-      learning_rate: initial learning rate.
-      variables: variables to optimise (slots are created now).
-      beta_1, beta_2: decay rates of the first and second moment estimates.
-      epsilon: added to √v (Keras' default 1e-7, not the paper's 1e-8).
-      name: module name.
+    learning_rate: initial learning rate.
+    variables: variables to optimise (slots are created now).
+    beta_1, beta_2: decay rates of the first and second moment estimates.
+    epsilon: added to √v (Keras' default 1e-7, not the paper's 1e-8).
+    name: module name.
     """
     self.beta_1 = beta_1
     self.beta_2 = beta_2
@@ -191,8 +224,11 @@ class Adam(_Optimizer):
     dtype = variable.dtype
     grad = tf.cast(grad, dtype)
     step, learning_rate = self._step_and_learning_rate(dtype)
-    alpha = learning_rate * tf.sqrt(1.0 - tf.pow(tf.cast(self.beta_2, dtype), step)) / (
-        1.0 - tf.pow(tf.cast(self.beta_1, dtype), step))
+    alpha = (
+      learning_rate
+      * tf.sqrt(1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
+      / (1.0 - tf.pow(tf.cast(self.beta_1, dtype), step))
+    )
     momentum, velocity = slots["momentums"], slots["velocities"]
     momentum.assign_add((grad - momentum) * (1.0 - self.beta_1))
     velocity.assign_add((tf.square(grad) - velocity) * (1.0 - self.beta_2))
@@ -214,9 +250,15 @@ class Nadam(_Optimizer):
   SLOT_NAMES = ("momentums", "velocities")
   MOMENTUM_DECAY = 0.96
 
-  def __init__(self, learning_rate: FloatLike, variables: Sequence[tf.Variable],
-               beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    learning_rate: FloatLike,
+    variables: Sequence[tf.Variable],
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    name: Optional[str] = None,
+  ):
     """Args: as Adam's."""
     self.beta_1 = beta_1
     self.beta_2 = beta_2
@@ -224,9 +266,13 @@ class Nadam(_Optimizer):
     super().__init__(learning_rate, variables, name=name or "nadam")
 
   def _create_extra_state(self) -> None:
-    self.momentum_product = tf.Variable(1.0, dtype=tf.float32, trainable=False,
-                                        name="momentum_product",
-                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.momentum_product = tf.Variable(
+      1.0,
+      dtype=tf.float32,
+      trainable=False,
+      name="momentum_product",
+      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
 
   def _momentum(self, step: tf.Tensor) -> tf.Tensor:
     """μ_t for a float step t."""
@@ -236,6 +282,7 @@ class Nadam(_Optimizer):
     def multiply(product):
       step = tf.cast(self.iterations + 1, product.dtype)
       product.assign(product * self._momentum(step))
+
     strategy.extended.update(self.momentum_product, gated(multiply), args=(gate,), group=False)
 
   def _update_variable(self, variable, grad, slots):
@@ -249,8 +296,9 @@ class Nadam(_Optimizer):
     momentum, velocity = slots["momentums"], slots["velocities"]
     momentum.assign_add((grad - momentum) * (1.0 - self.beta_1))
     velocity.assign_add((tf.square(grad) - velocity) * (1.0 - self.beta_2))
-    momentum_hat = (momentum_next * momentum / (1.0 - product_next)
-                    + (1.0 - momentum_t) * grad / (1.0 - product_t))
+    momentum_hat = momentum_next * momentum / (1.0 - product_next) + (1.0 - momentum_t) * grad / (
+      1.0 - product_t
+    )
     velocity_hat = velocity / (1.0 - tf.pow(tf.cast(self.beta_2, dtype), step))
     variable.assign_sub(momentum_hat * learning_rate / (tf.sqrt(velocity_hat) + self.epsilon))
 
@@ -258,8 +306,9 @@ class Nadam(_Optimizer):
 OPTIMIZERS: Dict[str, Type[_Optimizer]] = {"adam": Adam, "nadam": Nadam}
 
 
-def make_optimizer(name: str, learning_rate: FloatLike, variables: Sequence[tf.Variable],
-                   **kwargs) -> _Optimizer:
+def make_optimizer(
+  name: str, learning_rate: FloatLike, variables: Sequence[tf.Variable], **kwargs
+) -> _Optimizer:
   """Builds the optimizer called `name` ("adam" or "nadam") for `variables`.
 
   Call it under the strategy scope the variables were created in.
@@ -295,21 +344,23 @@ class CosineSchedule:
   s = W and final_lr from s = T on.
   """
 
-  def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0,
-               final_lr: float = 0.0):
+  def __init__(
+    self, base_lr: float, total_steps: int, warmup_steps: int = 0, final_lr: float = 0.0
+  ):
     """Args:
-      base_lr: peak learning rate (> 0).
-      total_steps: steps of the whole run, warm-up included (> 0).
-      warmup_steps: linear warm-up steps (0 <= warmup_steps <= total_steps).
-      final_lr: learning rate at the end of the decay (>= 0).
+    base_lr: peak learning rate (> 0).
+    total_steps: steps of the whole run, warm-up included (> 0).
+    warmup_steps: linear warm-up steps (0 <= warmup_steps <= total_steps).
+    final_lr: learning rate at the end of the decay (>= 0).
     """
     if base_lr <= 0:
       raise ValueError(f"base_lr must be positive, got {base_lr}")
     if total_steps <= 0:
       raise ValueError(f"total_steps must be positive, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-      raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got "
-                       f"{warmup_steps}")
+      raise ValueError(
+        f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}"
+      )
     if final_lr < 0:
       raise ValueError(f"final_lr must be non-negative, got {final_lr}")
     self.base_lr = float(base_lr)
@@ -324,8 +375,9 @@ class CosineSchedule:
       return self.base_lr * (step + 1) / self.warmup_steps
     decay_steps = max(1, self.total_steps - self.warmup_steps)
     progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-    return self.final_lr + (self.base_lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi *
-                                                                                  progress))
+    return self.final_lr + (self.base_lr - self.final_lr) * 0.5 * (
+      1.0 + math.cos(math.pi * progress)
+    )
 
 
 # ==================================================================================================
@@ -371,15 +423,22 @@ class _Monitor(tf.Module):
 class ReduceOnPlateau(_Monitor):
   """Multiplies the learning rate by `factor` after `patience` updates without improvement."""
 
-  def __init__(self, factor: float = 0.1, patience: int = 10, min_lr: float = 0.0,
-               mode: str = "max", min_delta: float = 0.0, name: str = "reduce_on_plateau"):
+  def __init__(
+    self,
+    factor: float = 0.1,
+    patience: int = 10,
+    min_lr: float = 0.0,
+    mode: str = "max",
+    min_delta: float = 0.0,
+    name: str = "reduce_on_plateau",
+  ):
     """Args:
-      factor: learning-rate multiplier, in (0, 1).
-      patience: updates without improvement before reducing (>= 1).
-      min_lr: the learning rate is never reduced below this.
-      mode: "max" (higher metric is better, e.g. DSC) or "min" (e.g. a loss).
-      min_delta: an improvement must exceed this.
-      name: module name.
+    factor: learning-rate multiplier, in (0, 1).
+    patience: updates without improvement before reducing (>= 1).
+    min_lr: the learning rate is never reduced below this.
+    mode: "max" (higher metric is better, e.g. DSC) or "min" (e.g. a loss).
+    min_delta: an improvement must exceed this.
+    name: module name.
     """
     if not 0.0 < factor < 1.0:
       raise ValueError(f"factor must be in (0, 1), got {factor}")
@@ -409,13 +468,18 @@ class ReduceOnPlateau(_Monitor):
 class EarlyStopping(_Monitor):
   """Says to stop after `patience` updates without improvement."""
 
-  def __init__(self, patience: int = 10, mode: str = "max", min_delta: float = 0.0,
-               name: str = "early_stopping"):
+  def __init__(
+    self,
+    patience: int = 10,
+    mode: str = "max",
+    min_delta: float = 0.0,
+    name: str = "early_stopping",
+  ):
     """Args:
-      patience: updates without improvement before stopping (>= 1).
-      mode: "max" or "min".
-      min_delta: an improvement must exceed this.
-      name: module name.
+    patience: updates without improvement before stopping (>= 1).
+    mode: "max" or "min".
+    min_delta: an improvement must exceed this.
+    name: module name.
     """
     super().__init__(patience, mode, min_delta, name=name)
 

@@ -47,14 +47,16 @@ def batch_norms(model: tf.Module) -> List[BatchNorm]:
 @dataclasses.dataclass(frozen=True)
 class RecomputeSummary:
   """What `recompute_statistics` did: batches and images pooled, layers set, seconds taken."""
+
   batches: int
   images: int
   layers: int
   seconds: float
 
 
-def make_moments_function(model: tf.Module, strategy: Optional[tf.distribute.Strategy] = None
-                          ) -> Callable[[object], Dict[str, List[tf.Tensor]]]:
+def make_moments_function(
+  model: tf.Module, strategy: Optional[tf.distribute.Strategy] = None
+) -> Callable[[object], Dict[str, List[tf.Tensor]]]:
   """A tf.function(batch) -> each BatchNorm's pooled moments over the batch's replicas.
 
   Args:
@@ -83,8 +85,10 @@ def make_moments_function(model: tf.Module, strategy: Optional[tf.distribute.Str
     for norm, mean, variance in recorder.records:
       index = position.get(id(norm))
       if index is None or means[index] is not None:
-        raise ValueError(f"BatchNorm {norm.name} is not a layer of the model or was called "
-                         "twice in one forward pass: its population statistics are undefined")
+        raise ValueError(
+          f"BatchNorm {norm.name} is not a layer of the model or was called "
+          "twice in one forward pass: its population statistics are undefined"
+        )
       means[index], variances[index] = mean, variance
     unused = [norms[i].name for i, mean in enumerate(means) if mean is None]
     if unused:
@@ -106,18 +110,21 @@ def make_moments_function(model: tf.Module, strategy: Optional[tf.distribute.Str
   @tf.function
   def moments(batch):
     per_replica = strategy.run(replica_moments, args=(batch,))
-    pooled = {name: tf.split(strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica[name],
-                                             axis=None), sizes)
-              for name in ("mean", "variance")}
-    pooled["images"] = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica["images"],
-                                       axis=None)
+    pooled = {
+      name: tf.split(
+        strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica[name], axis=None), sizes
+      )
+      for name in ("mean", "variance")
+    }
+    pooled["images"] = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica["images"], axis=None)
     return pooled
 
   return moments
 
 
-def pool_moments(means: List[np.ndarray], variances: List[np.ndarray]
-                 ) -> Tuple[np.ndarray, np.ndarray]:
+def pool_moments(
+  means: List[np.ndarray], variances: List[np.ndarray]
+) -> Tuple[np.ndarray, np.ndarray]:
   """Pools equally weighted batches' moments: (mean of means, mean of variances + spread of means).
 
   Args:
@@ -129,14 +136,19 @@ def pool_moments(means: List[np.ndarray], variances: List[np.ndarray]
   """
   stacked_means = np.asarray(means, np.float64)
   mean = stacked_means.mean(axis=0)
-  variance = np.asarray(variances, np.float64).mean(axis=0) + np.square(
-      stacked_means - mean).mean(axis=0)
+  variance = np.asarray(variances, np.float64).mean(axis=0) + np.square(stacked_means - mean).mean(
+    axis=0
+  )
   return mean, variance
 
 
-def recompute_statistics(model: tf.Module, batches: Iterable[object], *,
-                         strategy: Optional[tf.distribute.Strategy] = None,
-                         moments_function: Optional[Callable] = None) -> RecomputeSummary:
+def recompute_statistics(
+  model: tf.Module,
+  batches: Iterable[object],
+  *,
+  strategy: Optional[tf.distribute.Strategy] = None,
+  moments_function: Optional[Callable] = None,
+) -> RecomputeSummary:
   """Sets every BatchNorm's moving statistics to its population statistics over `batches`.
 
   Args:
@@ -172,5 +184,6 @@ def recompute_statistics(model: tf.Module, batches: Iterable[object], *,
     mean, variance = pool_moments(means, variances)
     norm.moving_mean.assign(mean.astype(np.float32))
     norm.moving_variance.assign(variance.astype(np.float32))
-  return RecomputeSummary(batches=count, images=images, layers=len(norms),
-                          seconds=time.monotonic() - started)
+  return RecomputeSummary(
+    batches=count, images=images, layers=len(norms), seconds=time.monotonic() - started
+  )

@@ -25,9 +25,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import tensorflow as tf
 
 _COMPUTE_DTYPES: Dict[str, tf.DType] = {
-    "float32": tf.float32,
-    "mixed_float16": tf.float16,
-    "mixed_bfloat16": tf.bfloat16,
+  "float32": tf.float32,
+  "mixed_float16": tf.float16,
+  "mixed_bfloat16": tf.bfloat16,
 }
 POLICY_NAMES = tuple(_COMPUTE_DTYPES)
 # What --precision=auto resolves to on this machine (default_policy_name).
@@ -37,8 +37,9 @@ _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 Gradients = Sequence[Optional[tf.Tensor]]
 
 
-def default_policy_name(gpus: Optional[Sequence[object]] = None,
-                        cpu_flags: Optional[Sequence[str]] = None) -> str:
+def default_policy_name(
+  gpus: Optional[Sequence[object]] = None, cpu_flags: Optional[Sequence[str]] = None
+) -> str:
   """The precision `--precision=auto` picks, from measurements (profiling/results/bench.md).
 
   CPU with bfloat16 instructions (avx512_bf16 or amx_bf16): "mixed_bfloat16", which trained
@@ -90,8 +91,7 @@ class Policy:
       ValueError: for an unknown name, listing the valid ones.
     """
     if name not in _COMPUTE_DTYPES:
-      raise ValueError(f"unknown precision policy {name!r}; valid names: "
-                       f"{', '.join(POLICY_NAMES)}")
+      raise ValueError(f"unknown precision policy {name!r}; valid names: {', '.join(POLICY_NAMES)}")
     self.name = name
 
   @property
@@ -144,8 +144,14 @@ class NoOpLossScale(tf.Module):
 class DynamicLossScale(tf.Module):
   """Keras-2-style dynamic loss scale with its state in tf.Variables (checkpointed)."""
 
-  def __init__(self, initial_scale: float = 2.0**15, growth_interval: int = 2000,
-               factor: float = 2.0, min_scale: float = 1.0, name: str = "dynamic_loss_scale"):
+  def __init__(
+    self,
+    initial_scale: float = 2.0**15,
+    growth_interval: int = 2000,
+    factor: float = 2.0,
+    min_scale: float = 1.0,
+    name: str = "dynamic_loss_scale",
+  ):
     """Creates the state under the current distribution strategy.
 
     Args:
@@ -157,8 +163,10 @@ class DynamicLossScale(tf.Module):
     """
     super().__init__(name=name)
     if not 0 < min_scale <= initial_scale:
-      raise ValueError(f"need 0 < min_scale <= initial_scale, got min_scale={min_scale}, "
-                       f"initial_scale={initial_scale}")
+      raise ValueError(
+        f"need 0 < min_scale <= initial_scale, got min_scale={min_scale}, "
+        f"initial_scale={initial_scale}"
+      )
     if growth_interval < 1:
       raise ValueError(f"growth_interval must be at least 1, got {growth_interval}")
     if factor <= 1:
@@ -169,13 +177,22 @@ class DynamicLossScale(tf.Module):
     with tf.distribute.get_strategy().scope():
       # ONLY_FIRST_REPLICA (synchronised on write): `update` assigns from replica context, where
       # every replica holds the same value; the first replica's is written to all copies.
-      self.scale = tf.Variable(float(initial_scale), dtype=tf.float32,
-                               trainable=False, name="scale",
-                               synchronization=tf.VariableSynchronization.ON_WRITE,
-                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-      self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps",
-                                    synchronization=tf.VariableSynchronization.ON_WRITE,
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self.scale = tf.Variable(
+        float(initial_scale),
+        dtype=tf.float32,
+        trainable=False,
+        name="scale",
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+      )
+      self.good_steps = tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name="good_steps",
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+      )
 
   def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
     """loss × scale, in the loss's dtype."""
@@ -219,8 +236,9 @@ class DynamicLossScale(tf.Module):
 LossScale = Union[DynamicLossScale, NoOpLossScale]
 
 
-def make_loss_scale(policy: Union[Policy, str], initial_scale: float = 2.0**15,
-                    growth_interval: int = 2000, **kwargs) -> LossScale:
+def make_loss_scale(
+  policy: Union[Policy, str], initial_scale: float = 2.0**15, growth_interval: int = 2000, **kwargs
+) -> LossScale:
   """DynamicLossScale for mixed_float16, NoOpLossScale otherwise (create under the strategy scope).
 
   Args:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":
   from dunet import cli
+
   cli.silence_startup()  # before TensorFlow is imported
 
 import datetime  # noqa: E402
@@ -80,31 +81,39 @@ _FILL, _OUTLINE = (0, 255, 0), (160, 255, 160)
 
 def overlay_picture(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """The picture with `mask` blended in green and its outline drawn: uint8 RGB [H, W, 3]."""
-  blended = summaries.overlay(image[None], mask[None].astype(np.float32), color=_FILL,
-                              alpha=0.35)[0]
-  contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                 cv2.CHAIN_APPROX_SIMPLE)
+  blended = summaries.overlay(image[None], mask[None].astype(np.float32), color=_FILL, alpha=0.35)[
+    0
+  ]
+  contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
   thickness = max(1, round(min(image.shape[:2]) / 250))
   blended = np.ascontiguousarray(blended)
   cv2.drawContours(blended, contours, -1, _OUTLINE, thickness)
   return blended
 
 
-def _write_outputs(out_dir: Path, stem: str, image: np.ndarray, probability: np.ndarray,
-                   threshold: float, overlays: bool, probabilities: bool) -> Dict[str, object]:
+def _write_outputs(
+  out_dir: Path,
+  stem: str,
+  image: np.ndarray,
+  probability: np.ndarray,
+  threshold: float,
+  overlays: bool,
+  probabilities: bool,
+) -> Dict[str, object]:
   mask = metrics.binarize(probability, threshold).astype(np.uint8)
   record: Dict[str, object] = {"mask": f"{MASKS_DIR}/{stem}.png"}
-  fileio.write_bytes_atomic(out_dir / MASKS_DIR / f"{stem}.png",
-                            inference.encode_png(mask * 255))
+  fileio.write_bytes_atomic(out_dir / MASKS_DIR / f"{stem}.png", inference.encode_png(mask * 255))
   if overlays:
     record["overlay"] = f"{OVERLAYS_DIR}/{stem}.png"
-    fileio.write_bytes_atomic(out_dir / OVERLAYS_DIR / f"{stem}.png",
-                              inference.encode_png(overlay_picture(image, mask)))
+    fileio.write_bytes_atomic(
+      out_dir / OVERLAYS_DIR / f"{stem}.png", inference.encode_png(overlay_picture(image, mask))
+    )
   if probabilities:
     record["probability"] = f"{PROBABILITIES_DIR}/{stem}.png"
     scaled = np.round(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
-    fileio.write_bytes_atomic(out_dir / PROBABILITIES_DIR / f"{stem}.png",
-                              inference.encode_png(scaled))
+    fileio.write_bytes_atomic(
+      out_dir / PROBABILITIES_DIR / f"{stem}.png", inference.encode_png(scaled)
+    )
   record["foreground_fraction"] = round(float(mask.mean()), 6)
   return record
 
@@ -125,11 +134,13 @@ def degenerate_masks_warning(foreground_fractions: Sequence[float]) -> Optional[
   empty = sum(fraction <= NEARLY_NONE for fraction in foreground_fractions)
   for number, what in ((full, "nearly all foreground"), (empty, "nearly all background")):
     if number * 2 > count:
-      return (f"{number} of {count} masks are {what} (a sign of a degenerate model: one that "
-              "predicts one class everywhere, e.g. from BatchNorm statistics that do not match "
-              "its weights; try `python -m dunet.evaluate --recompute_bn=8` on the run, and "
-              "check its validation DSC). Ignore this if most pictures really show "
-              + ("only the object." if what.endswith("foreground") else "no object."))
+      return (
+        f"{number} of {count} masks are {what} (a sign of a degenerate model: one that "
+        "predicts one class everywhere, e.g. from BatchNorm statistics that do not match "
+        "its weights; try `python -m dunet.evaluate --recompute_bn=8` on the run, and "
+        "check its validation DSC). Ignore this if most pictures really show "
+        + ("only the object." if what.endswith("foreground") else "no object.")
+      )
   return None
 
 
@@ -174,12 +185,21 @@ class _ReadablePictures:
 # ================================================================================================
 
 
-def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir: PathLike, *,
-            threshold: float = 0.5, tta: bool = False,
-            flips: Sequence[str] = tuple(serving.FLIPS), batch_size: int = 4,
-            overlays: bool = True, probabilities: bool = False, progress: bool = True,
-            input_problems: Sequence[Dict[str, str]] = (),
-            workers: Optional[int] = None) -> dict:
+def predict(
+  loaded: serving.LoadedSegmenter,
+  inputs: Sequence[PathLike],
+  out_dir: PathLike,
+  *,
+  threshold: float = 0.5,
+  tta: bool = False,
+  flips: Sequence[str] = tuple(serving.FLIPS),
+  batch_size: int = 4,
+  overlays: bool = True,
+  probabilities: bool = False,
+  progress: bool = True,
+  input_problems: Sequence[Dict[str, str]] = (),
+  workers: Optional[int] = None,
+) -> dict:
   """Segments pictures and writes masks (and overlays, probabilities) at their own sizes.
 
   Args:
@@ -222,30 +242,46 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
     result = segment(np.stack([image for _, image in batch]))
     for index, (path, image) in enumerate(batch):
       record = {"file": str(path), "height": image.shape[0], "width": image.shape[1]}
-      record.update(_write_outputs(out_dir, path.stem, image,
-                                   result[serving.PROBABILITY][index, :, :, 0], threshold,
-                                   overlays, probabilities))
+      record.update(
+        _write_outputs(
+          out_dir,
+          path.stem,
+          image,
+          result[serving.PROBABILITY][index, :, :, 0],
+          threshold,
+          overlays,
+          probabilities,
+        )
+      )
       records.append(record)
     bar.advance(len(batch) + pictures.take_unreported())
   bar.advance(pictures.take_unreported())
   bar.close()
-  warnings = [text for text in [degenerate_masks_warning(
-      [record["foreground_fraction"] for record in records])] if text]
+  warnings = [
+    text
+    for text in [degenerate_masks_warning([record["foreground_fraction"] for record in records])]
+    if text
+  ]
   for text in warnings:
     logging.warning("%s", text)
   summary = {
-      "format": SUMMARY_FORMAT,
-      "model": {"source": loaded.source, "kind": loaded.kind, "input_height": loaded.height,
-                "input_width": loaded.width, "preprocessing": loaded.preprocessing},
-      "threshold": threshold,
-      "tta": list(flips) if tta else None,
-      "output": "head 2 (the final output)",
-      "written": len(records),
-      "skipped": list(input_problems) + pictures.skipped,
-      "warnings": warnings,
-      "images": sorted(records, key=lambda record: record["file"]),
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(sys.argv),
+    "format": SUMMARY_FORMAT,
+    "model": {
+      "source": loaded.source,
+      "kind": loaded.kind,
+      "input_height": loaded.height,
+      "input_width": loaded.width,
+      "preprocessing": loaded.preprocessing,
+    },
+    "threshold": threshold,
+    "tta": list(flips) if tta else None,
+    "output": "head 2 (the final output)",
+    "written": len(records),
+    "skipped": list(input_problems) + pictures.skipped,
+    "warnings": warnings,
+    "images": sorted(records, key=lambda record: record["file"]),
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": " ".join(sys.argv),
   }
   fileio.write_json_atomic(out_dir / SUMMARY_FILE, summary, indent=1, sort_keys=False)
   return summary
@@ -258,10 +294,10 @@ def predict(loaded: serving.LoadedSegmenter, inputs: Sequence[PathLike], out_dir
 FLAGS = flags.FLAGS
 PROGRAM = "dunet-predict"
 HELP_GROUPS = (
-    ("Model", model_flags.MODEL_FLAGS),
-    ("Pictures", ("input", "recursive", "batch_size")),
-    ("Outputs", ("out_dir", "threshold", "overlays", "probabilities")),
-    ("Inference", model_flags.INFERENCE_FLAGS),
+  ("Model", model_flags.MODEL_FLAGS),
+  ("Pictures", ("input", "recursive", "batch_size")),
+  ("Outputs", ("out_dir", "threshold", "overlays", "probabilities")),
+  ("Inference", model_flags.INFERENCE_FLAGS),
 )
 
 
@@ -270,29 +306,64 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   the same names, and tests import both modules)."""
   fv = dict(flag_values=flag_values)
   model_flags.define_model_flags(flag_values)
-  flags.DEFINE_list("input", None, "The pictures (required): a folder (its image files: "
-                    f"{', '.join(layouts.IMAGE_EXTENSIONS)}, any case), glob patterns (quote "
-                    "them) or files, comma-separated. Listed files are read whatever their "
-                    "extension.", **fv)
-  flags.DEFINE_bool("recursive", False, "Also take pictures from the sub-folders of --input "
-                    "folders (and let ** cross folders in patterns).", **fv)
-  flags.DEFINE_string("out_dir", None, "Output folder (required): masks/, overlays/, "
-                      "probabilities/ and summary.json; files of the same names are replaced.",
-                      **fv)
-  flags.DEFINE_integer("batch_size", 4, "Pictures per model call; pictures of one size are "
-                       "batched together, so mixed sizes give smaller batches. Lower it for very "
-                       "large pictures (they are processed at their own size before and after "
-                       "the model).", lower_bound=1, **fv)
-  flags.DEFINE_float("threshold", 0.5, "A pixel is foreground where head 2's probability is >= "
-                     "this.", lower_bound=0.0, upper_bound=1.0, **fv)
-  flags.DEFINE_bool("overlays", True, "Write overlays/<stem>.png: the picture with the mask "
-                    "blended in and outlined.", **fv)
-  flags.DEFINE_bool("probabilities", False, "Write probabilities/<stem>.png: head 2's "
-                    "probability x 255 as an 8-bit picture.", **fv)
+  flags.DEFINE_list(
+    "input",
+    None,
+    "The pictures (required): a folder (its image files: "
+    f"{', '.join(layouts.IMAGE_EXTENSIONS)}, any case), glob patterns (quote "
+    "them) or files, comma-separated. Listed files are read whatever their "
+    "extension.",
+    **fv,
+  )
+  flags.DEFINE_bool(
+    "recursive",
+    False,
+    "Also take pictures from the sub-folders of --input "
+    "folders (and let ** cross folders in patterns).",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "out_dir",
+    None,
+    "Output folder (required): masks/, overlays/, "
+    "probabilities/ and summary.json; files of the same names are replaced.",
+    **fv,
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    4,
+    "Pictures per model call; pictures of one size are "
+    "batched together, so mixed sizes give smaller batches. Lower it for very "
+    "large pictures (they are processed at their own size before and after "
+    "the model).",
+    lower_bound=1,
+    **fv,
+  )
+  flags.DEFINE_float(
+    "threshold",
+    0.5,
+    "A pixel is foreground where head 2's probability is >= this.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+    **fv,
+  )
+  flags.DEFINE_bool(
+    "overlays",
+    True,
+    "Write overlays/<stem>.png: the picture with the mask blended in and outlined.",
+    **fv,
+  )
+  flags.DEFINE_bool(
+    "probabilities",
+    False,
+    "Write probabilities/<stem>.png: head 2's probability x 255 as an 8-bit picture.",
+    **fv,
+  )
 
 
-def find_pictures(entries: Sequence[str], recursive: bool, out_dir: str
-                  ) -> Tuple[List[Path], List[Dict[str, str]]]:
+def find_pictures(
+  entries: Sequence[str], recursive: bool, out_dir: str
+) -> Tuple[List[Path], List[Dict[str, str]]]:
   """The pictures --input names, checked before anything is loaded or written.
 
   Returns:
@@ -307,9 +378,10 @@ def find_pictures(entries: Sequence[str], recursive: bool, out_dir: str
   spelled = ",".join(entries)
   if not paths:
     reasons = "; ".join(f"{problem['file']}: {problem['reason']}" for problem in problems)
-    raise app.UsageError(f"--input={spelled}: no pictures found (image extensions "
-                         f"{', '.join(layouts.IMAGE_EXTENSIONS)})"
-                         + (f"; {reasons}" if reasons else ""))
+    raise app.UsageError(
+      f"--input={spelled}: no pictures found (image extensions "
+      f"{', '.join(layouts.IMAGE_EXTENSIONS)})" + (f"; {reasons}" if reasons else "")
+    )
   if not any(path.exists() for path in paths):
     raise app.UsageError(f"--input={spelled}: no such file or folder")
   inference.check_unique_stems(paths)
@@ -327,17 +399,35 @@ def main(argv: Sequence[str]) -> int:
   serving.resolve_model_source(FLAGS.checkpoint, FLAGS.prefer)  # names a missing model
   for problem in problems:
     print(f"skipped {problem['file']}: {problem['reason']}", file=sys.stderr)
-  loaded = serving.load_segmenter(FLAGS.checkpoint, prefer=FLAGS.prefer,
-                                  height=FLAGS.height or None, width=FLAGS.width or None,
-                                  precision_name=FLAGS.precision)
-  summary = predict(loaded, paths, FLAGS.out_dir, threshold=FLAGS.threshold, tta=FLAGS.tta,
-                    flips=FLAGS.tta_flips, batch_size=FLAGS.batch_size,
-                    overlays=FLAGS.overlays, probabilities=FLAGS.probabilities,
-                    progress=FLAGS.progress, input_problems=problems)
+  loaded = serving.load_segmenter(
+    FLAGS.checkpoint,
+    prefer=FLAGS.prefer,
+    height=FLAGS.height or None,
+    width=FLAGS.width or None,
+    precision_name=FLAGS.precision,
+  )
+  summary = predict(
+    loaded,
+    paths,
+    FLAGS.out_dir,
+    threshold=FLAGS.threshold,
+    tta=FLAGS.tta,
+    flips=FLAGS.tta_flips,
+    batch_size=FLAGS.batch_size,
+    overlays=FLAGS.overlays,
+    probabilities=FLAGS.probabilities,
+    progress=FLAGS.progress,
+    input_problems=problems,
+  )
   skipped = summary["skipped"]
-  print(f"wrote {summary['written']} mask(s) to {os.path.join(FLAGS.out_dir, MASKS_DIR)}"
-        + (f"; skipped {len(skipped)}, listed in {os.path.join(FLAGS.out_dir, SUMMARY_FILE)}:"
-           if skipped else ""))
+  print(
+    f"wrote {summary['written']} mask(s) to {os.path.join(FLAGS.out_dir, MASKS_DIR)}"
+    + (
+      f"; skipped {len(skipped)}, listed in {os.path.join(FLAGS.out_dir, SUMMARY_FILE)}:"
+      if skipped
+      else ""
+    )
+  )
   for item in skipped:
     print(f"  {item['file']}: {item['reason']}")
   if not summary["written"]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # before TensorFlow is imported: its start-up noise
   from dunet import cli as _cli
+
   _cli.silence_startup()
 
 import json
@@ -46,52 +47,114 @@ from dunet.models.doubleunet import SIZE_DIVISOR
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("raw_dir", None, "The data set folder as downloaded (required).")
-flags.DEFINE_string("out_dir", None, "The prepared folder to create (required); it must not "
-                    "exist or be empty unless --overwrite.")
-flags.DEFINE_enum("layout", "auto", ["auto", *layouts.LAYOUTS],
-                  "Folder layout of --raw_dir: auto detects it from the sub-folder names; "
-                  "cvc (Original/, 'Ground Truth/'), kvasir (images/, masks/), etis (N.tif, "
-                  "GroundTruth/pN.tif), isic2018 (ISIC2018_Task1-2_Training_Input/, "
-                  "ISIC2018_Task1_Training_GroundTruth/), dsb2018 (<id>/images/, <id>/masks/ "
-                  "instance masks, merged), generic (images/, masks/ matched by file stem).")
-flags.DEFINE_integer("height", None, "Prepared image height in pixels (required; DoubleU-Net "
-                     "needs a multiple of 16; the reference code used 384).", lower_bound=1)
-flags.DEFINE_integer("width", None, "Prepared image width in pixels (required; a multiple of "
-                     "16; the reference code used 512).", lower_bound=1)
-flags.DEFINE_string("split_file", None, "A split JSON ({\"train\": [...], \"valid\": [...], "
-                    "\"test\": [...]} of file stems) to use instead of drawing the split.")
+flags.DEFINE_string(
+  "out_dir",
+  None,
+  "The prepared folder to create (required); it must not exist or be empty unless --overwrite.",
+)
+flags.DEFINE_enum(
+  "layout",
+  "auto",
+  ["auto", *layouts.LAYOUTS],
+  "Folder layout of --raw_dir: auto detects it from the sub-folder names; "
+  "cvc (Original/, 'Ground Truth/'), kvasir (images/, masks/), etis (N.tif, "
+  "GroundTruth/pN.tif), isic2018 (ISIC2018_Task1-2_Training_Input/, "
+  "ISIC2018_Task1_Training_GroundTruth/), dsb2018 (<id>/images/, <id>/masks/ "
+  "instance masks, merged), generic (images/, masks/ matched by file stem).",
+)
+flags.DEFINE_integer(
+  "height",
+  None,
+  "Prepared image height in pixels (required; DoubleU-Net "
+  "needs a multiple of 16; the reference code used 384).",
+  lower_bound=1,
+)
+flags.DEFINE_integer(
+  "width",
+  None,
+  "Prepared image width in pixels (required; a multiple of 16; the reference code used 512).",
+  lower_bound=1,
+)
+flags.DEFINE_string(
+  "split_file",
+  None,
+  'A split JSON ({"train": [...], "valid": [...], '
+  '"test": [...]} of file stems) to use instead of drawing the split.',
+)
 flags.DEFINE_integer("seed", 42, "Seed of the drawn split (the paper's code: 42).")
-flags.DEFINE_float("valid_fraction", 0.1, "Share of the images drawn for validation (rounded "
-                   "down: 61 of CVC-ClinicDB's 612).")
-flags.DEFINE_float("test_fraction", 0.1, "Share of the images drawn for testing (rounded down); "
-                   "ignored with --test_raw_dir.")
-flags.DEFINE_string("test_raw_dir", None, "A separate data set used whole as the test split "
-                    "(e.g. ETIS-Larib for a model trained on CVC-ClinicDB, the MICCAI 2015 "
-                    "setting); --raw_dir then gives only train and valid.")
-flags.DEFINE_enum("test_layout", "auto", ["auto", *layouts.LAYOUTS],
-                  "Folder layout of --test_raw_dir (as --layout).")
-flags.DEFINE_enum("on_error", "raise", list(layouts.ON_ERROR),
-                  "Bad input (unreadable, truncated or empty file, missing mask or image, "
-                  "size mismatch, duplicate stem): raise = stop with an error naming the file; "
-                  "skip = log it, leave the pair out and list it in summary.json.")
-flags.DEFINE_integer("num_shards", None, "TFRecord files per split (fewer for small splits); "
-                     "default: one per 256 images.", lower_bound=1)
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir (only once the new one is "
-                  "complete).")
+flags.DEFINE_float(
+  "valid_fraction",
+  0.1,
+  "Share of the images drawn for validation (rounded down: 61 of CVC-ClinicDB's 612).",
+)
+flags.DEFINE_float(
+  "test_fraction",
+  0.1,
+  "Share of the images drawn for testing (rounded down); ignored with --test_raw_dir.",
+)
+flags.DEFINE_string(
+  "test_raw_dir",
+  None,
+  "A separate data set used whole as the test split "
+  "(e.g. ETIS-Larib for a model trained on CVC-ClinicDB, the MICCAI 2015 "
+  "setting); --raw_dir then gives only train and valid.",
+)
+flags.DEFINE_enum(
+  "test_layout",
+  "auto",
+  ["auto", *layouts.LAYOUTS],
+  "Folder layout of --test_raw_dir (as --layout).",
+)
+flags.DEFINE_enum(
+  "on_error",
+  "raise",
+  list(layouts.ON_ERROR),
+  "Bad input (unreadable, truncated or empty file, missing mask or image, "
+  "size mismatch, duplicate stem): raise = stop with an error naming the file; "
+  "skip = log it, leave the pair out and list it in summary.json.",
+)
+flags.DEFINE_integer(
+  "num_shards",
+  None,
+  "TFRecord files per split (fewer for small splits); default: one per 256 images.",
+  lower_bound=1,
+)
+flags.DEFINE_bool(
+  "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
+)
 flags.DEFINE_bool("progress", True, "Show a progress line on the terminal.")
-flags.DEFINE_bool("verify", False, "Prepare nothing: check the prepared --out_dir (every shard "
-                  "read in full against summary.json: size, records, SHA-256, checksums, PNGs) "
-                  "and whether the raw data it was prepared from changed since. Exit status 1 "
-                  "with the offending file named, else 0.")
-flags.DEFINE_integer("workers", None, "Threads decoding and resizing images (default: the "
-                     "number of CPUs).", lower_bound=1)
+flags.DEFINE_bool(
+  "verify",
+  False,
+  "Prepare nothing: check the prepared --out_dir (every shard "
+  "read in full against summary.json: size, records, SHA-256, checksums, PNGs) "
+  "and whether the raw data it was prepared from changed since. Exit status 1 "
+  "with the offending file named, else 0.",
+)
+flags.DEFINE_integer(
+  "workers",
+  None,
+  "Threads decoding and resizing images (default: the number of CPUs).",
+  lower_bound=1,
+)
 
 
 HELP_GROUPS = (
-    ("Input and output", ("raw_dir", "layout", "out_dir", "overwrite")),
-    ("Size and split", ("height", "width", "split_file", "seed", "valid_fraction",
-                        "test_fraction", "test_raw_dir", "test_layout")),
-    ("Checks", ("on_error", "verify")),
+  ("Input and output", ("raw_dir", "layout", "out_dir", "overwrite")),
+  (
+    "Size and split",
+    (
+      "height",
+      "width",
+      "split_file",
+      "seed",
+      "valid_fraction",
+      "test_fraction",
+      "test_raw_dir",
+      "test_layout",
+    ),
+  ),
+  ("Checks", ("on_error", "verify")),
 )
 
 
@@ -111,15 +174,18 @@ def verify(out_dir: str) -> int:
 
 def _check_usage() -> None:
   """Everything the command line alone can get wrong, before anything is read or written."""
-  missing = [name for name in ("raw_dir", "out_dir", "height", "width")
-             if getattr(FLAGS, name) is None]
+  missing = [
+    name for name in ("raw_dir", "out_dir", "height", "width") if getattr(FLAGS, name) is None
+  ]
   if missing:
     raise app.UsageError("required: " + ", ".join(f"--{name}" for name in missing))
   for name in ("height", "width"):
     if getattr(FLAGS, name) % SIZE_DIVISOR:
-      raise app.UsageError(f"--{name}={getattr(FLAGS, name)} is not divisible by {SIZE_DIVISOR}, "
-                           f"which DoubleU-Net's four 2x poolings need (e.g. "
-                           f"{getattr(FLAGS, name) // SIZE_DIVISOR * SIZE_DIVISOR or SIZE_DIVISOR})")
+      raise app.UsageError(
+        f"--{name}={getattr(FLAGS, name)} is not divisible by {SIZE_DIVISOR}, "
+        f"which DoubleU-Net's four 2x poolings need (e.g. "
+        f"{getattr(FLAGS, name) // SIZE_DIVISOR * SIZE_DIVISOR or SIZE_DIVISOR})"
+      )
   for name in ("raw_dir", "test_raw_dir", "split_file"):
     path = getattr(FLAGS, name)
     if path and not os.path.exists(path):
@@ -135,25 +201,38 @@ def main(argv) -> int:
     return verify(FLAGS.out_dir)
   _check_usage()
   summary = prepare.prepare_dataset(
-      FLAGS.raw_dir, FLAGS.out_dir, height=FLAGS.height, width=FLAGS.width,
-      layout=FLAGS.layout, split_file=FLAGS.split_file, seed=FLAGS.seed,
-      valid_fraction=FLAGS.valid_fraction, test_fraction=FLAGS.test_fraction,
-      test_raw_dir=FLAGS.test_raw_dir, test_layout=FLAGS.test_layout, on_error=FLAGS.on_error,
-      num_shards=FLAGS.num_shards, progress=FLAGS.progress, overwrite=FLAGS.overwrite,
-      workers=FLAGS.workers)
+    FLAGS.raw_dir,
+    FLAGS.out_dir,
+    height=FLAGS.height,
+    width=FLAGS.width,
+    layout=FLAGS.layout,
+    split_file=FLAGS.split_file,
+    seed=FLAGS.seed,
+    valid_fraction=FLAGS.valid_fraction,
+    test_fraction=FLAGS.test_fraction,
+    test_raw_dir=FLAGS.test_raw_dir,
+    test_layout=FLAGS.test_layout,
+    on_error=FLAGS.on_error,
+    num_shards=FLAGS.num_shards,
+    progress=FLAGS.progress,
+    overwrite=FLAGS.overwrite,
+    workers=FLAGS.workers,
+  )
   report = {key: summary[key] for key in ("layout", "height", "width", "counts")}
   report["skipped"] = summary["skipped"]["count"]
   report["thresholded_masks"] = summary["thresholded_masks"]["count"]
-  report["foreground_fraction"] = {name: round(stats["foreground_fraction"], 4)
-                                   for name, stats in summary["splits"].items()}
+  report["foreground_fraction"] = {
+    name: round(stats["foreground_fraction"], 4) for name, stats in summary["splits"].items()
+  }
   print(f"Prepared {FLAGS.out_dir}: {json.dumps(report)}")
   return 0
 
 
 def run() -> None:
   """The program (console-script entry point `dunet-prepare`)."""
-  cli.run(main, program="dunet-prepare", help_groups=HELP_GROUPS,
-          summary=cli.docstring_summary(__doc__))
+  cli.run(
+    main, program="dunet-prepare", help_groups=HELP_GROUPS, summary=cli.docstring_summary(__doc__)
+  )
 
 
 if __name__ == "__main__":

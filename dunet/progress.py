@@ -26,15 +26,22 @@ class ProgressLine:
   line was created), so the first (compiling) step does not distort it for long.
   """
 
-  def __init__(self, total_steps: int, items_per_step: int, stream: Optional[TextIO] = None,
-               every: int = 10, unit: str = "img", start_step: int = 0):
+  def __init__(
+    self,
+    total_steps: int,
+    items_per_step: int,
+    stream: Optional[TextIO] = None,
+    every: int = 10,
+    unit: str = "img",
+    start_step: int = 0,
+  ):
     """Args:
-      total_steps: the step count at the end (for the ETA).
-      items_per_step: images (or other units) per step, for the throughput.
-      stream: where to write (default stderr).
-      every: on a plain (non-terminal) stream, report every this many steps and the last.
-      unit: the throughput's unit.
-      start_step: steps already done when the line starts (a resumed run).
+    total_steps: the step count at the end (for the ETA).
+    items_per_step: images (or other units) per step, for the throughput.
+    stream: where to write (default stderr).
+    every: on a plain (non-terminal) stream, report every this many steps and the last.
+    unit: the throughput's unit.
+    start_step: steps already done when the line starts (a resumed run).
     """
     self.total_steps = total_steps
     self.items_per_step = items_per_step
@@ -56,11 +63,16 @@ class ProgressLine:
       self.items_per_second = (step - self._last_step) * self.items_per_step / elapsed
     self._last_step, self._last_time = step, now
     remaining = self.total_steps - step
-    eta = (remaining * self.items_per_step / self.items_per_second
-           if self.items_per_second > 0 else float("nan"))
+    eta = (
+      remaining * self.items_per_step / self.items_per_second
+      if self.items_per_second > 0
+      else float("nan")
+    )
     shown = " ".join(f"{key}={value:.4g}" for key, value in values.items())
-    line = (f"step {step}/{self.total_steps} {shown} {self.items_per_second:.2f} {self.unit}/s "
-            f"ETA {format_duration(eta) if eta == eta else '?'}")
+    line = (
+      f"step {step}/{self.total_steps} {shown} {self.items_per_second:.2f} {self.unit}/s "
+      f"ETA {format_duration(eta) if eta == eta else '?'}"
+    )
     if self.is_terminal:
       self.stream.write("\r\x1b[2K" + line)
       if step == self.total_steps:

@@ -19,5 +19,4 @@ def lookup(table: Mapping[str, Value], name: str, kind: str) -> Value:
   try:
     return table[name]
   except KeyError:
-    raise ValueError(f"unknown {kind} {name!r}; valid names: "
-                     f"{', '.join(sorted(table))}") from None
+    raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(table))}") from None

@@ -11,9 +11,12 @@ from typing import Callable, Dict, Optional
 import tensorflow as tf
 
 
-def make_train_function(strategy: tf.distribute.Strategy, replica_step: Callable,
-                        jit_compile: bool = False,
-                        global_step: Optional[tf.Variable] = None) -> Callable:
+def make_train_function(
+  strategy: tf.distribute.Strategy,
+  replica_step: Callable,
+  jit_compile: bool = False,
+  global_step: Optional[tf.Variable] = None,
+) -> Callable:
   """Returns a tf.function(batch) -> reduced measurements that runs `replica_step` on each replica.
 
   Args:

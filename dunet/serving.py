@@ -66,9 +66,11 @@ def resize_images(images: tf.Tensor, height: int, width: int) -> tf.Tensor:
 
   def resize() -> tf.Tensor:
     shrinking = tf.reduce_all(size >= target)
-    return tf.cond(shrinking,
-                   lambda: tf.image.resize(pixels, target, method="area"),
-                   lambda: tf.image.resize(pixels, target, method="bilinear"))
+    return tf.cond(
+      shrinking,
+      lambda: tf.image.resize(pixels, target, method="area"),
+      lambda: tf.image.resize(pixels, target, method="bilinear"),
+    )
 
   resized = tf.cond(tf.reduce_all(tf.equal(size, target)), lambda: pixels, resize)
   return tf.ensure_shape(resized, [None, height, width, 3])
@@ -77,15 +79,17 @@ def resize_images(images: tf.Tensor, height: int, width: int) -> tf.Tensor:
 def resize_probabilities(probabilities: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
   """float32 [B, H, W, C] -> [B, size[0], size[1], C], bilinear (identity at the same size)."""
   same = tf.reduce_all(tf.equal(tf.shape(probabilities)[1:3], size))
-  return tf.cond(same, lambda: probabilities,
-                 lambda: tf.image.resize(probabilities, size, method="bilinear"))
+  return tf.cond(
+    same, lambda: probabilities, lambda: tf.image.resize(probabilities, size, method="bilinear")
+  )
 
 
 class Segmenter(tf.Module):
   """uint8 RGB images of any size in, probability masks of the same size out."""
 
-  def __init__(self, model: DoubleUNet, height: int, width: int, preprocessing: str,
-               name: str = "segmenter"):
+  def __init__(
+    self, model: DoubleUNet, height: int, width: int, preprocessing: str, name: str = "segmenter"
+  ):
     """Args:
       model: a (trained) DoubleUNet; it is called in inference mode only.
       height: the model's input height (divisible by 16): what it was trained at.
@@ -98,20 +102,23 @@ class Segmenter(tf.Module):
     super().__init__(name=name)
     check_size(height, width)
     if preprocessing not in preprocess.PREPROCESSING:
-      raise ConfigError(f"unknown preprocessing {preprocessing!r}; expected one of "
-                        f"{preprocess.PREPROCESSING}")
+      raise ConfigError(
+        f"unknown preprocessing {preprocessing!r}; expected one of {preprocess.PREPROCESSING}"
+      )
     self.model = model
     self.height, self.width, self.preprocessing = int(height), int(width), preprocessing
     # Variables (not constants) so that a reloaded SavedModel still says what it expects.
-    self.input_size = tf.Variable([self.height, self.width], dtype=tf.int32, trainable=False,
-                                  name="input_size")
-    self.preprocessing_name = tf.Variable(preprocessing, dtype=tf.string, trainable=False,
-                                          name="preprocessing")
+    self.input_size = tf.Variable(
+      [self.height, self.width], dtype=tf.int32, trainable=False, name="input_size"
+    )
+    self.preprocessing_name = tf.Variable(
+      preprocessing, dtype=tf.string, trainable=False, name="preprocessing"
+    )
     # Built here because its input signature depends on the model size.
     self.serve_model_size = tf.function(
-        self._segment_model_size,
-        input_signature=[tf.TensorSpec([None, self.height, self.width, 3], tf.uint8,
-                                       name=IMAGES)])
+      self._segment_model_size,
+      input_signature=[tf.TensorSpec([None, self.height, self.width, 3], tf.uint8, name=IMAGES)],
+    )
 
   @tf.function(input_signature=[IMAGE_SPEC])
   def serve(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -132,8 +139,10 @@ class Segmenter(tf.Module):
   def signatures(self) -> Dict[str, Callable[..., Dict[str, tf.Tensor]]]:
     """The SavedModel signatures: `serve` as "serving_default", `serve_model_size` as
     "model_size" (pass to `tf.saved_model.save(segmenter, path, signatures=...)`)."""
-    return {SERVING_SIGNATURE: self.serve.get_concrete_function(),
-            MODEL_SIZE_SIGNATURE: self.serve_model_size.get_concrete_function()}
+    return {
+      SERVING_SIGNATURE: self.serve.get_concrete_function(),
+      MODEL_SIZE_SIGNATURE: self.serve_model_size.get_concrete_function(),
+    }
 
   def _segment_model_size(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
     """`serve_model_size`: uint8 [B, H, W, 3] at the model size -> float32 [B, H, W, 1] each.
@@ -148,10 +157,13 @@ class Segmenter(tf.Module):
   def _segment(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
     original_size = tf.shape(images)[1:3]
     pixels = resize_images(images, self.height, self.width)
-    outputs = self.model(preprocess.preprocess(pixels, self.preprocessing),
-                         is_training=False).probabilities()
-    return {PROBABILITY: resize_probabilities(outputs.logits2, original_size),
-            PROBABILITY_HEAD1: resize_probabilities(outputs.logits1, original_size)}
+    outputs = self.model(
+      preprocess.preprocess(pixels, self.preprocessing), is_training=False
+    ).probabilities()
+    return {
+      PROBABILITY: resize_probabilities(outputs.logits2, original_size),
+      PROBABILITY_HEAD1: resize_probabilities(outputs.logits1, original_size),
+    }
 
 
 def check_size(height: int, width: int) -> None:
@@ -162,8 +174,9 @@ def check_size(height: int, width: int) -> None:
   """
   for name, value in (("height", height), ("width", width)):
     if value is None or value <= 0 or value % SIZE_DIVISOR:
-      raise ConfigError(f"model input {name} must be a positive multiple of {SIZE_DIVISOR}, "
-                        f"got {value}")
+      raise ConfigError(
+        f"model input {name} must be a positive multiple of {SIZE_DIVISOR}, got {value}"
+      )
 
 
 @dataclasses.dataclass
@@ -179,6 +192,7 @@ class LoadedSegmenter:
     module: the Segmenter (checkpoints) or the loaded SavedModel object; it owns the variables
       `serve` reads, so keep it alive as long as `serve` is used.
   """
+
   serve: ServeFunction
   height: int
   width: int
@@ -221,9 +235,15 @@ def find_run_config(path: str) -> Dict[str, object]:
   return {}
 
 
-def load_segmenter(path: str, *, prefer: str = "best", height: Optional[int] = None,
-                   width: Optional[int] = None, preprocessing: Optional[str] = None,
-                   precision_name: Optional[str] = None) -> LoadedSegmenter:
+def load_segmenter(
+  path: str,
+  *,
+  prefer: str = "best",
+  height: Optional[int] = None,
+  width: Optional[int] = None,
+  preprocessing: Optional[str] = None,
+  precision_name: Optional[str] = None,
+) -> LoadedSegmenter:
   """A Segmenter from a workdir, checkpoint prefix or exported SavedModel.
 
   Args:
@@ -256,37 +276,58 @@ def load_segmenter(path: str, *, prefer: str = "best", height: Optional[int] = N
   height = height or config.get("height")
   width = width or config.get("width")
   if not height or not width:
-    raise ConfigError(f"{path}: the run's config.json records no input size; pass the size the "
-                      "model was trained at (e.g. --height=288 --width=384)")
+    raise ConfigError(
+      f"{path}: the run's config.json records no input size; pass the size the "
+      "model was trained at (e.g. --height=288 --width=384)"
+    )
   preprocessing = preprocessing or config.get("preprocessing") or "reference"
   policy = precision.Policy(precision.resolve_policy_name(precision_name or "float32"))
   model = DoubleUNet(compute_dtype=policy.compute_dtype)
   checkpoint_lib.restore_model(model, prefix, prefer)
   segmenter = Segmenter(model, int(height), int(width), preprocessing)
-  return LoadedSegmenter(serve=segmenter.serve, height=segmenter.height, width=segmenter.width,
-                         preprocessing=preprocessing, kind="checkpoint", source=prefix,
-                         module=segmenter)
+  return LoadedSegmenter(
+    serve=segmenter.serve,
+    height=segmenter.height,
+    width=segmenter.width,
+    preprocessing=preprocessing,
+    kind="checkpoint",
+    source=prefix,
+    module=segmenter,
+  )
 
 
-def _load_saved_model(path: str, height: Optional[int], width: Optional[int],
-                      preprocessing: Optional[str]) -> LoadedSegmenter:
+def _load_saved_model(
+  path: str, height: Optional[int], width: Optional[int], preprocessing: Optional[str]
+) -> LoadedSegmenter:
   loaded = tf.saved_model.load(path)
   if not hasattr(loaded, "serve") or not hasattr(loaded, "input_size"):
-    raise CheckpointError(f"{path} is a SavedModel but not one dunet exported (no serve function "
-                          "or input_size); export it with `python -m dunet.export`")
+    raise CheckpointError(
+      f"{path} is a SavedModel but not one dunet exported (no serve function "
+      "or input_size); export it with `python -m dunet.export`"
+    )
   saved_height, saved_width = (int(v) for v in loaded.input_size.numpy())
   saved_preprocessing = loaded.preprocessing_name.numpy().decode()
-  for name, given, saved in (("height", height, saved_height), ("width", width, saved_width),
-                             ("preprocessing", preprocessing, saved_preprocessing)):
+  for name, given, saved in (
+    ("height", height, saved_height),
+    ("width", width, saved_width),
+    ("preprocessing", preprocessing, saved_preprocessing),
+  ):
     if given and given != saved:
       raise ConfigError(f"{path} was exported with {name} {saved!r}, not {given!r}")
-  return LoadedSegmenter(serve=loaded.serve, height=saved_height, width=saved_width,
-                         preprocessing=saved_preprocessing, kind="saved_model", source=path,
-                         module=loaded)
+  return LoadedSegmenter(
+    serve=loaded.serve,
+    height=saved_height,
+    width=saved_width,
+    preprocessing=saved_preprocessing,
+    kind="saved_model",
+    source=path,
+    module=loaded,
+  )
 
 
-def flip_tta(serve: ServeFunction, images: tf.Tensor,
-             flips: Sequence[str] = ("none", "horizontal", "vertical")) -> Dict[str, tf.Tensor]:
+def flip_tta(
+  serve: ServeFunction, images: tf.Tensor, flips: Sequence[str] = ("none", "horizontal", "vertical")
+) -> Dict[str, tf.Tensor]:
   """Test-time augmentation: the mean of `serve` over flipped copies, each flipped back.
 
   Args:

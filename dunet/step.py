@@ -29,8 +29,14 @@ from dunet import metrics
 Batch = Dict[str, tf.Tensor]
 
 
-def compute_loss(model: tf.Module, batch: Batch, loss_fn: Callable, head_weights: Sequence[float],
-                 global_batch_size: int, is_training: bool):
+def compute_loss(
+  model: tf.Module,
+  batch: Batch,
+  loss_fn: Callable,
+  head_weights: Sequence[float],
+  global_batch_size: int,
+  is_training: bool,
+):
   """Forward pass and deep-supervision loss.
 
   Returns:
@@ -39,12 +45,19 @@ def compute_loss(model: tf.Module, batch: Batch, loss_fn: Callable, head_weights
   """
   outputs = model(batch["image"], is_training=is_training)
   total_loss, per_head_losses = losses.as_heads_loss(loss_fn)(
-      outputs, batch["mask"], head_weights, global_batch_size)
+    outputs, batch["mask"], head_weights, global_batch_size
+  )
   return outputs, total_loss, per_head_losses
 
 
-def compute_gradients(model: tf.Module, loss_scale, batch: Batch, loss_fn: Callable,
-                      head_weights: Sequence[float], global_batch_size: int):
+def compute_gradients(
+  model: tf.Module,
+  loss_scale,
+  batch: Batch,
+  loss_fn: Callable,
+  head_weights: Sequence[float],
+  global_batch_size: int,
+):
   """Forward and backward on this replica's batch (the part worth compiling with XLA).
 
   Returns:
@@ -52,8 +65,9 @@ def compute_gradients(model: tf.Module, loss_scale, batch: Batch, loss_fn: Calla
     across replicas and not unscaled.
   """
   with tf.GradientTape() as tape:
-    _, total_loss, per_head_losses = compute_loss(model, batch, loss_fn, head_weights,
-                                                  global_batch_size, is_training=True)
+    _, total_loss, per_head_losses = compute_loss(
+      model, batch, loss_fn, head_weights, global_batch_size, is_training=True
+    )
     scaled_loss = loss_scale.scale_loss(total_loss)
   scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
   return scaled_gradients, total_loss, per_head_losses
@@ -71,29 +85,37 @@ def apply_gradients(model: tf.Module, optimizer, loss_scale, scaled_gradients):
   return gradients, all_finite
 
 
-def measurements(model: tf.Module, optimizer, loss_scale, total_loss, per_head_losses, gradients,
-                 all_finite) -> Dict[str, tf.Tensor]:
+def measurements(
+  model: tf.Module, optimizer, loss_scale, total_loss, per_head_losses, gradients, all_finite
+) -> Dict[str, tf.Tensor]:
   """What the step reports besides its new state (all scalars, float32).
 
   Losses are this replica's share (the runner sums them over replicas); norms, the loss scale
   and the learning rate are the same on every replica (the runner averages them).
   """
   result = {
-      "loss/total": total_loss,
-      # Inf/NaN on a skipped step, which is what happened (no masked copy of 29M gradients).
-      "norm/gradients": tf.linalg.global_norm(gradients),
-      "norm/parameters": tf.linalg.global_norm(model.trainable_variables),
-      "loss_scale": tf.convert_to_tensor(loss_scale.scale, tf.float32),
-      "update_applied": tf.cast(all_finite, tf.float32),
-      "learning_rate": tf.convert_to_tensor(optimizer.learning_rate, tf.float32),
+    "loss/total": total_loss,
+    # Inf/NaN on a skipped step, which is what happened (no masked copy of 29M gradients).
+    "norm/gradients": tf.linalg.global_norm(gradients),
+    "norm/parameters": tf.linalg.global_norm(model.trainable_variables),
+    "loss_scale": tf.convert_to_tensor(loss_scale.scale, tf.float32),
+    "update_applied": tf.cast(all_finite, tf.float32),
+    "learning_rate": tf.convert_to_tensor(optimizer.learning_rate, tf.float32),
   }
   for head, head_loss in enumerate(per_head_losses, start=1):
     result[f"loss/head{head}"] = head_loss
   return result
 
 
-def train_step(model: tf.Module, optimizer, loss_scale, batch: Batch, loss_fn: Callable,
-               head_weights: Sequence[float], global_batch_size: int) -> Dict[str, tf.Tensor]:
+def train_step(
+  model: tf.Module,
+  optimizer,
+  loss_scale,
+  batch: Batch,
+  loss_fn: Callable,
+  head_weights: Sequence[float],
+  global_batch_size: int,
+) -> Dict[str, tf.Tensor]:
   """One optimisation step on this replica's share of the global batch.
 
   Args:
@@ -112,14 +134,21 @@ def train_step(model: tf.Module, optimizer, loss_scale, batch: Batch, loss_fn: C
     applied, learning rate.
   """
   scaled_gradients, total_loss, per_head_losses = compute_gradients(
-      model, loss_scale, batch, loss_fn, head_weights, global_batch_size)
+    model, loss_scale, batch, loss_fn, head_weights, global_batch_size
+  )
   gradients, all_finite = apply_gradients(model, optimizer, loss_scale, scaled_gradients)
-  return measurements(model, optimizer, loss_scale, total_loss, per_head_losses, gradients,
-                      all_finite)
+  return measurements(
+    model, optimizer, loss_scale, total_loss, per_head_losses, gradients, all_finite
+  )
 
 
-def eval_step(model: tf.Module, batch: Batch, loss_fn: Callable, head_weights: Sequence[float],
-              threshold: float = 0.5) -> Dict[str, tf.Tensor]:
+def eval_step(
+  model: tf.Module,
+  batch: Batch,
+  loss_fn: Callable,
+  head_weights: Sequence[float],
+  threshold: float = 0.5,
+) -> Dict[str, tf.Tensor]:
   """Inference-mode losses and per-image confusion counts for both heads.
 
   Runs on one device over the whole validation set (in cross-replica context a mirrored model reads
@@ -132,13 +161,13 @@ def eval_step(model: tf.Module, batch: Batch, loss_fn: Callable, head_weights: S
     {"probability/head1", "probability/head2"}: [b, H, W, 1] for pictures.
   """
   batch_size = tf.shape(batch["image"])[0]
-  outputs, total_loss, per_head_losses = compute_loss(model, batch, loss_fn, head_weights,
-                                                      batch_size, is_training=False)
+  outputs, total_loss, per_head_losses = compute_loss(
+    model, batch, loss_fn, head_weights, batch_size, is_training=False
+  )
   result = {"loss/total": total_loss}
   for head, (logits, head_loss) in enumerate(zip(outputs, per_head_losses), start=1):
     result[f"loss/head{head}"] = head_loss
     probabilities = tf.sigmoid(logits)
     result[f"probability/head{head}"] = probabilities
-    result[f"counts/head{head}"] = metrics.confusion_counts(probabilities, batch["mask"],
-                                                            threshold)
+    result[f"counts/head{head}"] = metrics.confusion_counts(probabilities, batch["mask"], threshold)
   return result

@@ -15,8 +15,9 @@ def write_scalars(writer: tf.summary.SummaryWriter, step: int, values: Mapping[s
       tf.summary.scalar(name, float(value))
 
 
-def overlay(images_uint8: np.ndarray, masks: np.ndarray, color=(0, 255, 0),
-            alpha: float = 0.45) -> np.ndarray:
+def overlay(
+  images_uint8: np.ndarray, masks: np.ndarray, color=(0, 255, 0), alpha: float = 0.45
+) -> np.ndarray:
   """Blends a binary mask onto RGB images in a colour, and draws nothing where the mask is 0.
 
   Args:
@@ -36,16 +37,22 @@ def overlay(images_uint8: np.ndarray, masks: np.ndarray, color=(0, 255, 0),
   return np.where(binary, blended, images_uint8).astype(np.uint8)
 
 
-def prediction_panel(images_uint8: np.ndarray, true_masks: np.ndarray, head1: np.ndarray,
-                     head2: np.ndarray) -> np.ndarray:
+def prediction_panel(
+  images_uint8: np.ndarray, true_masks: np.ndarray, head1: np.ndarray, head2: np.ndarray
+) -> np.ndarray:
   """One row per image: input | ground truth | head 1 | head 2 (overlays), [B, H, 4W, 3] uint8."""
-  columns = [images_uint8, overlay(images_uint8, true_masks, (0, 255, 0)),
-             overlay(images_uint8, head1, (255, 160, 0)), overlay(images_uint8, head2, (255, 0, 0))]
+  columns = [
+    images_uint8,
+    overlay(images_uint8, true_masks, (0, 255, 0)),
+    overlay(images_uint8, head1, (255, 160, 0)),
+    overlay(images_uint8, head2, (255, 0, 0)),
+  ]
   return np.concatenate(columns, axis=2)
 
 
-def write_images(writer: tf.summary.SummaryWriter, step: int, name: str, images: np.ndarray,
-                 max_outputs: int = 4) -> None:
+def write_images(
+  writer: tf.summary.SummaryWriter, step: int, name: str, images: np.ndarray, max_outputs: int = 4
+) -> None:
   """Writes uint8 [B, H, W, 3] images."""
   with writer.as_default(step=step):
     tf.summary.image(name, images, max_outputs=max_outputs)

@@ -45,6 +45,7 @@ Measurements = Dict[str, float]
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
   """The checked data folder of a run and the run's length in steps."""
+
   data_dir: str
   height: int
   width: int
@@ -63,37 +64,51 @@ def check_inputs(config: TrainConfig) -> PreparedData:
   data = config.data
   data_dir = data.data_dir
   if data.demo:
-    data_dir = demo_data.ensure_demo_data(data_dir, count=data.demo_count,
-                                          height=data.height or 128, width=data.width or 128,
-                                          seed=config.seed)
+    data_dir = demo_data.ensure_demo_data(
+      data_dir,
+      count=data.demo_count,
+      height=data.height or 128,
+      width=data.width or 128,
+      seed=config.seed,
+    )
   if not tf.io.gfile.exists(os.path.join(data_dir, "summary.json")):
-    raise DataError(data_dir, "no prepared data (--data_dir). dunet never downloads data sets: "
-                    "download the raw data set (see the header of its configs/*.flags file), then "
-                    "prepare it once with `python tools/prepare_data.py --raw_dir=RAW_FOLDER "
-                    f"--out_dir={data_dir} --height=H --width=W`; or pass --demo to train on "
-                    "generated demo data.")
+    raise DataError(
+      data_dir,
+      "no prepared data (--data_dir). dunet never downloads data sets: "
+      "download the raw data set (see the header of its configs/*.flags file), then "
+      "prepare it once with `python tools/prepare_data.py --raw_dir=RAW_FOLDER "
+      f"--out_dir={data_dir} --height=H --width=W`; or pass --demo to train on "
+      "generated demo data.",
+    )
   data_info = pipeline.read_data_info(data_dir)
   # Shards still as prepared (their sizes: cheap); damaged records are named when read.
   prepare.verify_shards(data_dir, ("train", "valid"))
   changed = prepare.raw_data_changes(data_dir)
   if changed and not data.allow_changed_raw_data:
-    raise DataError(changed.path, f"{changed.problem}; or pass --allow_changed_raw_data to train "
-                    "on the prepared records as they are")
+    raise DataError(
+      changed.path,
+      f"{changed.problem}; or pass --allow_changed_raw_data to train "
+      "on the prepared records as they are",
+    )
   if changed:
     logging.warning("%s (training anyway: --allow_changed_raw_data)", changed)
   height, width = data_info["height"], data_info["width"]
   if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
-    raise DataError(data_dir, f"prepared at {height}x{width}; DoubleU-Net needs sizes divisible "
-                    f"by {SIZE_DIVISOR}: prepare it again with tools/prepare_data.py")
+    raise DataError(
+      data_dir,
+      f"prepared at {height}x{width}; DoubleU-Net needs sizes divisible "
+      f"by {SIZE_DIVISOR}: prepare it again with tools/prepare_data.py",
+    )
   if data.height and (data.height, data.width) != (height, width):
-    raise ConfigError(f"--height/--width {data.height}x{data.width} differ from the prepared "
-                      f"data ({height}x{width} in {data_dir})")
+    raise ConfigError(
+      f"--height/--width {data.height}x{data.width} differ from the prepared "
+      f"data ({height}x{width} in {data_dir})"
+    )
   batch_size = config.optimization.batch_size
   train_examples = pipeline.count_examples(data_dir, "train")
   steps_per_epoch = train_examples // batch_size
   if steps_per_epoch == 0:
-    raise ConfigError(f"{train_examples} training images are fewer than --batch_size="
-                      f"{batch_size}")
+    raise ConfigError(f"{train_examples} training images are fewer than --batch_size={batch_size}")
   total_steps = config.optimization.epochs * steps_per_epoch
   if config.optimization.max_steps:
     total_steps = min(total_steps, config.optimization.max_steps)
@@ -108,10 +123,15 @@ def _no_context(step: int) -> ContextManager:
 class Trainer:
   """Owns the model, optimizer, loss scale, step counter, data sets and compiled functions."""
 
-  def __init__(self, config: TrainConfig, data: PreparedData, strategy: tf.distribute.Strategy,
-               policy: precision.Policy,
-               step_context: Callable[[int], ContextManager] = _no_context,
-               make_model: Callable[..., tf.Module] = DoubleUNet):
+  def __init__(
+    self,
+    config: TrainConfig,
+    data: PreparedData,
+    strategy: tf.distribute.Strategy,
+    policy: precision.Policy,
+    step_context: Callable[[int], ContextManager] = _no_context,
+    make_model: Callable[..., tf.Module] = DoubleUNet,
+  ):
     """Builds every variable (under `strategy.scope()`) and the step functions.
 
     Args:
@@ -127,28 +147,46 @@ class Trainer:
     self.step_context = step_context
     optimization = config.optimization
     self.parts = builder.build_training_parts(
-        policy, optimization.optimizer, optimization.learning_rate, strategy=strategy,
-        make_model=make_model,
-        model_options=dict(batch_norm_momentum=config.model.batch_norm_momentum,
-                           vgg19_kernel_init=config.model.vgg19_init),
-        initial_loss_scale=config.runtime.initial_loss_scale,
-        loss_scale_growth_interval=config.runtime.loss_scale_growth_interval)
+      policy,
+      optimization.optimizer,
+      optimization.learning_rate,
+      strategy=strategy,
+      make_model=make_model,
+      model_options=dict(
+        batch_norm_momentum=config.model.batch_norm_momentum,
+        vgg19_kernel_init=config.model.vgg19_init,
+      ),
+      initial_loss_scale=config.runtime.initial_loss_scale,
+      loss_scale_growth_interval=config.runtime.loss_scale_growth_interval,
+    )
     self.model, self.optimizer = self.parts.model, self.parts.optimizer
     with strategy.scope():
-      self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self.global_step = tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name="global_step",
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+      )
     loss_fn = losses.make_heads_loss(optimization.loss, optimization.loss_reduction)
     head_weights = list(optimization.head_weights)
     self.train_function = builder.make_train_function(
-        self.parts, loss_fn=loss_fn, head_weights=head_weights,
-        global_batch_size=optimization.batch_size, strategy=strategy,
-        jit_compile=config.runtime.jit_compile, global_step=self.global_step)
+      self.parts,
+      loss_fn=loss_fn,
+      head_weights=head_weights,
+      global_batch_size=optimization.batch_size,
+      strategy=strategy,
+      jit_compile=config.runtime.jit_compile,
+      global_step=self.global_step,
+    )
     self.eval_function = builder.make_eval_function(
-        self.model, loss_fn=loss_fn, head_weights=head_weights,
-        threshold=config.validation.threshold)
+      self.model, loss_fn=loss_fn, head_weights=head_weights, threshold=config.validation.threshold
+    )
     self.moments_function = (
-        precise_bn.make_moments_function(self.model, strategy)
-        if config.validation.batch_norm_statistics == precise_bn.PRECISE else None)
+      precise_bn.make_moments_function(self.model, strategy)
+      if config.validation.batch_norm_statistics == precise_bn.PRECISE
+      else None
+    )
     self.cosine = self._cosine_schedule()
     # A read error in a shard becomes an error naming it (records.name_read_errors).
     self.train_shards = pipeline.shard_files(data.data_dir, "train")
@@ -162,11 +200,19 @@ class Trainer:
       return None
     warmup_steps = min(optimization.warmup_steps, total_steps // 5)
     if warmup_steps < optimization.warmup_steps:
-      logging.info("Warming up over %d of the run's %d steps (--warmup_steps=%d is capped at a "
-                   "fifth of the run).", warmup_steps, total_steps, optimization.warmup_steps)
-    return optim.CosineSchedule(optimization.learning_rate, total_steps,
-                                warmup_steps=warmup_steps,
-                                final_lr=optimization.min_learning_rate)
+      logging.info(
+        "Warming up over %d of the run's %d steps (--warmup_steps=%d is capped at a "
+        "fifth of the run).",
+        warmup_steps,
+        total_steps,
+        optimization.warmup_steps,
+      )
+    return optim.CosineSchedule(
+      optimization.learning_rate,
+      total_steps,
+      warmup_steps=warmup_steps,
+      final_lr=optimization.min_learning_rate,
+    )
 
   @property
   def step(self) -> int:
@@ -176,8 +222,10 @@ class Trainer:
   def initialize_weights(self) -> None:
     """A fresh run's first weights: --init_checkpoint, else --vgg19_weights (or random)."""
     if self.config.model.init_checkpoint:  # (exclusive with vgg19_weights: validated)
-      logging.info("Starting from the weights of %s", checkpoint_lib.restore_model(
-          self.model, self.config.model.init_checkpoint))
+      logging.info(
+        "Starting from the weights of %s",
+        checkpoint_lib.restore_model(self.model, self.config.model.init_checkpoint),
+      )
     else:
       vgg19.maybe_load_imagenet_weights(self.model, self.config.model.vgg19_weights)
 
@@ -187,26 +235,41 @@ class Trainer:
   def _train_dataset(self, epoch: int) -> tf.distribute.DistributedDataset:
     config = self.config
     return self.strategy.distribute_datasets_from_function(
-        lambda context: pipeline.make_train_dataset(
-            self.data.data_dir, global_batch_size=config.optimization.batch_size,
-            preprocessing=config.data.preprocessing, augment_config=config.data.augment,
-            seed=config.seed, epoch=epoch, deterministic=True, input_context=context,
-            shuffle_buffer=config.data.shuffle_buffer))
+      lambda context: pipeline.make_train_dataset(
+        self.data.data_dir,
+        global_batch_size=config.optimization.batch_size,
+        preprocessing=config.data.preprocessing,
+        augment_config=config.data.augment,
+        seed=config.seed,
+        epoch=epoch,
+        deterministic=True,
+        input_context=context,
+        shuffle_buffer=config.data.shuffle_buffer,
+      )
+    )
 
   def _valid_dataset(self) -> tf.data.Dataset:
-    return pipeline.make_eval_dataset(self.data.data_dir, "valid",
-                                      batch_size=self.config.optimization.batch_size,
-                                      preprocessing=self.config.data.preprocessing)
+    return pipeline.make_eval_dataset(
+      self.data.data_dir,
+      "valid",
+      batch_size=self.config.optimization.batch_size,
+      preprocessing=self.config.data.preprocessing,
+    )
 
   def _statistics_dataset(self) -> tf.distribute.DistributedDataset:
     config = self.config
     # Shared between replicas as training shares its batches.
     return self.strategy.distribute_datasets_from_function(
-        lambda context: pipeline.make_statistics_dataset(
-            self.data.data_dir, global_batch_size=config.optimization.batch_size,
-            batches=config.validation.precise_bn_batches,
-            preprocessing=config.data.preprocessing, seed=config.seed, input_context=context,
-            shuffle_buffer=config.data.shuffle_buffer))
+      lambda context: pipeline.make_statistics_dataset(
+        self.data.data_dir,
+        global_batch_size=config.optimization.batch_size,
+        batches=config.validation.precise_bn_batches,
+        preprocessing=config.data.preprocessing,
+        seed=config.seed,
+        input_context=context,
+        shuffle_buffer=config.data.shuffle_buffer,
+      )
+    )
 
   def _next_batch(self, step: int) -> Batch:
     """The batch of 0-based `step`: epoch `step // steps_per_epoch`, in that epoch's order."""
@@ -223,8 +286,9 @@ class Trainer:
   # ==============================================================================================
   # Training and validation
   # ==============================================================================================
-  def train(self, num_steps: int,
-            should_stop: Callable[[], object] = lambda: False) -> List[Measurements]:
+  def train(
+    self, num_steps: int, should_stop: Callable[[], object] = lambda: False
+  ) -> List[Measurements]:
     """Runs up to `num_steps` steps; returns each step's measurements (floats).
 
     Stops early, after a whole step, when `should_stop()` is true. The cosine schedule sets each
@@ -246,15 +310,23 @@ class Trainer:
   def recompute_batch_norm_statistics(self) -> precise_bn.RecomputeSummary:
     """Replaces the BatchNorm statistics with the population ones of the current weights."""
     summary = precise_bn.recompute_statistics(
-        self.model, records.name_read_errors(self._statistics_dataset(), self.train_shards),
-        strategy=self.strategy, moments_function=self.moments_function)
-    logging.info("step %d: BatchNorm statistics recomputed over %d training images (%d "
-                 "batches) in %.1f s", self.step, summary.images, summary.batches,
-                 summary.seconds)
+      self.model,
+      records.name_read_errors(self._statistics_dataset(), self.train_shards),
+      strategy=self.strategy,
+      moments_function=self.moments_function,
+    )
+    logging.info(
+      "step %d: BatchNorm statistics recomputed over %d training images (%d batches) in %.1f s",
+      self.step,
+      summary.images,
+      summary.batches,
+      summary.seconds,
+    )
     return summary
 
-  def evaluate(self, on_first_batch: Optional[Callable[[Batch, Dict[str, tf.Tensor]], None]] = None
-               ) -> Measurements:
+  def evaluate(
+    self, on_first_batch: Optional[Callable[[Batch, Dict[str, tf.Tensor]], None]] = None
+  ) -> Measurements:
     """Scores the validation set in inference mode (after recomputing precise statistics).
 
     Args:
@@ -269,8 +341,9 @@ class Trainer:
     accumulators = {head: metrics.MetricAccumulator() for head in ("head1", "head2")}
     loss_sums: Dict[str, float] = {}
     count = 0
-    for index, batch in enumerate(records.name_read_errors(self._valid_dataset(),
-                                                           self.valid_shards)):
+    for index, batch in enumerate(
+      records.name_read_errors(self._valid_dataset(), self.valid_shards)
+    ):
       result = self.eval_function({"image": batch["image"], "mask": batch["mask"]})
       batch_size = int(batch["image"].shape[0])
       count += batch_size

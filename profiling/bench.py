@@ -40,20 +40,30 @@ from profiling.machine import machine_description
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("height", 128, "Input height (divisible by 16).")
 flags.DEFINE_integer("width", 128, "Input width (divisible by 16).")
-flags.DEFINE_integer("batch", 4, "Training batch size (inference uses the same, plus batch 1 "
-                     "for latency).")
+flags.DEFINE_integer(
+  "batch", 4, "Training batch size (inference uses the same, plus batch 1 for latency)."
+)
 flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 flags.DEFINE_integer("windows", 3, "Timed windows; the median is reported.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, compilation).")
-flags.DEFINE_enum("precision", "float32", [precision.AUTO, *precision.POLICY_NAMES],
-                  "Compute precision (auto: what dunet.train's --precision=auto picks here).")
+flags.DEFINE_enum(
+  "precision",
+  "float32",
+  [precision.AUTO, *precision.POLICY_NAMES],
+  "Compute precision (auto: what dunet.train's --precision=auto picks here).",
+)
 flags.DEFINE_bool("jit_compile", False, "Compile the training step (and inference) with XLA.")
-flags.DEFINE_bool("record", False, "Append the result to profiling/results/bench.md and save "
-                  "its JSON under profiling/results/.")
+flags.DEFINE_bool(
+  "record",
+  False,
+  "Append the result to profiling/results/bench.md and save its JSON under profiling/results/.",
+)
 flags.DEFINE_string("note", "", "Free text stored with a recorded result (what changed).")
-flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                "results"),
-                    "Where --record writes bench.md and the JSON files.")
+flags.DEFINE_string(
+  "results_dir",
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+  "Where --record writes bench.md and the JSON files.",
+)
 
 
 def timed_windows(function: Callable[[], object], steps: int, windows: int) -> list:
@@ -88,11 +98,18 @@ def run_benchmark() -> Dict[str, object]:
   parts = builder.build_training_parts(policy, "nadam", 1e-5, strategy=strategy)
   model = parts.model
   train_function = builder.make_train_function(
-      parts, loss_fn=losses.binary_cross_entropy, head_weights=(1.0, 1.0),
-      global_batch_size=FLAGS.batch, strategy=strategy, jit_compile=FLAGS.jit_compile)
+    parts,
+    loss_fn=losses.binary_cross_entropy,
+    head_weights=(1.0, 1.0),
+    global_batch_size=FLAGS.batch,
+    strategy=strategy,
+    jit_compile=FLAGS.jit_compile,
+  )
   shape = [FLAGS.batch, FLAGS.height, FLAGS.width]
-  batch = {"image": tf.random.uniform(shape + [3]),
-           "mask": tf.cast(tf.random.uniform(shape + [1]) > 0.7, tf.float32)}
+  batch = {
+    "image": tf.random.uniform(shape + [3]),
+    "mask": tf.cast(tf.random.uniform(shape + [1]) > 0.7, tf.float32),
+  }
 
   compile_start = time.perf_counter()
   for _ in range(FLAGS.warmup):
@@ -101,8 +118,9 @@ def run_benchmark() -> Dict[str, object]:
   train_windows = timed_windows(lambda: train_function(batch), FLAGS.steps, FLAGS.windows)
   train_images_per_s = FLAGS.batch * FLAGS.steps / statistics.median(train_windows)
 
-  infer = tf.function(lambda images: model(images, is_training=False).logits2,
-                      jit_compile=FLAGS.jit_compile)
+  infer = tf.function(
+    lambda images: model(images, is_training=False).logits2, jit_compile=FLAGS.jit_compile
+  )
   infer(batch["image"]).numpy()
   infer_windows = timed_windows(lambda: infer(batch["image"]), FLAGS.steps, FLAGS.windows)
   infer_images_per_s = FLAGS.batch * FLAGS.steps / statistics.median(infer_windows)
@@ -113,45 +131,54 @@ def run_benchmark() -> Dict[str, object]:
   peak = peak_conv_flops_per_second(policy.compute_dtype, FLAGS.jit_compile)
   training_flops = flops.training_flops_per_image(model, FLAGS.height, FLAGS.width)
   return {
-      "height": FLAGS.height, "width": FLAGS.width, "batch": FLAGS.batch,
-      "precision": policy.name, "jit_compile": FLAGS.jit_compile,
-      "train_images_per_s": round(train_images_per_s, 3),
-      "train_windows_s": [round(w, 3) for w in train_windows],
-      "warmup_s": round(warmup_seconds, 2),
-      "infer_images_per_s": round(infer_images_per_s, 3),
-      "infer_latency_ms_batch1": round(latency_ms, 2),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "training_gflop_per_image": round(training_flops / 1e9, 2),
-      "peak_conv_gflop_per_s": round(peak / 1e9, 1),
-      "mfu": round(training_flops * train_images_per_s / peak, 4),
-      "machine": machine_description(),
-      "load_average_1min": round(os.getloadavg()[0], 2),
-      "command": " ".join(["python", "-m", "profiling.bench"] + sys.argv[1:]),
+    "height": FLAGS.height,
+    "width": FLAGS.width,
+    "batch": FLAGS.batch,
+    "precision": policy.name,
+    "jit_compile": FLAGS.jit_compile,
+    "train_images_per_s": round(train_images_per_s, 3),
+    "train_windows_s": [round(w, 3) for w in train_windows],
+    "warmup_s": round(warmup_seconds, 2),
+    "infer_images_per_s": round(infer_images_per_s, 3),
+    "infer_latency_ms_batch1": round(latency_ms, 2),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "training_gflop_per_image": round(training_flops / 1e9, 2),
+    "peak_conv_gflop_per_s": round(peak / 1e9, 1),
+    "mfu": round(training_flops * train_images_per_s / peak, 4),
+    "machine": machine_description(),
+    "load_average_1min": round(os.getloadavg()[0], 2),
+    "command": " ".join(["python", "-m", "profiling.bench"] + sys.argv[1:]),
   }
 
 
 def record(result: Dict[str, object], results_dir: str) -> None:
   """Writes bench-<config>.json (this run) and appends a row to bench.md in `results_dir`."""
   os.makedirs(results_dir, exist_ok=True)
-  tag = (f"{result['height']}x{result['width']}-b{result['batch']}-{result['precision']}-"
-         f"jit{int(result['jit_compile'])}")
+  tag = (
+    f"{result['height']}x{result['width']}-b{result['batch']}-{result['precision']}-"
+    f"jit{int(result['jit_compile'])}"
+  )
   with open(os.path.join(results_dir, f"bench-{tag}.json"), "w") as handle:
     json.dump(dict(result, note=FLAGS.note), handle, indent=2)
   table = os.path.join(results_dir, "bench.md")
   if not os.path.exists(table):
     with open(table, "w") as handle:
-      handle.write("# profiling/bench.py results\n\nEach row: one run of the command shown, on the "
-                   "machine shown (load = 1-minute load average when it finished).\n\n"
-                   "| size | batch | precision | jit | train img/s | infer img/s | latency ms "
-                   "(b=1) | peak RSS MB | MFU | load | note | command | machine |\n"
-                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+      handle.write(
+        "# profiling/bench.py results\n\nEach row: one run of the command shown, on the "
+        "machine shown (load = 1-minute load average when it finished).\n\n"
+        "| size | batch | precision | jit | train img/s | infer img/s | latency ms "
+        "(b=1) | peak RSS MB | MFU | load | note | command | machine |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+      )
   with open(table, "a") as handle:
-    handle.write(f"| {result['height']}x{result['width']} | {result['batch']} | "
-                 f"{result['precision']} | {result['jit_compile']} | "
-                 f"{result['train_images_per_s']} | {result['infer_images_per_s']} | "
-                 f"{result['infer_latency_ms_batch1']} | {result['peak_rss_mb']} | "
-                 f"{result['mfu']} | {result['load_average_1min']} | {FLAGS.note} | "
-                 f"`{result['command']}` | {result['machine']} |\n")
+    handle.write(
+      f"| {result['height']}x{result['width']} | {result['batch']} | "
+      f"{result['precision']} | {result['jit_compile']} | "
+      f"{result['train_images_per_s']} | {result['infer_images_per_s']} | "
+      f"{result['infer_latency_ms_batch1']} | {result['peak_rss_mb']} | "
+      f"{result['mfu']} | {result['load_average_1min']} | {FLAGS.note} | "
+      f"`{result['command']}` | {result['machine']} |\n"
+    )
 
 
 def main(argv):

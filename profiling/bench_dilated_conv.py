@@ -33,9 +33,12 @@ def _direct(x, kernel, rate):
 
 def _space_to_batch(x, kernel, rate):
   return tf.nn.with_space_to_batch(
-      x, [rate, rate], "SAME",
-      lambda inputs, num_spatial_dims, padding: tf.nn.conv2d(inputs, kernel, 1, padding),
-      filter_shape=kernel.shape[:2])
+    x,
+    [rate, rate],
+    "SAME",
+    lambda inputs, num_spatial_dims, padding: tf.nn.conv2d(inputs, kernel, 1, padding),
+    filter_shape=kernel.shape[:2],
+  )
 
 
 def _median_ms(form, x, kernel, rate) -> float:
@@ -57,8 +60,10 @@ def _median_ms(form, x, kernel, rate) -> float:
 
 def main(argv):
   del argv
-  rows = ["| input | bottleneck | rate | direct ms | space-to-batch ms |",
-          "| --- | --- | --- | --- | --- |"]
+  rows = [
+    "| input | bottleneck | rate | direct ms | space-to-batch ms |",
+    "| --- | --- | --- | --- | --- |",
+  ]
   kernel = tf.random.normal([3, 3, FLAGS.channels_in, FLAGS.channels_out])
   for height, width in ((128, 128), (256, 256), (384, 512)):
     x = tf.random.normal([FLAGS.batch, height // 16, width // 16, FLAGS.channels_in])
@@ -67,8 +72,10 @@ def main(argv):
         continue  # dunet drops taps that only read padding: a 1x1 convolution, no dilation
       direct = _median_ms(_direct, x, kernel, rate)
       converted = _median_ms(_space_to_batch, x, kernel, rate)
-      rows.append(f"| {height}x{width} | {height // 16}x{width // 16} | {rate} | {direct:.2f} | "
-                  f"{converted:.2f} |")
+      rows.append(
+        f"| {height}x{width} | {height // 16}x{width // 16} | {rate} | {direct:.2f} | "
+        f"{converted:.2f} |"
+      )
   table = "\n".join(rows)
   print(table)
   if FLAGS.record:
@@ -77,9 +84,11 @@ def main(argv):
     with open(path, "a") as handle:
       if new:
         handle.write("# Dilated convolution: direct vs space-to-batch (forward + backward)\n\n")
-      handle.write(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, TensorFlow "
-                   f"{tf.__version__}, load {os.getloadavg()[0]:.2f}\n"
-                   f"`python -m profiling.bench_dilated_conv --record`\n\n{table}\n\n")
+      handle.write(
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, TensorFlow "
+        f"{tf.__version__}, load {os.getloadavg()[0]:.2f}\n"
+        f"`python -m profiling.bench_dilated_conv --record`\n\n{table}\n\n"
+      )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def cpu_model() -> str:
 def machine_description() -> str:
   """'N CPU cores (model); GPUs: ...; TensorFlow X' for result tables."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only when a row is written)
+
   gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-  return (f"{os.cpu_count()} CPU cores ({cpu_model()}); GPUs: {', '.join(gpus) or 'none'}; "
-          f"TensorFlow {tf.__version__}")
+  return (
+    f"{os.cpu_count()} CPU cores ({cpu_model()}); GPUs: {', '.join(gpus) or 'none'}; "
+    f"TensorFlow {tf.__version__}"
+  )

@@ -37,8 +37,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("forced_steps", 6, "Teacher-forced steps per combination.", lower_bound=1)
 flags.DEFINE_integer("free_steps", 20, "Free-running steps per combination.", lower_bound=1)
 flags.DEFINE_bool("record", False, "Write the table to --results_dir/parity.md.")
-flags.DEFINE_string("results_dir", os.path.join("profiling", "results"),
-                    "Where --record writes parity.md.")
+flags.DEFINE_string(
+  "results_dir", os.path.join("profiling", "results"), "Where --record writes parity.md."
+)
 
 
 def measure_all(forced_steps: int, free_steps: int) -> List[str]:
@@ -53,27 +54,29 @@ def measure_all(forced_steps: int, free_steps: int) -> List[str]:
       gap = np.abs(free.dunet_losses - free.keras_losses) / free.keras_losses
       floor = np.abs(free.dunet_losses - free.noise_losses) / free.keras_losses
       rows.append(
-          f"| {optimizer_name} | {loss_name} "
-          f"| {max(r.loss_difference for r in forced):.1e} "
-          f"| {max(r.update_trainable for r in forced):.1e} "
-          f"| {max(r.update_informative for r in forced):.1e} "
-          f"| {max(r.update_statistics for r in forced):.1e} "
-          f"| {gap[0]:.1e} | {gap.max():.1e} / {floor.max():.1e} "
-          f"| {free.drift['trainable'][0]:.2f} / {free.drift['trainable'][1]:.2f} "
-          f"| {free.drift['statistics'][0]:.3f} / {free.drift['statistics'][1]:.3f} "
-          f"| {free.keras_losses[0]:.4f} -> {free.keras_losses[-1]:.4f} "
-          f"| {free.dunet_losses[0]:.4f} -> {free.dunet_losses[-1]:.4f} "
-          f"| {time.monotonic() - started:.0f} |")
+        f"| {optimizer_name} | {loss_name} "
+        f"| {max(r.loss_difference for r in forced):.1e} "
+        f"| {max(r.update_trainable for r in forced):.1e} "
+        f"| {max(r.update_informative for r in forced):.1e} "
+        f"| {max(r.update_statistics for r in forced):.1e} "
+        f"| {gap[0]:.1e} | {gap.max():.1e} / {floor.max():.1e} "
+        f"| {free.drift['trainable'][0]:.2f} / {free.drift['trainable'][1]:.2f} "
+        f"| {free.drift['statistics'][0]:.3f} / {free.drift['statistics'][1]:.3f} "
+        f"| {free.keras_losses[0]:.4f} -> {free.keras_losses[-1]:.4f} "
+        f"| {free.dunet_losses[0]:.4f} -> {free.dunet_losses[-1]:.4f} "
+        f"| {time.monotonic() - started:.0f} |"
+      )
       print(rows[-1], flush=True)
   return rows
 
 
 def table(rows: List[str], forced_steps: int, free_steps: int) -> str:
   command = "python -m profiling.parity " + " ".join(sys.argv[1:])
-  return f"""# Training-dynamics parity with the reference Keras code
+  return (
+    f"""# Training-dynamics parity with the reference Keras code
 
 Command: `{command.strip()}` (from the repository root, test extras installed), on
-{time.strftime('%Y-%m-%d')}, {machine.machine_description()}.
+{time.strftime("%Y-%m-%d")}, {machine.machine_description()}.
 
 dunet (`--loss_reduction=reference`, float32) and the authors' Keras model (the oracle in
 tests/keras_reference.py, `model.compile(loss, Adam/Nadam(1e-4))`, `train_on_batch` steps)
@@ -96,7 +99,10 @@ tests/test_reference_parity.py.
 
 | optimizer | loss | forced: loss | forced: update | forced: update (informative) | forced: BN statistics | free: step-1 loss gap | free: max loss gap / floor | free: weight drift / floor | free: BN statistics drift / floor | Keras loss | dunet loss | s |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-""" + "\n".join(rows) + "\n"
+"""
+    + "\n".join(rows)
+    + "\n"
+  )
 
 
 def main(argv: List[str]) -> None:

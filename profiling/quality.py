@@ -1,6 +1,7 @@
 r"""Quality side by side with the reference Keras code: profiling/results/quality.md.
 
-  python -m profiling.quality --data=demo --steps=100,200,400 [--recipes=keras,reference,paper,improved]
+  python -m profiling.quality --data=demo --steps=100,200,400 \
+      [--recipes=keras,reference,paper,improved]
       [--seeds=42] [--record] [--note=...] [--reference_model_py=PATH/model.py]
 
 Run from the repository root with the test extras (Keras: the oracle) and, for --data=nuclei,
@@ -51,29 +52,42 @@ RECIPES = ("keras", "reference", "paper", "improved")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("data", "demo", sorted(quality_data.BUILDERS), "The data set.")
 flags.DEFINE_list("steps", ["100", "200", "400"], "Budgets: optimisation steps per run.")
-flags.DEFINE_list("recipes", list(RECIPES),
-                  f"Which trainings to run ({', '.join(RECIPES)}).")
+flags.DEFINE_list("recipes", list(RECIPES), f"Which trainings to run ({', '.join(RECIPES)}).")
 flags.DEFINE_list("seeds", ["42"], "Seeds (initialisation and data order) to run each with.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size of every run.")
 flags.DEFINE_string("optimizer", "nadam", "The shared recipe's optimizer (adam or nadam).")
 flags.DEFINE_float("learning_rate", 1e-4, "The shared recipe's constant learning rate.")
 flags.DEFINE_string("loss", "dice", "The shared recipe's loss (bce, dice, bce_dice).")
 flags.DEFINE_string("preprocessing", "reference", "The shared recipe's preprocessing.")
-flags.DEFINE_string("improved_flagfile", os.path.join("configs", "improved.flags"),
-                    "dunet's improved recipe.")
-flags.DEFINE_list("improved_extra", [], "Flags added to the improved recipe (an ablation, e.g. "
-                  "--improved_extra=--augment); the rows name them.")
-flags.DEFINE_string("reference_model_py", None, "The authors' model.py: build their network "
-                    "with its build_model(shape) instead of the oracle (it asks Keras for the "
-                    "ImageNet VGG19 weights, which must then be in ~/.keras/models).")
+flags.DEFINE_string(
+  "improved_flagfile", os.path.join("configs", "improved.flags"), "dunet's improved recipe."
+)
+flags.DEFINE_list(
+  "improved_extra",
+  [],
+  "Flags added to the improved recipe (an ablation, e.g. "
+  "--improved_extra=--augment); the rows name them.",
+)
+flags.DEFINE_string(
+  "reference_model_py",
+  None,
+  "The authors' model.py: build their network "
+  "with its build_model(shape) instead of the oracle (it asks Keras for the "
+  "ImageNet VGG19 weights, which must then be in ~/.keras/models).",
+)
 flags.DEFINE_string("work_dir", "/tmp/dunet-quality", "Data, runs and logs.")
-flags.DEFINE_bool("reuse_keras", False, "Keep a finished Keras run of the same data, budget and "
-                  "seed found in --work_dir (its weights, initial weights and time) instead of "
-                  "training it again: for adding dunet recipes beside a recorded Keras row.")
+flags.DEFINE_bool(
+  "reuse_keras",
+  False,
+  "Keep a finished Keras run of the same data, budget and "
+  "seed found in --work_dir (its weights, initial weights and time) instead of "
+  "training it again: for adding dunet recipes beside a recorded Keras row.",
+)
 flags.DEFINE_bool("record", False, "Append the rows to --results_dir/quality.md.")
 flags.DEFINE_string("note", "", "Free text stored with recorded rows.")
-flags.DEFINE_string("results_dir", os.path.join("profiling", "results"),
-                    "Where --record writes quality.md.")
+flags.DEFINE_string(
+  "results_dir", os.path.join("profiling", "results"), "Where --record writes quality.md."
+)
 flags.DEFINE_integer("timeout_s", 4 * 3600, "Give up on one training after this long.")
 # The Keras worker (run by this program in a subprocess).
 flags.DEFINE_string("keras_worker", None, "Internal: train the Keras model into this folder.")
@@ -117,6 +131,7 @@ class Row:
 def first_step_loss(workdir: str) -> Optional[float]:
   """The training loss dunet.train logged at step 1 (TensorBoard events)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   folder = os.path.join(workdir, "train")
   for name in sorted(os.listdir(folder)):
     for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
@@ -131,38 +146,64 @@ def _run(command: Sequence[str], log_path: str, timeout_s: int) -> float:
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   started = time.perf_counter()
   with open(log_path, "w") as log:
-    completed = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT,
-                               timeout=timeout_s, check=False)
+    completed = subprocess.run(
+      list(command), stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False
+    )
   seconds = time.perf_counter() - started
   if completed.returncode:
     with open(log_path) as log:
       tail = log.read()[-3000:]
-    raise RuntimeError(f"{' '.join(command)} failed (exit {completed.returncode}); "
-                       f"log {log_path}:\n{tail}")
+    raise RuntimeError(
+      f"{' '.join(command)} failed (exit {completed.returncode}); log {log_path}:\n{tail}"
+    )
   return seconds
 
 
-def evaluate(checkpoint: str, data_dir: str, out_dir: str, prefer: str = "latest"
-             ) -> Dict[str, float]:
+def evaluate(
+  checkpoint: str, data_dir: str, out_dir: str, prefer: str = "latest"
+) -> Dict[str, float]:
   """Test-split per-image DSC of head 2 and head 1 by dunet.evaluate."""
-  _run([sys.executable, "-m", "dunet.evaluate", f"--checkpoint={checkpoint}",
-        f"--data_dir={data_dir}", "--split=test", f"--out_dir={out_dir}", f"--prefer={prefer}",
-        "--noprogress"], out_dir + ".log", FLAGS.timeout_s)
+  _run(
+    [
+      sys.executable,
+      "-m",
+      "dunet.evaluate",
+      f"--checkpoint={checkpoint}",
+      f"--data_dir={data_dir}",
+      "--split=test",
+      f"--out_dir={out_dir}",
+      f"--prefer={prefer}",
+      "--noprogress",
+    ],
+    out_dir + ".log",
+    FLAGS.timeout_s,
+  )
   with open(os.path.join(out_dir, "metrics.json")) as handle:
     report = json.load(handle)
   return {head: report["metrics"][head]["per_image"]["dsc"] for head in ("head1", "head2")}
 
 
 def shared_training_flags() -> List[str]:
-  return [f"--batch_size={FLAGS.batch_size}", f"--optimizer={FLAGS.optimizer}",
-          f"--learning_rate={FLAGS.learning_rate}", f"--loss={FLAGS.loss}",
-          f"--preprocessing={FLAGS.preprocessing}"]
+  return [
+    f"--batch_size={FLAGS.batch_size}",
+    f"--optimizer={FLAGS.optimizer}",
+    f"--learning_rate={FLAGS.learning_rate}",
+    f"--loss={FLAGS.loss}",
+    f"--preprocessing={FLAGS.preprocessing}",
+  ]
 
 
 def train_keras(data_dir: str, run_dir: str, steps: int, seed: int) -> Row:
-  command = [sys.executable, "-m", "profiling.quality", f"--keras_worker={run_dir}",
-             f"--data_dir={data_dir}", f"--max_steps={steps}", f"--seed={seed}",
-             *shared_training_flags()]
+  command = [
+    sys.executable,
+    "-m",
+    "profiling.quality",
+    f"--keras_worker={run_dir}",
+    f"--data_dir={data_dir}",
+    f"--max_steps={steps}",
+    f"--seed={seed}",
+    *shared_training_flags(),
+  ]
   if FLAGS.reference_model_py:
     command.append(f"--reference_model_py={FLAGS.reference_model_py}")
   finished = os.path.join(run_dir, "result.json")
@@ -172,35 +213,75 @@ def train_keras(data_dir: str, run_dir: str, steps: int, seed: int) -> Row:
     _run(command, run_dir + ".log", FLAGS.timeout_s)
   with open(finished) as handle:
     result = json.load(handle)
-  scores = evaluate(os.path.join(run_dir, "final"), data_dir, os.path.join(run_dir, "eval"),
-                    prefer="best")
-  return Row(FLAGS.data, steps, FLAGS.batch_size, seed, "keras", scores["head2"], None,
-             scores["head1"], result["train_seconds"], result["first_loss"])
+  scores = evaluate(
+    os.path.join(run_dir, "final"), data_dir, os.path.join(run_dir, "eval"), prefer="best"
+  )
+  return Row(
+    FLAGS.data,
+    steps,
+    FLAGS.batch_size,
+    seed,
+    "keras",
+    scores["head2"],
+    None,
+    scores["head1"],
+    result["train_seconds"],
+    result["first_loss"],
+  )
 
 
-def train_dunet(data_dir: str, run_dir: str, steps: int, seed: int, recipe: str,
-                keras_initial: Optional[str]) -> Row:
-  command = [sys.executable, "-m", "dunet.train", f"--data_dir={data_dir}",
-             f"--workdir={run_dir}", f"--max_steps={steps}", "--epochs=100000",
-             f"--seed={seed}", "--keep_checkpoints=1", "--log_every_steps=1"]
+def train_dunet(
+  data_dir: str, run_dir: str, steps: int, seed: int, recipe: str, keras_initial: Optional[str]
+) -> Row:
+  command = [
+    sys.executable,
+    "-m",
+    "dunet.train",
+    f"--data_dir={data_dir}",
+    f"--workdir={run_dir}",
+    f"--max_steps={steps}",
+    "--epochs=100000",
+    f"--seed={seed}",
+    "--keep_checkpoints=1",
+    "--log_every_steps=1",
+  ]
   if recipe in ("reference", "paper"):
     statistics = "moving" if recipe == "reference" else "precise"
     command += shared_training_flags() + [
-        "--loss_reduction=reference", "--lr_schedule=constant", "--noaugment",
-        f"--batch_norm_statistics={statistics}", "--precise_bn_batches=4",
-        "--batch_norm_momentum=0.99", "--precision=float32",
-        "--head_weights=1,1", "--vgg19_init=glorot_uniform",
-        f"--init_checkpoint={keras_initial}"]
+      "--loss_reduction=reference",
+      "--lr_schedule=constant",
+      "--noaugment",
+      f"--batch_norm_statistics={statistics}",
+      "--precise_bn_batches=4",
+      "--batch_norm_momentum=0.99",
+      "--precision=float32",
+      "--head_weights=1,1",
+      "--vgg19_init=glorot_uniform",
+      f"--init_checkpoint={keras_initial}",
+    ]
   else:
-    command += [f"--flagfile={FLAGS.improved_flagfile}", f"--batch_size={FLAGS.batch_size}",
-                *FLAGS.improved_extra]
+    command += [
+      f"--flagfile={FLAGS.improved_flagfile}",
+      f"--batch_size={FLAGS.batch_size}",
+      *FLAGS.improved_extra,
+    ]
   seconds = _run(command, run_dir + ".log", FLAGS.timeout_s)
   last = evaluate(run_dir, data_dir, os.path.join(run_dir, "eval-last"), prefer="latest")
   best = evaluate(run_dir, data_dir, os.path.join(run_dir, "eval-best"), prefer="best")
   if recipe == "improved" and FLAGS.improved_extra:
     recipe = f"improved {' '.join(FLAGS.improved_extra)}"
-  return Row(FLAGS.data, steps, FLAGS.batch_size, seed, recipe, last["head2"], best["head2"],
-             last["head1"], seconds, first_step_loss(run_dir))
+  return Row(
+    FLAGS.data,
+    steps,
+    FLAGS.batch_size,
+    seed,
+    recipe,
+    last["head2"],
+    best["head2"],
+    last["head1"],
+    seconds,
+    first_step_loss(run_dir),
+  )
 
 
 def format_row(row: Row, note: str) -> str:
@@ -208,10 +289,12 @@ def format_row(row: Row, note: str) -> str:
   if row.first_loss is not None and row.recipe in ("keras", "reference", "paper"):
     note = "; ".join(part for part in (note, f"step-1 loss {row.first_loss:.6f}") if part)
   command = "python -m profiling.quality " + " ".join(sys.argv[1:])
-  return (f"| {time.strftime('%Y-%m-%d')} | {row.data} | {row.steps} | {row.batch} | {row.seed} "
-          f"| {row.recipe} | {row.head2_last:.4f} | {best} | {row.head1_last:.4f} "
-          f"| {row.train_seconds:.0f} | {os.getloadavg()[0]:.2f} | {note} | `{command.strip()}` "
-          f"| {machine.machine_description()} |")
+  return (
+    f"| {time.strftime('%Y-%m-%d')} | {row.data} | {row.steps} | {row.batch} | {row.seed} "
+    f"| {row.recipe} | {row.head2_last:.4f} | {best} | {row.head1_last:.4f} "
+    f"| {row.train_seconds:.0f} | {os.getloadavg()[0]:.2f} | {note} | `{command.strip()}` "
+    f"| {machine.machine_description()} |"
+  )
 
 
 def record(lines: Sequence[str]) -> str:
@@ -236,14 +319,19 @@ def benchmark() -> None:
         rows.append(train_keras(data_dir, keras_run, steps, seed))
       for recipe in ("reference", "paper"):
         if recipe in FLAGS.recipes:
-          rows.append(train_dunet(data_dir, f"{base}-{recipe}", steps, seed, recipe,
-                                  os.path.join(keras_run, "initial")))
+          rows.append(
+            train_dunet(
+              data_dir, f"{base}-{recipe}", steps, seed, recipe, os.path.join(keras_run, "initial")
+            )
+          )
       if "improved" in FLAGS.recipes:
         suffix = "".join(flag.strip("-").replace("=", "_") for flag in FLAGS.improved_extra)
-        rows.append(train_dunet(data_dir, f"{base}-improved{suffix}", steps, seed, "improved",
-                                None))
-      lines = [format_row(row, FLAGS.note) for row in rows
-               if row.recipe.split()[0] in FLAGS.recipes]
+        rows.append(
+          train_dunet(data_dir, f"{base}-improved{suffix}", steps, seed, "improved", None)
+        )
+      lines = [
+        format_row(row, FLAGS.note) for row in rows if row.recipe.split()[0] in FLAGS.recipes
+      ]
       print("\n".join(lines), flush=True)
       if FLAGS.record:
         record(lines)
@@ -255,8 +343,10 @@ def benchmark() -> None:
 def _reference_model(height: int, width: int):
   if not FLAGS.reference_model_py:
     from tests import keras_reference  # pylint: disable=g-import-not-at-top
+
     return keras_reference.build_reference_model(height, width)
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("reference_model", FLAGS.reference_model_py)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -279,9 +369,12 @@ def keras_worker(run_dir: str) -> None:
   height, width = int(info["height"]), int(info["width"])
   model = _reference_model(height, width)
   model.save(os.path.join(run_dir, "initial.h5"))
-  keras_h5.convert_keras_h5(os.path.join(run_dir, "initial.h5"),
-                            os.path.join(run_dir, "initial"), overwrite=True,
-                            preprocessing=FLAGS.preprocessing)
+  keras_h5.convert_keras_h5(
+    os.path.join(run_dir, "initial.h5"),
+    os.path.join(run_dir, "initial"),
+    overwrite=True,
+    preprocessing=FLAGS.preprocessing,
+  )
   keras_reference.compile_for_training(model, FLAGS.optimizer, FLAGS.learning_rate, FLAGS.loss)
 
   def both_heads(batch):
@@ -289,11 +382,15 @@ def keras_worker(run_dir: str) -> None:
 
   # The batches dunet.train draws with --noaugment and this seed, epoch after epoch.
   train = pipeline.make_train_dataset(
-      FLAGS.data_dir, global_batch_size=FLAGS.batch_size, preprocessing=FLAGS.preprocessing,
-      augment_config=augment.AugmentConfig.none(), seed=FLAGS.seed).map(both_heads)
-  valid = pipeline.make_eval_dataset(FLAGS.data_dir, "valid", batch_size=FLAGS.batch_size,
-                                     preprocessing=FLAGS.preprocessing).map(
-      lambda batch: both_heads({"image": batch["image"], "mask": batch["mask"]}))
+    FLAGS.data_dir,
+    global_batch_size=FLAGS.batch_size,
+    preprocessing=FLAGS.preprocessing,
+    augment_config=augment.AugmentConfig.none(),
+    seed=FLAGS.seed,
+  ).map(both_heads)
+  valid = pipeline.make_eval_dataset(
+    FLAGS.data_dir, "valid", batch_size=FLAGS.batch_size, preprocessing=FLAGS.preprocessing
+  ).map(lambda batch: both_heads({"image": batch["image"], "mask": batch["mask"]}))
   steps_per_epoch = pipeline.steps_per_epoch(FLAGS.data_dir, FLAGS.batch_size)
   epochs = math.ceil(FLAGS.max_steps / steps_per_epoch)
 
@@ -314,15 +411,26 @@ def keras_worker(run_dir: str) -> None:
 
   stopper = StopAfter()
   started = time.perf_counter()
-  model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=valid,
-            callbacks=[stopper], verbose=2)
+  model.fit(
+    train,
+    epochs=epochs,
+    steps_per_epoch=steps_per_epoch,
+    validation_data=valid,
+    callbacks=[stopper],
+    verbose=2,
+  )
   seconds = time.perf_counter() - started
   model.save(os.path.join(run_dir, "final.h5"))
-  keras_h5.convert_keras_h5(os.path.join(run_dir, "final.h5"), os.path.join(run_dir, "final"),
-                            overwrite=True, preprocessing=FLAGS.preprocessing)
+  keras_h5.convert_keras_h5(
+    os.path.join(run_dir, "final.h5"),
+    os.path.join(run_dir, "final"),
+    overwrite=True,
+    preprocessing=FLAGS.preprocessing,
+  )
   with open(os.path.join(run_dir, "result.json"), "w") as handle:
-    json.dump({"train_seconds": seconds, "steps": stopper.steps,
-               "first_loss": stopper.first_loss}, handle)
+    json.dump(
+      {"train_seconds": seconds, "steps": stopper.steps, "first_loss": stopper.first_loss}, handle
+    )
 
 
 def main(argv: List[str]) -> None:

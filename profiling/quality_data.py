@@ -1,18 +1,18 @@
 """The data sets the quality benchmark (profiling/quality.py) trains on, built offline.
 
-  demo     dunet's synthetic polyp-like demo set (configs/demo.flags): 200 pictures at 64x64,
-           split 160/20/20 by the reference rule (dunet/data/demo.py).
-  nuclei   REAL fluorescence microscopy: the 512x512 image of nuclei from the 2018 Data Science
-           Bowl (Caicedo et al., Nature Methods 2019; stage1_train, CC0) with its instance
-           labels, as the `stardist` wheel ships it (stardist/data/images/img2d.tif and
-           mask2d.tif; stardist is BSD-3-Clause; install it with `pip install -e ".[quality]"`;
-           nothing is downloaded at run time and no file of it is copied into this repository).
-           The picture is cut into 128x128 tiles by region, so that no pixel of the test or
-           validation tiles is ever trained on: rows 0-255 train (tiles every 32 pixels: 65
-           overlapping tiles, as random crops would give), rows 256-383 validation and rows
-           384-511 test (7 tiles each, every 64 pixels across). Nuclei cover about 20 % of the
-           pixels. The grey image is written as RGB, the labels as a 0/255 mask, in the generic
-           images/ + masks/ layout, and prepared by dunet's own preparation with that split.
+demo     dunet's synthetic polyp-like demo set (configs/demo.flags): 200 pictures at 64x64,
+         split 160/20/20 by the reference rule (dunet/data/demo.py).
+nuclei   REAL fluorescence microscopy: the 512x512 image of nuclei from the 2018 Data Science
+         Bowl (Caicedo et al., Nature Methods 2019; stage1_train, CC0) with its instance
+         labels, as the `stardist` wheel ships it (stardist/data/images/img2d.tif and
+         mask2d.tif; stardist is BSD-3-Clause; install it with `pip install -e ".[quality]"`;
+         nothing is downloaded at run time and no file of it is copied into this repository).
+         The picture is cut into 128x128 tiles by region, so that no pixel of the test or
+         validation tiles is ever trained on: rows 0-255 train (tiles every 32 pixels: 65
+         overlapping tiles, as random crops would give), rows 256-383 validation and rows
+         384-511 test (7 tiles each, every 64 pixels across). Nuclei cover about 20 % of the
+         pixels. The grey image is written as RGB, the labels as a 0/255 mask, in the generic
+         images/ + masks/ layout, and prepared by dunet's own preparation with that split.
 """
 
 from __future__ import annotations
@@ -49,11 +49,15 @@ def stardist_files() -> Dict[str, str]:
   """
   spec = importlib.util.find_spec("stardist")
   if spec is None or not spec.submodule_search_locations:
-    raise MissingDataPackage("the nuclei data set is the DSB 2018 picture that the stardist "
-                             "wheel ships: install it with `pip install -e \".[quality]\"`")
+    raise MissingDataPackage(
+      "the nuclei data set is the DSB 2018 picture that the stardist "
+      'wheel ships: install it with `pip install -e ".[quality]"`'
+    )
   root = list(spec.submodule_search_locations)[0]
-  files = {"image": os.path.join(root, STARDIST_IMAGE),
-           "labels": os.path.join(root, STARDIST_LABELS)}
+  files = {
+    "image": os.path.join(root, STARDIST_IMAGE),
+    "labels": os.path.join(root, STARDIST_LABELS),
+  }
   for path in files.values():
     if not os.path.isfile(path):
       raise MissingDataPackage(f"{path} is missing from the installed stardist package")
@@ -74,8 +78,13 @@ def nuclei_tiles(image: np.ndarray, labels: np.ndarray) -> Dict[str, List[tuple]
     for row in range(top, bottom - NUCLEI_TILE + 1, step):
       for col in range(0, 512 - NUCLEI_TILE + 1, step):
         window = (slice(row, row + NUCLEI_TILE), slice(col, col + NUCLEI_TILE))
-        tiles[split].append((f"nuclei_{split}_r{row:03d}_c{col:03d}",
-                             np.repeat(grey[window][:, :, None], 3, axis=2), mask[window]))
+        tiles[split].append(
+          (
+            f"nuclei_{split}_r{row:03d}_c{col:03d}",
+            np.repeat(grey[window][:, :, None], 3, axis=2),
+            mask[window],
+          )
+        )
   return tiles
 
 
@@ -105,8 +114,15 @@ def build_nuclei(root: str) -> str:
   split_file = os.path.join(root, "split.json")
   with open(split_file, "w") as handle:
     json.dump(split, handle, indent=1)
-  prepare.prepare_dataset(raw, prepared, height=NUCLEI_TILE, width=NUCLEI_TILE,
-                          layout="generic", split_file=split_file, progress=False)
+  prepare.prepare_dataset(
+    raw,
+    prepared,
+    height=NUCLEI_TILE,
+    width=NUCLEI_TILE,
+    layout="generic",
+    split_file=split_file,
+    progress=False,
+  )
   return prepared
 
 

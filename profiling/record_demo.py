@@ -24,17 +24,23 @@ from typing import Dict, List, Sequence
 from absl import app
 from absl import flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from profiling.machine import machine_description
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("flagfile_path", os.path.join("configs", "demo.flags"),
-                    "The training config to run (relative to the repository root).")
+flags.DEFINE_string(
+  "flagfile_path",
+  os.path.join("configs", "demo.flags"),
+  "The training config to run (relative to the repository root).",
+)
 flags.DEFINE_bool("record", False, "Append the result to --results_dir/demo_training.md.")
 flags.DEFINE_string("note", "", "Free text stored with a recorded result.")
-flags.DEFINE_string("results_dir", os.path.join(REPO, "profiling", "results"),
-                    "Where --record writes demo_training.md.")
+flags.DEFINE_string(
+  "results_dir",
+  os.path.join(REPO, "profiling", "results"),
+  "Where --record writes demo_training.md.",
+)
 flags.DEFINE_integer("timeout_s", 3600, "Give up on the training command after this long.")
 
 _HEADER = """# The demo training run (the README's first command)
@@ -53,33 +59,46 @@ head 1's final validation DSC in the note).
 def run_demo(extra_flags: Sequence[str]) -> Dict[str, object]:
   """Runs the training command in a fresh workdir; returns the measurements."""
   workdir = tempfile.mkdtemp(prefix="dunet-demo-")
-  command = [sys.executable, "-m", "dunet.train", f"--flagfile={FLAGS.flagfile_path}",
-             f"--workdir={workdir}", *extra_flags]
+  command = [
+    sys.executable,
+    "-m",
+    "dunet.train",
+    f"--flagfile={FLAGS.flagfile_path}",
+    f"--workdir={workdir}",
+    *extra_flags,
+  ]
   started = time.perf_counter()
-  completed = subprocess.run(command, cwd=REPO, timeout=FLAGS.timeout_s, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  completed = subprocess.run(
+    command,
+    cwd=REPO,
+    timeout=FLAGS.timeout_s,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+  )
   seconds = time.perf_counter() - started
   if completed.returncode != 0:
-    raise RuntimeError(f"training failed (exit {completed.returncode}):\n"
-                       f"{completed.stdout[-3000:]}")
+    raise RuntimeError(
+      f"training failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}"
+    )
   with open(os.path.join(workdir, "metrics.json")) as handle:
     metrics = json.load(handle)
   with open(os.path.join(workdir, "config.json")) as handle:
     config = json.load(handle)
   valid = metrics["valid"]
   return {
-      "extra_flags": " ".join(extra_flags),
-      "precision": config.get("precision"),
-      "steps": metrics["step"],
-      "wall_s": round(seconds, 1),
-      "best_valid_dsc": round(metrics["best_valid_dsc"], 4),
-      "final_valid_dsc": round(valid["head2/per_image/dsc"], 4),
-      "final_valid_iou": round(valid["head2/per_image/iou"], 4),
-      "final_valid_dsc_head1": round(valid["head1/per_image/dsc"], 4),
-      "load_average_1min": round(os.getloadavg()[0], 2),
-      "workdir": workdir,
-      "machine": machine_description(),
-      "command": " ".join(["python", "-m", "profiling.record_demo"] + sys.argv[1:]),
+    "extra_flags": " ".join(extra_flags),
+    "precision": config.get("precision"),
+    "steps": metrics["step"],
+    "wall_s": round(seconds, 1),
+    "best_valid_dsc": round(metrics["best_valid_dsc"], 4),
+    "final_valid_dsc": round(valid["head2/per_image/dsc"], 4),
+    "final_valid_iou": round(valid["head2/per_image/iou"], 4),
+    "final_valid_dsc_head1": round(valid["head1/per_image/dsc"], 4),
+    "load_average_1min": round(os.getloadavg()[0], 2),
+    "workdir": workdir,
+    "machine": machine_description(),
+    "command": " ".join(["python", "-m", "profiling.record_demo"] + sys.argv[1:]),
   }
 
 
@@ -94,11 +113,13 @@ def record(result: Dict[str, object], results_dir: str, note: str) -> str:
   head1 = f"head 1 final valid DSC {result['final_valid_dsc_head1']}"
   note = f"{note}; {head1}" if note else head1
   with open(table, "a") as handle:
-    handle.write(f"| {time.strftime('%Y-%m-%d')} | {result['extra_flags'] or '(none)'} | "
-                 f"{result['precision']} | {result['steps']} | {result['wall_s']} | "
-                 f"{result['best_valid_dsc']} | {result['final_valid_dsc']} | "
-                 f"{result['final_valid_iou']} | {result['load_average_1min']} | {note} | "
-                 f"`{result['command']}` | {result['machine']} |\n")
+    handle.write(
+      f"| {time.strftime('%Y-%m-%d')} | {result['extra_flags'] or '(none)'} | "
+      f"{result['precision']} | {result['steps']} | {result['wall_s']} | "
+      f"{result['best_valid_dsc']} | {result['final_valid_dsc']} | "
+      f"{result['final_valid_iou']} | {result['load_average_1min']} | {note} | "
+      f"`{result['command']}` | {result['machine']} |\n"
+    )
   return table
 
 
@@ -106,8 +127,10 @@ def main(argv: List[str]) -> None:
   extra_flags = argv[1:]
   for flag in extra_flags:
     if not flag.startswith("--"):
-      raise app.UsageError(f"extra training flags must look like --name=value, got "
-                           f"{shlex.quote(flag)} (put them after `--`)")
+      raise app.UsageError(
+        f"extra training flags must look like --name=value, got "
+        f"{shlex.quote(flag)} (put them after `--`)"
+      )
   result = run_demo(extra_flags)
   if FLAGS.record:
     record(result, FLAGS.results_dir, FLAGS.note)

@@ -22,9 +22,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", None, "TensorBoard logdir holding plugins/profile/<run>/.")
 flags.DEFINE_string("run", "", "Which run folder under plugins/profile (default: the newest).")
 flags.DEFINE_integer("top", 15, "How many ops to list.")
-flags.DEFINE_enum("tool", "framework_op_stats", ["framework_op_stats", "hlo_stats"],
-                  "framework_op_stats for TF ops; hlo_stats for XLA-compiled (--jit_compile) "
-                  "steps.")
+flags.DEFINE_enum(
+  "tool",
+  "framework_op_stats",
+  ["framework_op_stats", "hlo_stats"],
+  "framework_op_stats for TF ops; hlo_stats for XLA-compiled (--jit_compile) steps.",
+)
 
 # Op types (TF or HLO) counted as convolution, forward and backward.
 CONVOLUTION_MARKERS = ("conv2d", "convolution", "conv2dbackprop", "depthwiseconv")
@@ -37,9 +40,11 @@ def find_trace_files(logdir: str, run: str = "") -> List[str]:
   if run:
     runs = [d for d in runs if os.path.basename(d) == run]
   if not runs:
-    raise FileNotFoundError(f"no profiler runs under {root}: capture one with "
-                            "`python -m dunet.train ... --profile_steps=START,STOP` or "
-                            "profiling/capture_trace.py")
+    raise FileNotFoundError(
+      f"no profiler runs under {root}: capture one with "
+      "`python -m dunet.train ... --profile_steps=START,STOP` or "
+      "profiling/capture_trace.py"
+    )
   files = sorted(glob.glob(os.path.join(runs[-1], "*.xplane.pb")))
   if not files:
     raise FileNotFoundError(f"{runs[-1]} holds no .xplane.pb file")
@@ -51,13 +56,14 @@ def op_table(paths: List[str], tool: str = "framework_op_stats") -> List[Dict[st
   try:
     from xprof.convert import raw_to_tool_data
   except ImportError as error:
-    raise ImportError("reading traces needs xprof: pip install -e \".[profile]\"") from error
+    raise ImportError('reading traces needs xprof: pip install -e ".[profile]"') from error
   data, _ = raw_to_tool_data.xspace_to_tool_data(paths, tool, {})
   tables = json.loads(data)
   table = tables[0] if isinstance(tables, list) else tables
   columns = [column["id"] for column in table["cols"]]
-  return [{column: cell.get("v") for column, cell in zip(columns, row["c"])}
-          for row in table["rows"]]
+  return [
+    {column: cell.get("v") for column, cell in zip(columns, row["c"])} for row in table["rows"]
+  ]
 
 
 def summarize(rows: List[Dict[str, object]], top: int) -> Dict[str, object]:
@@ -67,26 +73,40 @@ def summarize(rows: List[Dict[str, object]], top: int) -> Dict[str, object]:
   self_key = "total_self_time" if rows and "total_self_time" in rows[0] else "total_self_time_us"
   busy = [r for r in rows if str(r.get(type_key, "")).upper() != "IDLE"]
   total = sum(float(r.get(self_key) or 0) for r in busy)
-  conv = sum(float(r.get(self_key) or 0) for r in busy
-             if any(m in str(r.get(type_key, "")).lower() for m in CONVOLUTION_MARKERS))
+  conv = sum(
+    float(r.get(self_key) or 0)
+    for r in busy
+    if any(m in str(r.get(type_key, "")).lower() for m in CONVOLUTION_MARKERS)
+  )
   ranked = sorted(busy, key=lambda r: -float(r.get(self_key) or 0))[:top]
   return {
-      "total_self_time_us": total,
-      "convolution_share": conv / total if total else 0.0,
-      "top": [{"type": r.get(type_key), "name": r.get(name_key),
-               "self_time_us": float(r.get(self_key) or 0),
-               "share": float(r.get(self_key) or 0) / total if total else 0.0} for r in ranked],
+    "total_self_time_us": total,
+    "convolution_share": conv / total if total else 0.0,
+    "top": [
+      {
+        "type": r.get(type_key),
+        "name": r.get(name_key),
+        "self_time_us": float(r.get(self_key) or 0),
+        "share": float(r.get(self_key) or 0) / total if total else 0.0,
+      }
+      for r in ranked
+    ],
   }
 
 
 def format_summary(summary: Dict[str, object]) -> str:
-  lines = [f"busy self-time: {summary['total_self_time_us'] / 1e3:.1f} ms; convolutions "
-           f"{summary['convolution_share']:.1%}, everything else "
-           f"{1 - summary['convolution_share']:.1%}", "",
-           f"{'share':>7}  {'self ms':>9}  {'type':<32} name"]
+  lines = [
+    f"busy self-time: {summary['total_self_time_us'] / 1e3:.1f} ms; convolutions "
+    f"{summary['convolution_share']:.1%}, everything else "
+    f"{1 - summary['convolution_share']:.1%}",
+    "",
+    f"{'share':>7}  {'self ms':>9}  {'type':<32} name",
+  ]
   for row in summary["top"]:
-    lines.append(f"{row['share']:>7.1%}  {row['self_time_us'] / 1e3:>9.2f}  "
-                 f"{str(row['type'])[:32]:<32} {row['name']}")
+    lines.append(
+      f"{row['share']:>7.1%}  {row['self_time_us'] / 1e3:>9.2f}  "
+      f"{str(row['type'])[:32]:<32} {row['name']}"
+    )
   return "\n".join(lines)
 
 

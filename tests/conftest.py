@@ -19,7 +19,8 @@ NUM_LOGICAL_CPUS = 2
 _cpu = tf.config.list_physical_devices("CPU")[0]
 if tf.config.get_logical_device_configuration(_cpu) is None:
   tf.config.set_logical_device_configuration(
-      _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS
+  )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,6 +40,7 @@ def _restore_op_determinism():
   """dunet.train --deterministic switches TF op determinism on for the whole process; a test that
   does so must not change what later tests run (e.g. which max-pool form is traced)."""
   from tensorflow.python.framework import config  # pylint: disable=g-import-not-at-top
+
   was_enabled = config.is_op_determinism_enabled()
   yield
   if not was_enabled:

@@ -28,16 +28,20 @@ def randomize_batch_norm(model: DoubleUNet, seed: int = 0) -> None:
       variable.assign(rng.normal(0, 0.2, variable.shape))
 
 
-def write_run(workdir, model: DoubleUNet, preprocessing: str = "reference",
-              size: int = SIZE) -> str:
+def write_run(
+  workdir, model: DoubleUNet, preprocessing: str = "reference", size: int = SIZE
+) -> str:
   """A training-workdir look-alike (best/ckpt-1 + config.json) without training; returns the
   checkpoint prefix."""
-  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                                       os.path.join(str(workdir), checkpoint_lib.BEST_SUBDIR),
-                                       max_to_keep=1)
+  manager = tf.train.CheckpointManager(
+    tf.train.Checkpoint(model=model),
+    os.path.join(str(workdir), checkpoint_lib.BEST_SUBDIR),
+    max_to_keep=1,
+  )
   prefix = manager.save(checkpoint_number=1)
-  checkpoint_lib.write_config(str(workdir), {"height": size, "width": size,
-                                             "preprocessing": preprocessing})
+  checkpoint_lib.write_config(
+    str(workdir), {"height": size, "width": size, "preprocessing": preprocessing}
+  )
   return prefix
 
 

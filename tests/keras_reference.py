@@ -23,10 +23,12 @@ def _squeeze_excite(inputs, ratio: int = 8):
   filters = inputs.shape[-1]
   gates = layers.GlobalAveragePooling2D()(inputs)
   gates = layers.Reshape((1, 1, filters))(gates)
-  gates = layers.Dense(filters // ratio, activation="relu", kernel_initializer="he_normal",
-                       use_bias=False)(gates)
-  gates = layers.Dense(filters, activation="sigmoid", kernel_initializer="he_normal",
-                       use_bias=False)(gates)
+  gates = layers.Dense(
+    filters // ratio, activation="relu", kernel_initializer="he_normal", use_bias=False
+  )(gates)
+  gates = layers.Dense(
+    filters, activation="sigmoid", kernel_initializer="he_normal", use_bias=False
+  )(gates)
   return layers.Multiply()([inputs, gates])
 
 
@@ -43,8 +45,10 @@ def _conv_block(inputs, filters: int):
 def _encoder1(inputs) -> Tuple[object, List[object]]:
   """VGG19's trunk (random weights: nothing is downloaded); returns (block5_conv4, skips)."""
   vgg = keras.applications.VGG19(include_top=False, weights=None, input_tensor=inputs)
-  skips = [vgg.get_layer(name).output
-           for name in ("block1_conv2", "block2_conv2", "block3_conv4", "block4_conv4")]
+  skips = [
+    vgg.get_layer(name).output
+    for name in ("block1_conv2", "block2_conv2", "block3_conv4", "block4_conv4")
+  ]
   return vgg.get_layer("block5_conv4").output, skips
 
 
@@ -58,8 +62,9 @@ def _aspp(x, filters: int):
   pooled = layers.UpSampling2D((height, width), interpolation="bilinear")(pooled)
   branches = [pooled]
   for kernel_size, rate in ((1, 1), (3, 6), (3, 12), (3, 18)):
-    branch = layers.Conv2D(filters, kernel_size, dilation_rate=rate, padding="same",
-                           use_bias=False)(x)
+    branch = layers.Conv2D(
+      filters, kernel_size, dilation_rate=rate, padding="same", use_bias=False
+    )(x)
     branch = layers.BatchNormalization()(branch)
     branches.append(layers.Activation("relu")(branch))
   y = layers.Concatenate()(branches)
@@ -129,17 +134,20 @@ def randomize_weights(model: keras.Model, seed: int = 0, head_gain: float = 10.0
     head_gain: factor on the two output convolutions' kernels.
   """
   rng = np.random.default_rng(seed)
-  output_convs = [layer for layer in model.layers
-                  if isinstance(layer, layers.Conv2D) and layer.filters == 1]
+  output_convs = [
+    layer for layer in model.layers if isinstance(layer, layers.Conv2D) and layer.filters == 1
+  ]
   for layer in model.layers:
     if isinstance(layer, layers.BatchNormalization):
       channels = layer.gamma.shape[0]
-      layer.set_weights([
-          rng.uniform(0.5, 1.5, channels).astype(np.float32),      # gamma
-          rng.normal(0.0, 0.1, channels).astype(np.float32),       # beta
-          rng.normal(0.0, 0.2, channels).astype(np.float32),       # moving mean
-          rng.uniform(0.5, 2.0, channels).astype(np.float32),      # moving variance
-      ])
+      layer.set_weights(
+        [
+          rng.uniform(0.5, 1.5, channels).astype(np.float32),  # gamma
+          rng.normal(0.0, 0.1, channels).astype(np.float32),  # beta
+          rng.normal(0.0, 0.2, channels).astype(np.float32),  # moving mean
+          rng.uniform(0.5, 2.0, channels).astype(np.float32),  # moving variance
+        ]
+      )
     elif layer.weights:
       new_weights = []
       for weight in layer.get_weights():
@@ -148,7 +156,8 @@ def randomize_weights(model: keras.Model, seed: int = 0, head_gain: float = 10.0
         else:  # Kernel: keep the initialiser's fan-based scale, just redraw.
           fan_in = int(np.prod(weight.shape[:-1]))
           new_weights.append(
-              rng.normal(0.0, np.sqrt(2.0 / fan_in), weight.shape).astype(np.float32))
+            rng.normal(0.0, np.sqrt(2.0 / fan_in), weight.shape).astype(np.float32)
+          )
       if layer in output_convs:
         # Each squeeze-excite gate (about 0.5 here) shrinks the signal that inference-mode
         # BatchNorm does not renormalise, so random heads hover at 0.5; a larger output kernel
@@ -170,7 +179,8 @@ def reference_dice_coef(y_true, y_pred):
   y_pred = keras.ops.reshape(y_pred, [-1])
   intersection = keras.ops.sum(y_true * y_pred)
   return (2.0 * intersection + REFERENCE_DICE_SMOOTH) / (
-      keras.ops.sum(y_true) + keras.ops.sum(y_pred) + REFERENCE_DICE_SMOOTH)
+    keras.ops.sum(y_true) + keras.ops.sum(y_pred) + REFERENCE_DICE_SMOOTH
+  )
 
 
 def reference_dice_loss(y_true, y_pred):
@@ -185,16 +195,20 @@ def reference_bce_dice_loss(y_true, y_pred):
 # The names dunet's --loss uses, mapped to the reference's loss functions. Keras' BCE applies to
 # the sigmoid outputs (clipped to [1e-7, 1 - 1e-7]), as the reference's model.output is.
 REFERENCE_LOSSES = {
-    "bce": keras.losses.binary_crossentropy,
-    "dice": reference_dice_loss,
-    "bce_dice": reference_bce_dice_loss,
+  "bce": keras.losses.binary_crossentropy,
+  "dice": reference_dice_loss,
+  "bce_dice": reference_bce_dice_loss,
 }
 REFERENCE_OPTIMIZERS = {"adam": keras.optimizers.Adam, "nadam": keras.optimizers.Nadam}
 
 
-def compile_for_training(model: keras.Model, optimizer: str = "nadam",
-                         learning_rate: float = 1e-4, loss: str = "bce",
-                         epsilon: float = 1e-7) -> None:
+def compile_for_training(
+  model: keras.Model,
+  optimizer: str = "nadam",
+  learning_rate: float = 1e-4,
+  loss: str = "bce",
+  epsilon: float = 1e-7,
+) -> None:
   """`model.compile(loss=..., optimizer=...)` as the reference train.py does it.
 
   Args:
@@ -204,8 +218,10 @@ def compile_for_training(model: keras.Model, optimizer: str = "nadam",
     loss: "bce", "dice" or "bce_dice" (the reference's functions, on both heads at once).
     epsilon: the optimizer's epsilon (Keras' default 1e-7).
   """
-  model.compile(optimizer=REFERENCE_OPTIMIZERS[optimizer](learning_rate, epsilon=epsilon),
-                loss=REFERENCE_LOSSES[loss])
+  model.compile(
+    optimizer=REFERENCE_OPTIMIZERS[optimizer](learning_rate, epsilon=epsilon),
+    loss=REFERENCE_LOSSES[loss],
+  )
 
 
 def both_heads(masks: np.ndarray) -> np.ndarray:
@@ -213,8 +229,9 @@ def both_heads(masks: np.ndarray) -> np.ndarray:
   return np.concatenate([masks, masks], axis=-1)
 
 
-def train_on_batches(model: keras.Model, batches: Sequence[Tuple[np.ndarray, np.ndarray]]
-                     ) -> List[float]:
+def train_on_batches(
+  model: keras.Model, batches: Sequence[Tuple[np.ndarray, np.ndarray]]
+) -> List[float]:
   """One `fit` step per (images, masks) batch (`train_on_batch` runs fit's train function).
 
   Returns:

@@ -55,7 +55,7 @@ def make_batches(count: int, seed: int = 1) -> Batches:
       image = np.broadcast_to(rng.uniform(0.2, 0.5, 3), (SIZE, SIZE, 3)).copy()
       for _ in range(rng.integers(1, 3)):
         centre, radius = rng.uniform(10, SIZE - 10, 2), rng.uniform(5, 14)
-        disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 < radius ** 2
+        disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 < radius**2
         masks[index, disc, 0] = 1.0
         image[disc] += rng.uniform(0.2, 0.4, 3)
       images[index] = np.clip(image + rng.normal(0.0, 0.05, image.shape), 0.0, 1.0)
@@ -77,8 +77,9 @@ class Pair:
     self.model = DoubleUNet()
     self.assignments = keras_h5.load_keras_h5(self.model, h5_path)
     self.keras_variables = [
-        keras_reference.layer_weights_by_role(self.keras_model, a.keras_layer)[a.role]
-        for a in self.assignments]
+      keras_reference.layer_weights_by_role(self.keras_model, a.keras_layer)[a.role]
+      for a in self.assignments
+    ]
     self.batches = make_batches(steps)
     # Biases right before a training-mode BatchNorm have a gradient of exactly zero in exact
     # arithmetic: theirs is rounding noise, which Adam turns into full-size steps.
@@ -133,12 +134,18 @@ def dunet_train_function(pair: Pair, optimizer_name: str, loss_name: str):
   """(optimizer, tf.function(batch) -> measurements): dunet's own step, reference reduction."""
   optimizer = optim.make_optimizer(optimizer_name, LEARNING_RATE, pair.model.trainable_variables)
   # The model exists already (Keras' weights): only optimizer and loss scale are new here.
-  parts = builder.TrainingParts(model=pair.model, optimizer=optimizer,
-                                loss_scale=precision.make_loss_scale(precision.Policy("float32")),
-                                policy=precision.Policy("float32"))
+  parts = builder.TrainingParts(
+    model=pair.model,
+    optimizer=optimizer,
+    loss_scale=precision.make_loss_scale(precision.Policy("float32")),
+    policy=precision.Policy("float32"),
+  )
   return optimizer, builder.make_train_function(
-      parts, loss_fn=losses.make_heads_loss(loss_name, losses.REFERENCE), head_weights=(1.0, 1.0),
-      global_batch_size=BATCH)
+    parts,
+    loss_fn=losses.make_heads_loss(loss_name, losses.REFERENCE),
+    head_weights=(1.0, 1.0),
+    global_batch_size=BATCH,
+  )
 
 
 def _as_batch(images: np.ndarray, masks: np.ndarray) -> Dict[str, tf.Tensor]:
@@ -178,18 +185,20 @@ def reset_optimizer(optimizer) -> None:
 @dataclasses.dataclass
 class ForcedStep:
   """One teacher-forced step: both losses and the relative differences of what changed."""
+
   step: int
   keras_loss: float
   dunet_loss: float
-  loss_difference: float   # |dunet - keras| / keras
+  loss_difference: float  # |dunet - keras| / keras
   update_trainable: float  # relative difference of the weight updates (all trainable)
   update_informative: float  # the same without the biases before a BatchNorm
-  update_statistics: float   # of the BatchNorm statistics' changes
+  update_statistics: float  # of the BatchNorm statistics' changes
 
 
 @dataclasses.dataclass
 class FreeRun:
   """N free-running steps of Keras, dunet, and dunet with each batch's images reversed."""
+
   keras_losses: np.ndarray
   dunet_losses: np.ndarray
   noise_losses: np.ndarray
@@ -203,8 +212,9 @@ class Measurement:
   free: Optional[FreeRun]
 
 
-def measure(pair: Pair, optimizer_name: str, loss_name: str, forced_steps: int,
-            free_steps: int = 0) -> Measurement:
+def measure(
+  pair: Pair, optimizer_name: str, loss_name: str, forced_steps: int, free_steps: int = 0
+) -> Measurement:
   """Keras trains max(forced_steps, free_steps) steps from the common start. During its first
   `forced_steps` steps dunet takes Keras' state before each and steps once too (Keras' own
   trajectory is never touched). With `free_steps`, dunet then trains that many steps alone from
@@ -214,21 +224,29 @@ def measure(pair: Pair, optimizer_name: str, loss_name: str, forced_steps: int,
   keras_optimizer = pair.keras_model.optimizer
   optimizer, train_function = dunet_train_function(pair, optimizer_name, loss_name)
   forced, keras_losses, keras_final = [], [], None
-  for step, (images, masks) in enumerate(pair.batches[:max(forced_steps, free_steps)], start=1):
+  for step, (images, masks) in enumerate(pair.batches[: max(forced_steps, free_steps)], start=1):
     if step <= forced_steps:
       copy_keras_state(pair, keras_optimizer, optimizer)
       before = pair.keras_values()
-    keras_losses.append(float(pair.keras_model.train_on_batch(
-        images, keras_reference.both_heads(masks))))
+    keras_losses.append(
+      float(pair.keras_model.train_on_batch(images, keras_reference.both_heads(masks)))
+    )
     if step <= forced_steps:
       dunet_loss = float(train_function(_as_batch(images, masks))["loss/total"])
       keras_changes = pair.split([k - b for k, b in zip(pair.keras_values(), before)])
       dunet_changes = pair.split([d - b for d, b in zip(pair.dunet_values(), before)])
-      forced.append(ForcedStep(
-          step, keras_losses[-1], dunet_loss,
+      forced.append(
+        ForcedStep(
+          step,
+          keras_losses[-1],
+          dunet_loss,
           abs(dunet_loss - keras_losses[-1]) / abs(keras_losses[-1]),
-          *(relative_difference(keras_changes[part], dunet_changes[part])
-            for part in ("trainable", "informative", "statistics"))))
+          *(
+            relative_difference(keras_changes[part], dunet_changes[part])
+            for part in ("trainable", "informative", "statistics")
+          ),
+        )
+      )
     if step == free_steps:
       keras_final = pair.keras_values()
   if not free_steps:
@@ -248,11 +266,16 @@ def measure(pair: Pair, optimizer_name: str, loss_name: str, forced_steps: int,
   dunet_losses, dunet_final = run_dunet(reverse_images=False)
   noise_losses, noise_final = run_dunet(reverse_images=True)
   initial = pair.initial_values()
-  changes = {name: pair.split([v - i for v, i in zip(values, initial)])
-             for name, values in (("keras", keras_final), ("dunet", dunet_final),
-                                  ("noise", noise_final))}
-  drift = {part: (relative_difference(changes["keras"][part], changes["dunet"][part]),
-                  relative_difference(changes["dunet"][part], changes["noise"][part]))
-           for part in ("trainable", "informative", "statistics")}
+  changes = {
+    name: pair.split([v - i for v, i in zip(values, initial)])
+    for name, values in (("keras", keras_final), ("dunet", dunet_final), ("noise", noise_final))
+  }
+  drift = {
+    part: (
+      relative_difference(changes["keras"][part], changes["dunet"][part]),
+      relative_difference(changes["dunet"][part], changes["noise"][part]),
+    )
+    for part in ("trainable", "informative", "statistics")
+  }
   free = FreeRun(np.array(keras_losses[:free_steps]), dunet_losses, noise_losses, drift)
   return Measurement(forced, free)

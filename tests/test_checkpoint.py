@@ -20,7 +20,6 @@ SIZE = 20000  # floats: an 80 kB data file
 
 
 class State(tf.Module):
-
   def __init__(self):
     super().__init__()
     self.values = tf.Variable(tf.zeros([SIZE]))
@@ -52,8 +51,13 @@ def test_save_keeps_the_newest_and_leaves_nothing_else(tmp_path):
     set_step(state, step)
     assert writer.save(step) == str(tmp_path / "ck" / f"ckpt-{step}")
   assert writer.checkpoints == [str(tmp_path / "ck" / "ckpt-2"), str(tmp_path / "ck" / "ckpt-3")]
-  assert names(tmp_path / "ck") == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index",
-                                    "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+  assert names(tmp_path / "ck") == [
+    "checkpoint",
+    "ckpt-2.data-00000-of-00001",
+    "ckpt-2.index",
+    "ckpt-3.data-00000-of-00001",
+    "ckpt-3.index",
+  ]
   # TensorFlow's own reader and the consumers' helper agree.
   assert tf.train.latest_checkpoint(str(tmp_path / "ck")) == writer.latest
   assert checkpoint_lib.latest_checkpoint(str(tmp_path)) is None  # not a workdir layout
@@ -84,8 +88,9 @@ def _three_checkpoints(directory):
   return writer
 
 
-@pytest.mark.parametrize("damage", ["truncated data", "flipped byte", "missing index",
-                                    "empty index"])
+@pytest.mark.parametrize(
+  "damage", ["truncated data", "flipped byte", "missing index", "empty index"]
+)
 def test_restore_falls_back_past_a_damaged_newest_checkpoint(tmp_path, damage, caplog):
   directory = tmp_path / "ck"
   _three_checkpoints(directory)
@@ -109,15 +114,18 @@ def test_restore_falls_back_past_a_damaged_newest_checkpoint(tmp_path, damage, c
 
   state, checkpoint = make_state()
   with caplog.at_level("WARNING"):
-    assert checkpoint_lib.restore_newest(checkpoint, str(directory),
-                                         repair=True) == str(directory / "ckpt-2")
+    assert checkpoint_lib.restore_newest(checkpoint, str(directory), repair=True) == str(
+      directory / "ckpt-2"
+    )
   assert f"cannot read checkpoint {directory / 'ckpt-3'}" in caplog.text
   np.testing.assert_array_equal(state.values.numpy(), np.full([SIZE], 2.0))
   # Set aside for inspection, no longer listed; the next save continues after ckpt-2.
   assert not [name for name in os.listdir(directory) if name.startswith("ckpt-3")]
   assert [name for name in os.listdir(directory / "broken") if name.startswith("ckpt-3")]
-  assert checkpoint_lib.listed_checkpoints(str(directory)) == [str(directory / "ckpt-1"),
-                                                               str(directory / "ckpt-2")]
+  assert checkpoint_lib.listed_checkpoints(str(directory)) == [
+    str(directory / "ckpt-1"),
+    str(directory / "ckpt-2"),
+  ]
 
 
 def test_unreadable_checkpoints_never_mean_a_silent_fresh_start(tmp_path):
@@ -127,8 +135,10 @@ def test_unreadable_checkpoints_never_mean_a_silent_fresh_start(tmp_path):
     if name.endswith(".index"):
       (directory / name).write_bytes(b"garbage")
   _, checkpoint = make_state()
-  with pytest.raises(checkpoint_lib.CheckpointReadError, match=f"no checkpoint in {directory} "
-                     "can be read .*ckpt-3: .*ckpt-1: "):
+  with pytest.raises(
+    checkpoint_lib.CheckpointReadError,
+    match=f"no checkpoint in {directory} can be read .*ckpt-3: .*ckpt-1: ",
+  ):
     checkpoint_lib.restore_newest(checkpoint, str(directory), repair=True)
   assert not (directory / "broken").exists()  # nothing moved when nothing is readable
 
@@ -190,8 +200,10 @@ def test_check_writable_names_the_folder(tmp_path):
   checkpoint_lib.check_writable(str(tmp_path / "new" / "run"))
   assert names(tmp_path / "new" / "run") == []
   (tmp_path / "file").write_text("not a folder")
-  with pytest.raises(checkpoint_lib.CheckpointWriteError,
-                     match=f"cannot write into --workdir={tmp_path / 'file' / 'run'}"):
+  with pytest.raises(
+    checkpoint_lib.CheckpointWriteError,
+    match=f"cannot write into --workdir={tmp_path / 'file' / 'run'}",
+  ):
     checkpoint_lib.check_writable(str(tmp_path / "file" / "run"))
 
 
@@ -204,14 +216,16 @@ def test_adopt_links_a_checkpoint_into_best(tmp_path):
     best.adopt(latest.save(step))
   assert best.checkpoints == [str(tmp_path / "best" / "ckpt-2")]
   assert names(tmp_path / "best") == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
-  assert os.path.samefile(tmp_path / "best" / "ckpt-2.index",
-                          tmp_path / "checkpoints" / "ckpt-2.index")
+  assert os.path.samefile(
+    tmp_path / "best" / "ckpt-2.index", tmp_path / "checkpoints" / "ckpt-2.index"
+  )
   assert saved_value(checkpoint_lib.best_checkpoint(str(tmp_path))) == 2
 
 
 # A child process that saves steps 1 and 2, then (with the test hook pausing at PHASE) either a
 # new step 3 or step 2 again, and is SIGKILLed during that pause.
-_CHILD = textwrap.dedent("""
+_CHILD = textwrap.dedent(
+  """
     import os, sys
     import tensorflow as tf
     from dunet import checkpoint as checkpoint_lib
@@ -227,21 +241,29 @@ _CHILD = textwrap.dedent("""
     step.assign(3 if mode == "new" else 20)
     writer.save(3 if mode == "new" else 2)
     print("not killed")
-""" % SIZE)
+"""
+  % SIZE
+)
 
 
 @pytest.mark.slow
 def test_kill_at_every_phase_of_a_write_leaves_a_complete_checkpoint_listed(tmp_path):
   """Real SIGKILLs at each pause point of `Checkpointer` (children run side by side)."""
   cases = [(phase, "new") for phase in checkpoint_lib.PHASES] + [
-      ("data_moved", "replace"), ("moved", "replace")]
+    ("data_moved", "replace"),
+    ("moved", "replace"),
+  ]
   children = {}
   for phase, mode in cases:
     directory = tmp_path / f"{phase}-{mode}"
     children[(phase, mode)] = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(directory), phase, mode], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+      [sys.executable, "-c", _CHILD, str(directory), phase, mode],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
   try:
     for (phase, mode), child in children.items():
       deadline = time.time() + 240
@@ -262,10 +284,12 @@ def test_kill_at_every_phase_of_a_write_leaves_a_complete_checkpoint_listed(tmp_
       expected = 3 if phase == "recorded" else 2  # listed only once complete
     else:
       expected = 20  # the complete staged copy is what is listed meanwhile
-    state = tf.train.Checkpoint(values=tf.Variable(tf.zeros([SIZE])),
-                                step=tf.Variable(0, dtype=tf.int64))
-    restored = checkpoint_lib.restore_newest(tf.train.Checkpoint(state=state), str(directory),
-                                             repair=True)
+    state = tf.train.Checkpoint(
+      values=tf.Variable(tf.zeros([SIZE])), step=tf.Variable(0, dtype=tf.int64)
+    )
+    restored = checkpoint_lib.restore_newest(
+      tf.train.Checkpoint(state=state), str(directory), repair=True
+    )
     assert int(state.step.numpy()) == expected, (phase, mode, restored)
     assert not (directory / "broken").exists(), (phase, mode)
     # The next save of the resumed run clears whatever the kill left.
@@ -273,5 +297,5 @@ def test_kill_at_every_phase_of_a_write_leaves_a_complete_checkpoint_listed(tmp_
     writer.save(expected + 1)
     writer.save(expected + 2)
     assert names(directory) == ["checkpoint"] + sorted(
-        f"ckpt-{expected + n}.{kind}" for n in (1, 2)
-        for kind in ("data-00000-of-00001", "index")), (phase, mode)
+      f"ckpt-{expected + n}.{kind}" for n in (1, 2) for kind in ("data-00000-of-00001", "index")
+    ), (phase, mode)

@@ -25,16 +25,26 @@ def _write(path, text):
 # ================================================================================================
 def test_nested_flagfiles_resolve_relative_to_the_file_that_includes_them(tmp_path, monkeypatch):
   _write(tmp_path / "a" / "top.flags", "# a comment\n--flagfile=sub/mid.flags\n--x=top\n")
-  _write(tmp_path / "a" / "sub" / "mid.flags", "// another comment\n\n--flagfile=../base.flags\n"
-         "--y=mid\n")
+  _write(
+    tmp_path / "a" / "sub" / "mid.flags",
+    "// another comment\n\n--flagfile=../base.flags\n--y=mid\n",
+  )
   _write(tmp_path / "a" / "base.flags", "--x=base\n--y=base\n--z=base\n")
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   monkeypatch.chdir(elsewhere)
   argv = cli.expand_argv(["prog", "--w=1", f"--flagfile={tmp_path}/a/top.flags", "--z=cli"])
   # In place, so that later values override earlier ones as absl applies them.
-  assert argv == ["prog", "--w=1", "--x=base", "--y=base", "--z=base", "--y=mid", "--x=top",
-                  "--z=cli"]
+  assert argv == [
+    "prog",
+    "--w=1",
+    "--x=base",
+    "--y=base",
+    "--z=base",
+    "--y=mid",
+    "--x=top",
+    "--z=cli",
+  ]
   monkeypatch.chdir(tmp_path)
   assert cli.expand_argv(["prog", "--flagfile", "a/top.flags"]) == argv[:1] + argv[2:-1]
 
@@ -63,8 +73,9 @@ def test_config_names_are_the_shipped_files():
   assert {"cvc", "demo", "base", "improved"} <= set(cli.config_names())
   assert cli.config_path("cvc") == cli.config_path("configs/cvc.flags")
   assert cli.config_path("demo").read_text().startswith("# Synthetic")
-  with pytest.raises(errors.ConfigError, match="--config=cvd: no such config; shipped configs: "
-                     ".*cvc"):
+  with pytest.raises(
+    errors.ConfigError, match="--config=cvd: no such config; shipped configs: .*cvc"
+  ):
     cli.config_path("cvd")
   # Only commands that take configs expand --config.
   assert cli.expand_argv(["prog", "--config=cvc"]) == ["prog", "--config=cvc"]
@@ -84,24 +95,37 @@ def _flag_values():
 
 
 def test_help_lists_the_groups_in_order_and_points_to_helpfull(capsys):
-  parse = cli.make_flags_parser(_flag_values(), "prog", "Does a thing.",
-                                [("Run", ["workdir"]), ("Speed", ["batch_size", "fast"])],
-                                configs=False)
+  parse = cli.make_flags_parser(
+    _flag_values(),
+    "prog",
+    "Does a thing.",
+    [("Run", ["workdir"]), ("Speed", ["batch_size", "fast"])],
+    configs=False,
+  )
   with pytest.raises(SystemExit) as exit_info:
     parse(["prog", "--batch_size=3", "--help"])
   assert exit_info.value.code == 0
   text = capsys.readouterr().out
-  assert text.index("Does a thing.") < text.index("Run:") < text.index("--workdir") < text.index(
-      "Speed:") < text.index("--batch_size") < text.index("--[no]fast")
+  assert (
+    text.index("Does a thing.")
+    < text.index("Run:")
+    < text.index("--workdir")
+    < text.index("Speed:")
+    < text.index("--batch_size")
+    < text.index("--[no]fast")
+  )
   assert "Images per step. (default: 16)" in text
   assert "--hidden" not in text and "prog --helpfull" in text
 
 
-@pytest.mark.parametrize("argv, expected", [
+@pytest.mark.parametrize(
+  "argv, expected",
+  [
     (["prog", "--batch_size=x"], "prog: error: flag --batch_size=x: invalid literal"),
     (["prog", "--nosuch=1"], "prog: error: Unknown command line flag 'nosuch'"),
     (["prog", "--flagfile=/nope/x.flags"], "prog: error: --flagfile=/nope/x.flags: cannot be "),
-])
+  ],
+)
 def test_a_bad_command_line_is_one_line_and_exit_status_2(argv, expected, capsys):
   parse = cli.make_flags_parser(_flag_values(), "prog", "", [], configs=False)
   with pytest.raises(SystemExit) as exit_info:
@@ -122,18 +146,31 @@ def _raises(error):
   def main(argv):
     del argv
     raise error
+
   return main
 
 
-@pytest.mark.parametrize("error, code, line", [
+@pytest.mark.parametrize(
+  "error, code, line",
+  [
     (app.UsageError("--workdir is required"), 2, "prog: error: --workdir is required (see --help)"),
-    (errors.ConfigError("--batch_size=3 is odd"), 2, "prog: error: --batch_size=3 is odd (see "
-     "--help)"),
-    (errors.DataError("/data/x.png", "truncated\nPNG"), 1, "prog: error: /data/x.png: truncated "
-     "PNG"),
-    (errors.CheckpointNotFoundError("no checkpoint in /runs/a"), 1, "prog: error: no checkpoint in "
-     "/runs/a"),
-])
+    (
+      errors.ConfigError("--batch_size=3 is odd"),
+      2,
+      "prog: error: --batch_size=3 is odd (see --help)",
+    ),
+    (
+      errors.DataError("/data/x.png", "truncated\nPNG"),
+      1,
+      "prog: error: /data/x.png: truncated PNG",
+    ),
+    (
+      errors.CheckpointNotFoundError("no checkpoint in /runs/a"),
+      1,
+      "prog: error: no checkpoint in /runs/a",
+    ),
+  ],
+)
 def test_expected_errors_become_one_line(error, code, line, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.wrap_main(_raises(error), "prog")(["prog"])
@@ -152,6 +189,7 @@ def test_any_other_exception_keeps_its_traceback():
 # ================================================================================================
 def test_only_dunet_flags_are_recorded():
   from dunet import prepare_data  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["prog", "--seed=7"])
   try:
@@ -161,8 +199,11 @@ def test_only_dunet_flags_are_recorded():
   assert "--seed=7" in lines and "--layout=auto" in lines and "--nooverwrite" in lines
   assert not any(line.startswith("--raw_dir") for line in lines)  # None: not set
   # absl's and TensorFlow's own flags stay out.
-  assert not any(name in text for text in lines for name in ("logtostderr", "test_tmpdir",
-                                                            "alsologtostderr", "xla_"))
+  assert not any(
+    name in text
+    for text in lines
+    for name in ("logtostderr", "test_tmpdir", "alsologtostderr", "xla_")
+  )
   assert cli._is_dunet_module(os.path.join(REPO, "dunet", "train.py"))
   assert not cli._is_dunet_module(os.path.join(os.path.dirname(flags.__file__), "_flag.py"))
 
@@ -173,27 +214,36 @@ def test_only_dunet_flags_are_recorded():
 def _run(args, env_extra=None):
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "dunet.prepare_data", *args], capture_output=True,
-                        text=True, env=env, timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "dunet.prepare_data", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
 
 
 def test_a_command_starts_quietly_and_fails_in_one_line_before_writing(tmp_path):
   out_dir = tmp_path / "out"
-  completed = _run([f"--raw_dir={tmp_path}", f"--out_dir={out_dir}", "--height=60",
-                    "--width=64"])
+  completed = _run([f"--raw_dir={tmp_path}", f"--out_dir={out_dir}", "--height=60", "--width=64"])
   assert completed.returncode == 2
-  assert completed.stderr == ("dunet-prepare: error: --height=60 is not divisible by 16, which "
-                              "DoubleU-Net's four 2x poolings need (e.g. 48) (see --help)\n")
+  assert completed.stderr == (
+    "dunet-prepare: error: --height=60 is not divisible by 16, which "
+    "DoubleU-Net's four 2x poolings need (e.g. 48) (see --help)\n"
+  )
   assert not out_dir.exists()
   # An error found reading the data: exit status 1, still one line, still nothing written.
   (tmp_path / "raw").mkdir()
-  completed = _run([f"--raw_dir={tmp_path / 'raw'}", f"--out_dir={out_dir}", "--height=64",
-                    "--width=64"])
+  completed = _run(
+    [f"--raw_dir={tmp_path / 'raw'}", f"--out_dir={out_dir}", "--height=64", "--width=64"]
+  )
   assert completed.returncode == 1
   assert completed.stderr.startswith(f"dunet-prepare: error: {tmp_path / 'raw'}: ")
   assert completed.stderr.count("\n") == 1 and not out_dir.exists()
   # --verbose lets TensorFlow's start-up lines through, before the same one-line error.
-  verbose = _run(["--verbose", f"--raw_dir={tmp_path}", f"--out_dir={out_dir}", "--height=60",
-                  "--width=64"])
+  verbose = _run(
+    ["--verbose", f"--raw_dir={tmp_path}", f"--out_dir={out_dir}", "--height=60", "--width=64"]
+  )
   assert verbose.returncode == 2 and len(verbose.stderr.splitlines()) > 1
   assert verbose.stderr.splitlines()[-1].startswith("dunet-prepare: error: --height=60 ")

@@ -22,10 +22,12 @@ FLAGS = flags.FLAGS
 def parse():
   """Parses dunet.train's flags from an argv; puts the flags back afterwards."""
   with flagsaver.flagsaver():
+
     def parse_argv(*argv):
       FLAGS.unparse_flags()
       FLAGS(["dunet.train", *argv])
       return FLAGS
+
     yield parse_argv
   FLAGS.unparse_flags()
 
@@ -42,25 +44,46 @@ def test_every_setting_has_its_flag():
 
 
 def test_flags_to_config_to_json_and_back(parse):
-  config = train.config_from_flags(parse(
-      "--data_dir=/data/cvc", "--batch_size=8", "--head_weights=0.5,2", "--aug_p_crop=0.7",
-      "--precision=mixed_float16", "--lr_schedule=plateau", "--profile_steps=3,4",
-      "--keep_checkpoints=5", "--seed=3", "--noallow_changed_raw_data"))
+  config = train.config_from_flags(
+    parse(
+      "--data_dir=/data/cvc",
+      "--batch_size=8",
+      "--head_weights=0.5,2",
+      "--aug_p_crop=0.7",
+      "--precision=mixed_float16",
+      "--lr_schedule=plateau",
+      "--profile_steps=3,4",
+      "--keep_checkpoints=5",
+      "--seed=3",
+      "--noallow_changed_raw_data",
+    )
+  )
   assert config.data.data_dir == "/data/cvc" and config.optimization.batch_size == 8
   assert config.optimization.head_weights == (0.5, 2.0)
   assert config.data.augment == AugmentConfig(p_crop=0.7)
   assert (config.runtime.precision, config.logging.profile_steps, config.seed) == (
-      "mixed_float16", "3,4", 3)
+    "mixed_float16",
+    "3,4",
+    3,
+  )
   config.validate()
   assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
   assert train.config_from_flags(parse("--data_dir=/d", "--noaugment")).data.augment == (
-      AugmentConfig.none())
+    AugmentConfig.none()
+  )
 
 
 def test_flags_txt_replays_the_same_config(parse, tmp_path):
-  config = train.config_from_flags(parse("--data_dir=/data/cvc", "--workdir=runs/x",
-                                         "--batch_size=4", "--head_weights=1,0.5",
-                                         "--aug_p_hue=0.1", "--epochs=7"))
+  config = train.config_from_flags(
+    parse(
+      "--data_dir=/data/cvc",
+      "--workdir=runs/x",
+      "--batch_size=4",
+      "--head_weights=1,0.5",
+      "--aug_p_hue=0.1",
+      "--epochs=7",
+    )
+  )
   flagfile = tmp_path / "flags.txt"
   flagfile.write_text(cli.dunet_flags_string(FLAGS))
   assert "--batch_size=4" in flagfile.read_text().splitlines()
@@ -69,7 +92,8 @@ def test_flags_txt_replays_the_same_config(parse, tmp_path):
 
 def test_from_dict_fills_defaults_and_rejects_unknown_settings():
   assert TrainConfig.from_dict({"optimization": {"batch_size": 2}}) == TrainConfig().updated(
-      batch_size=2)
+    batch_size=2
+  )
   with pytest.raises(ConfigError, match="unknown settings in optimization: batchsize"):
     TrainConfig.from_dict({"optimization": {"batchsize": 2}})
   with pytest.raises(ConfigError, match="data.augment: .*p_crop=2"):
@@ -78,16 +102,25 @@ def test_from_dict_fills_defaults_and_rejects_unknown_settings():
 
 def test_updated_finds_each_setting_by_name():
   config = TrainConfig().updated(batch_size=3, precision="float32", seed=1, data_dir="d")
-  assert (config.optimization.batch_size, config.runtime.precision, config.seed,
-          config.data.data_dir) == (3, "float32", 1, "d")
+  assert (
+    config.optimization.batch_size,
+    config.runtime.precision,
+    config.seed,
+    config.data.data_dir,
+  ) == (3, "float32", 1, "d")
   with pytest.raises(ConfigError, match="unknown training setting 'batchsize'"):
     TrainConfig().updated(batchsize=3)
 
 
-@pytest.mark.parametrize("settings,message", [
+@pytest.mark.parametrize(
+  "settings,message",
+  [
     (dict(data_dir=None), "--data_dir is required"),
-    (dict(batch_size=0), "--batch_size must be positive, got 0 "
-                         r"\(TrainConfig.optimization.batch_size\)"),
+    (
+      dict(batch_size=0),
+      "--batch_size must be positive, got 0 "
+      r"\(TrainConfig.optimization.batch_size\)",
+    ),
     (dict(epochs=-1), "--epochs must be positive"),
     (dict(learning_rate=0.0), "--learning_rate must be positive"),
     (dict(height=40), "--height must be divisible by 16"),
@@ -96,12 +129,15 @@ def test_updated_finds_each_setting_by_name():
     (dict(head_weights=(0.0, 0.0)), "not both zero"),
     (dict(loss="focal"), "--loss must be one of bce, bce_dice, dice"),
     (dict(profile_steps="5,2"), "--profile_steps must be 'START,STOP'"),
-    (dict(init_checkpoint="/a", vgg19_weights="/b"),
-     "--init_checkpoint already holds network 1's encoder"),
+    (
+      dict(init_checkpoint="/a", vgg19_weights="/b"),
+      "--init_checkpoint already holds network 1's encoder",
+    ),
     (dict(plateau_factor=1.5), "--plateau_factor must be in"),
     (dict(log_every_steps=0), "--log_every_steps must be at least 1"),
     (dict(strategy="tpu"), "--strategy must be one of"),
-])
+  ],
+)
 def test_validation_names_the_setting(settings, message):
   config = TrainConfig().updated(data_dir="/data/cvc").updated(**settings)
   with pytest.raises(ConfigError, match=message):

@@ -18,11 +18,11 @@ CONFIGS = os.path.join(REPO, "configs")
 
 # The paper's settings per data set (Jha et al. 2020, section IV; ../shared/DESIGN.md).
 PAPER = {
-    "cvc": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
-    "etis": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
-    "kvasir": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
-    "isic2018": dict(loss="dice", optimizer="adam", learning_rate=1e-4),
-    "dsb2018": dict(loss="dice", optimizer="nadam", learning_rate=1e-4),
+  "cvc": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
+  "etis": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
+  "kvasir": dict(loss="bce", optimizer="nadam", learning_rate=1e-5),
+  "isic2018": dict(loss="dice", optimizer="adam", learning_rate=1e-4),
+  "dsb2018": dict(loss="dice", optimizer="nadam", learning_rate=1e-4),
 }
 
 
@@ -55,8 +55,12 @@ def test_paper_configs_compose_with_base_and_hold_the_paper_settings(name):
   values = _parse(f"--config={name}")
   assert values["batch_size"] == 16 and values["epochs"] == 300  # from base.flags
   # The reference's callbacks: plateau on the validation loss (patience 20), early stop after 50.
-  assert (values["lr_schedule"], values["monitor"], values["plateau_patience"],
-          values["early_stopping_patience"]) == ("plateau", "loss", 20, 50)
+  assert (
+    values["lr_schedule"],
+    values["monitor"],
+    values["plateau_patience"],
+    values["early_stopping_patience"],
+  ) == ("plateau", "loss", 20, 50)
   for flag, expected in PAPER[name].items():
     assert values[flag] == expected, flag
   assert values["workdir"] == f"runs/{name}"
@@ -85,14 +89,25 @@ def test_each_paper_config_has_an_improved_sibling(name):
   assert improved["data_dir"] == paper["data_dir"]
   assert (improved["batch_size"], improved["epochs"]) == (paper["batch_size"], paper["epochs"])
   assert improved["workdir"] == f"runs/{name}_improved" != paper["workdir"]
-  for flag in ("optimizer", "learning_rate", "lr_schedule", "loss", "loss_reduction",
-               "batch_norm_statistics", "vgg19_init", "preprocessing"):
+  for flag in (
+    "optimizer",
+    "learning_rate",
+    "lr_schedule",
+    "loss",
+    "loss_reduction",
+    "batch_norm_statistics",
+    "vgg19_init",
+    "preprocessing",
+  ):
     assert improved[flag] == recipe[flag], flag
   assert improved["augment"]  # long runs keep the augmentation
   # The paper configs keep the reference's training recipe (loss reduction, initialisers,
   # BatchNorm momentum), evaluated with precise statistics (which change no weight).
   assert (paper["loss_reduction"], paper["vgg19_init"], paper["batch_norm_momentum"]) == (
-      "reference", "glorot_uniform", 0.99)
+    "reference",
+    "glorot_uniform",
+    0.99,
+  )
   assert paper["batch_norm_statistics"] == "precise"
   text = open(os.path.join(CONFIGS, f"{name}_improved.flags")).read()
   assert f"configs/{name}.flags keeps the paper's" in text
@@ -101,8 +116,15 @@ def test_each_paper_config_has_an_improved_sibling(name):
 def test_the_demo_uses_the_improved_recipe():
   demo = _parse("--config=demo")
   recipe = _parse("--config=improved")
-  for flag in ("optimizer", "learning_rate", "loss", "batch_norm_statistics", "vgg19_init",
-               "preprocessing", "augment"):
+  for flag in (
+    "optimizer",
+    "learning_rate",
+    "loss",
+    "batch_norm_statistics",
+    "vgg19_init",
+    "preprocessing",
+    "augment",
+  ):
     assert demo[flag] == recipe[flag], flag
 
 
@@ -115,7 +137,7 @@ def test_every_header_gives_its_command_and_expected_result(path):
   if path == "improved.flags":
     assert "--flagfile=improved.flags" in text and "profiling/results/quality.md" in text
     return
-  name = path[:-len(".flags")]
+  name = path[: -len(".flags")]
   assert f"dunet-train --config={name} " in text, path
   assert re.search(rf"python -m dunet\.train --flagfile=configs/{name}\.flags", text), path
   assert "Expected" in text, path
@@ -124,4 +146,4 @@ def test_every_header_gives_its_command_and_expected_result(path):
 
 
 def test_every_config_is_a_shipped_name():
-  assert set(cli.config_names()) == {path[:-len(".flags")] for path in os.listdir(CONFIGS)}
+  assert set(cli.config_names()) == {path[: -len(".flags")] for path in os.listdir(CONFIGS)}

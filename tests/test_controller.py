@@ -10,17 +10,23 @@ from dunet import precision
 from dunet.errors import DivergedError
 
 
-@pytest.mark.parametrize("measured,message", [
+@pytest.mark.parametrize(
+  "measured,message",
+  [
     (dict(loss=float("nan")), "the training loss is nan"),
     (dict(loss=float("inf"), applied=1.0), "the training loss is inf"),
     (dict(applied=0.0), "the gradients are not finite"),
     (dict(parameters=float("inf")), "the parameters overflowed"),
-])
+  ],
+)
 def test_check_finite_covers_each_way_to_diverge(measured, message):
   # The loss path on its own: no real float32 run here produced a non-finite loss with finite
   # gradients (the logits saturate first), so these measurements are made up.
-  values = {"loss/total": measured.get("loss", 0.5), "update_applied": measured.get("applied", 1.0),
-            "norm/parameters": measured.get("parameters", 10.0)}
+  values = {
+    "loss/total": measured.get("loss", 0.5),
+    "update_applied": measured.get("applied", 1.0),
+    "norm/parameters": measured.get("parameters", 10.0),
+  }
   float32 = precision.Policy("float32")
   with pytest.raises(DivergedError, match=f"at step 7: {message}.*/ckpt-6"):
     controller.check_finite(values, 7, float32, "run/checkpoints/ckpt-6")
@@ -32,16 +38,18 @@ def test_check_finite_covers_each_way_to_diverge(measured, message):
     controller.check_finite(values, 7, float16, None)
 
 
-@pytest.mark.parametrize("step,epoch_end,every,expected", [
-    (0, 5, (1, 0), 1),       # logging every step
-    (0, 5, (10, 0), 5),      # the epoch ends first
-    (3, 10, (4, 0), 4),      # up to the next multiple, not 4 steps more
+@pytest.mark.parametrize(
+  "step,epoch_end,every,expected",
+  [
+    (0, 5, (1, 0), 1),  # logging every step
+    (0, 5, (10, 0), 5),  # the epoch ends first
+    (3, 10, (4, 0), 4),  # up to the next multiple, not 4 steps more
     (4, 10, (4, 0), 8),
-    (5, 20, (10, 3), 6),     # the nearer of logging and checkpointing
-    (7, 7, (10, 0), 7),      # nothing left in the epoch
-])
-def test_chunk_end_stops_at_the_next_log_checkpoint_or_epoch_end(step, epoch_end, every,
-                                                                 expected):
+    (5, 20, (10, 3), 6),  # the nearer of logging and checkpointing
+    (7, 7, (10, 0), 7),  # nothing left in the epoch
+  ],
+)
+def test_chunk_end_stops_at_the_next_log_checkpoint_or_epoch_end(step, epoch_end, every, expected):
   assert controller.chunk_end(step, epoch_end, every) == expected
 
 
@@ -50,8 +58,13 @@ def _metrics(dsc, loss=0.5):
 
 
 def test_plateau_on_the_loss_reduces_the_rate_after_patience():
-  judge = controller.ValidationJudge(monitor="loss", lr_schedule="plateau", plateau_factor=0.5,
-                                     plateau_patience=2, min_learning_rate=0.1)
+  judge = controller.ValidationJudge(
+    monitor="loss",
+    lr_schedule="plateau",
+    plateau_factor=0.5,
+    plateau_patience=2,
+    min_learning_rate=0.1,
+  )
   rates = []
   rate = 1.0
   for loss in (1.0, 0.9, 0.95, 0.92, 0.91, 0.93, 0.99):
@@ -86,8 +99,9 @@ def test_checkpoint_actions_save_each_step_once_keep_the_best_and_restore(tmp_pa
   step = tf.Variable(0, dtype=tf.int64)
   best = tf.Variable(-1.0)
   state = tf.train.Checkpoint(global_step=step, best_dsc=best)
-  actions = controller.CheckpointActions(state, str(tmp_path), str(tmp_path), chief=True,
-                                         keep_checkpoints=2)
+  actions = controller.CheckpointActions(
+    state, str(tmp_path), str(tmp_path), chief=True, keep_checkpoints=2
+  )
   assert actions.restore(lambda: int(step.numpy()), lambda: float(best.numpy())) is None
   actions.save(0)  # step 0 counts as saved already (a fresh run)
   assert actions.latest is None
@@ -95,7 +109,8 @@ def test_checkpoint_actions_save_each_step_once_keep_the_best_and_restore(tmp_pa
   actions.save(3)
   actions.save(3)
   assert checkpoint_lib.listed_checkpoints(str(tmp_path / "checkpoints")) == [
-      str(tmp_path / "checkpoints" / "ckpt-3")]
+    str(tmp_path / "checkpoints" / "ckpt-3")
+  ]
   best.assign(0.7)
   step.assign(4)
   actions.save(4)
@@ -104,8 +119,9 @@ def test_checkpoint_actions_save_each_step_once_keep_the_best_and_restore(tmp_pa
 
   step.assign(0)
   best.assign(-1.0)
-  again = controller.CheckpointActions(state, str(tmp_path), str(tmp_path), chief=True,
-                                       keep_checkpoints=2)
+  again = controller.CheckpointActions(
+    state, str(tmp_path), str(tmp_path), chief=True, keep_checkpoints=2
+  )
   restored = again.restore(lambda: int(step.numpy()), lambda: float(best.numpy()))
   assert restored == str(tmp_path / "checkpoints" / "ckpt-4")
   assert int(step.numpy()) == 4 and float(best.numpy()) == pytest.approx(0.7)
@@ -114,8 +130,14 @@ def test_checkpoint_actions_save_each_step_once_keep_the_best_and_restore(tmp_pa
 
 
 def test_training_scalars_are_written_every_n_steps_and_at_the_end(tmp_path):
-  actions = controller.SummaryActions(str(tmp_path), chief=False, log_every_steps=4,
-                                      total_steps=10, summary_images=2, preprocessing="unit")
+  actions = controller.SummaryActions(
+    str(tmp_path),
+    chief=False,
+    log_every_steps=4,
+    total_steps=10,
+    summary_images=2,
+    preprocessing="unit",
+  )
   assert [s for s in range(1, 11) if actions.is_log_step(s)] == [4, 8, 10]
   assert actions.overlays(4) is None  # not the chief: nothing is written
   assert not list(tmp_path.iterdir())

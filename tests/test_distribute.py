@@ -28,9 +28,16 @@ def _run_python(scripts, env_per_process=None, timeout=60):
   try:
     for script, extra_env in zip(scripts, env_per_process):
       env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2", **extra_env)
-      processes.append(subprocess.Popen(
-          [sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO_ROOT,
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+      processes.append(
+        subprocess.Popen(
+          [sys.executable, "-c", textwrap.dedent(script)],
+          env=env,
+          cwd=REPO_ROOT,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+        )
+      )
     results = []
     for process in processes:
       stdout, stderr = process.communicate(timeout=timeout)
@@ -44,9 +51,9 @@ def _run_python(scripts, env_per_process=None, timeout=60):
 
 
 def _result(stdout):
-  lines = [l for l in stdout.splitlines() if l.startswith(RESULT_MARKER)]
+  lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARKER)]
   assert lines, stdout
-  return json.loads(lines[-1][len(RESULT_MARKER):])
+  return json.loads(lines[-1][len(RESULT_MARKER) :])
 
 
 # ==================================================================================================
@@ -126,9 +133,13 @@ def test_mirrored_strategies_in_one_process_do_not_collide():
     strategy = distribute.make_strategy("mirrored")
 
     @tf.function
-    def all_reduce():
-      return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
-          tf.distribute.ReduceOp.SUM, tf.ones(size)))
+    def all_reduce():  # called in this iteration: the loop variables are the current ones
+      return strategy.run(  # noqa: B023
+        lambda: tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM,
+          tf.ones(size),  # noqa: B023
+        )
+      )
 
     for total in strategy.experimental_local_results(all_reduce()):
       np.testing.assert_array_equal(total.numpy(), np.full(size, 2.0))
@@ -144,21 +155,29 @@ def test_strategy_errors():
 WORKERS = {"worker": ["localhost:1", "localhost:2"]}
 
 
-@pytest.mark.parametrize("tf_config, message", [
+@pytest.mark.parametrize(
+  "tf_config, message",
+  [
     (None, "needs the TF_CONFIG environment variable"),
     ("{not json", "not valid JSON"),
     ("[1, 2]", "must be a JSON object"),
     (json.dumps({"task": {"type": "worker", "index": 0}}), 'no "cluster"'),
-    (json.dumps({"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}),
-     "'host:port'"),
-    (json.dumps({"cluster": {"ps": ["a:1"]}, "task": {"type": "ps", "index": 0}}),
-     'no "worker"'),
+    (
+      json.dumps({"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}),
+      "'host:port'",
+    ),
+    (json.dumps({"cluster": {"ps": ["a:1"]}, "task": {"type": "ps", "index": 0}}), 'no "worker"'),
     (json.dumps({"cluster": WORKERS}), 'no "task"'),
-    (json.dumps({"cluster": WORKERS, "task": {"type": "chief", "index": 0}}),
-     "'chief' is not a job"),
-    (json.dumps({"cluster": WORKERS, "task": {"type": "worker", "index": 2}}),
-     "index 2 is out of range for the 2 'worker'"),
-])
+    (
+      json.dumps({"cluster": WORKERS, "task": {"type": "chief", "index": 0}}),
+      "'chief' is not a job",
+    ),
+    (
+      json.dumps({"cluster": WORKERS, "task": {"type": "worker", "index": 2}}),
+      "index 2 is out of range for the 2 'worker'",
+    ),
+  ],
+)
 def test_multi_worker_needs_a_valid_tf_config(monkeypatch, tf_config, message):
   if tf_config is None:
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -173,15 +192,19 @@ def test_check_tf_config_accepts_a_valid_one():
   assert distribute.check_tf_config(json.dumps(config)) == config
 
 
-@pytest.mark.parametrize("cluster, task_type, task_id, chief", [
+@pytest.mark.parametrize(
+  "cluster, task_type, task_id, chief",
+  [
     ({"worker": ["a:1", "b:1"]}, "worker", 0, True),
     ({"worker": ["a:1", "b:1"]}, "worker", 1, False),
     ({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0, True),
     ({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0, False),
-])
+  ],
+)
 def test_is_chief(cluster, task_type, task_id, chief):
   resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-      tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+    tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id
+  )
   strategy = types.SimpleNamespace(cluster_resolver=resolver)
   assert distribute.is_chief(strategy) == chief
 
@@ -216,11 +239,16 @@ def test_two_worker_processes_all_reduce_and_step_together():
   """
   with testing_utils.reserved_ports(2) as ports:
     addresses = [f"localhost:{port}" for port in ports]
-    envs = [{"TF_CONFIG": json.dumps({"cluster": {"worker": addresses},
-                                      "task": {"type": "worker", "index": index}})}
-            for index in range(2)]
+    envs = [
+      {
+        "TF_CONFIG": json.dumps(
+          {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        )
+      }
+      for index in range(2)
+    ]
     results = _run_python([worker, worker], envs, timeout=60)
-  for code, stdout, stderr in results:
+  for code, _, stderr in results:
     assert code == 0, stderr[-3000:]
   outputs = [_result(stdout) for _, stdout, _ in results]
   assert [o["chief"] for o in outputs] == [True, False]

@@ -23,12 +23,15 @@ from dunet.errors import DataError
 from tests import testing_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RAW_SIZE = (48, 80)       # raw pictures: NOT the model's size
-MODEL_SIZE = (32, 64)     # prepared and model input size
+RAW_SIZE = (48, 80)  # raw pictures: NOT the model's size
+MODEL_SIZE = (32, 64)  # prepared and model input size
 STEMS = [f"img{i:02d}" for i in range(10)]
 # img00 has an empty mask and is in the test split: the empty-ground-truth path is exercised.
-SPLIT = {"test": ["img00", "img01", "img02"], "valid": ["img03", "img04", "img05"],
-         "train": ["img06", "img07", "img08", "img09"]}
+SPLIT = {
+  "test": ["img00", "img01", "img02"],
+  "valid": ["img03", "img04", "img05"],
+  "train": ["img06", "img07", "img08", "img09"],
+}
 THRESHOLD = 0.5
 HEADS = ("head2", "head1", "mean")
 
@@ -41,7 +44,7 @@ def _raw_pair(index):
   mask = np.zeros(RAW_SIZE, np.uint8)
   if index:
     top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-    mask[top:top + height // 2, left:left + width // 3] = 1
+    mask[top : top + height // 2, left : left + width // 3] = 1
   return image, mask
 
 
@@ -63,15 +66,23 @@ def data_dir(raw_dir, tmp_path_factory):
   split_file = root / "split.json"
   split_file.write_text(json.dumps(SPLIT))
   out = root / "data"
-  prepare.prepare_dataset(raw_dir, out, height=MODEL_SIZE[0], width=MODEL_SIZE[1],
-                          split_file=split_file, progress=False, workers=1)
+  prepare.prepare_dataset(
+    raw_dir,
+    out,
+    height=MODEL_SIZE[0],
+    width=MODEL_SIZE[1],
+    split_file=split_file,
+    progress=False,
+    workers=1,
+  )
   return out
 
 
 def calibrated_model(seed=11):
   """`testing_utils.calibrated_model` centred on pictures like the test data."""
-  pictures = np.stack([cv2.resize(_raw_pair(i)[0], MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA)
-                       for i in range(4)])
+  pictures = np.stack(
+    [cv2.resize(_raw_pair(i)[0], MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA) for i in range(4)]
+  )
   return testing_utils.calibrated_model(pictures, seed)
 
 
@@ -82,8 +93,15 @@ def workdir(data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("run")
   prefix = tf.train.Checkpoint(model=model).write(str(root / "best" / "ckpt-1"))
   tf.compat.v1.train.update_checkpoint_state(str(root / "best"), prefix)
-  checkpoint_lib.write_config(str(root), {"height": MODEL_SIZE[0], "width": MODEL_SIZE[1],
-                                          "preprocessing": "unit", "data_dir": str(data_dir)})
+  checkpoint_lib.write_config(
+    str(root),
+    {
+      "height": MODEL_SIZE[0],
+      "width": MODEL_SIZE[1],
+      "preprocessing": "unit",
+      "data_dir": str(data_dir),
+    },
+  )
   return root
 
 
@@ -105,6 +123,7 @@ def _read_raw(raw_dir, stem):
 
 def _serve(loaded, images, tta=False):
   """head2, head1 probabilities [B, h, w] in float32; TTA written out flip by flip."""
+
   def run(pictures):
     out = loaded.serve(tf.constant(pictures))
     return out["probability"].numpy()[..., 0], out["probability_head1"].numpy()[..., 0]
@@ -125,27 +144,43 @@ def _resize(probability, size):
 
 def _counts(probability, truth):
   predicted = probability >= np.float32(THRESHOLD)
-  return np.array([np.sum(predicted & truth), np.sum(predicted & ~truth),
-                   np.sum(~predicted & truth), np.sum(~predicted & ~truth)])
+  return np.array(
+    [
+      np.sum(predicted & truth),
+      np.sum(predicted & ~truth),
+      np.sum(~predicted & truth),
+      np.sum(~predicted & ~truth),
+    ]
+  )
 
 
 def _scores(tp, fp, fn, tn):
   """The six scores of one set of counts, with the empty-mask rule written out."""
+
   def ratio(numerator, denominator):
     if denominator:
       return numerator / denominator
     return 1.0 if tp + fp + fn == 0 else 0.0
-  return {"dsc": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
-          "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
-          "f2": ratio(5 * tp, 5 * tp + 4 * fn + fp), "accuracy": ratio(tp + tn, tp + fp + fn + tn)}
+
+  return {
+    "dsc": ratio(2 * tp, 2 * tp + fp + fn),
+    "iou": ratio(tp, tp + fp + fn),
+    "precision": ratio(tp, tp + fp),
+    "recall": ratio(tp, tp + fn),
+    "f2": ratio(5 * tp, 5 * tp + 4 * fn + fp),
+    "accuracy": ratio(tp + tn, tp + fp + fn + tn),
+  }
 
 
 def _expected(counts_per_image):
   """{"per_image": mean of per-image scores, "pooled": scores of summed counts}."""
   per_image = [_scores(*c) for c in counts_per_image]
-  return {"per_image": {name: float(np.mean([scores[name] for scores in per_image]))
-                        for name in per_image[0]},
-          "pooled": _scores(*np.sum(counts_per_image, axis=0))}
+  return {
+    "per_image": {
+      name: float(np.mean([scores[name] for scores in per_image])) for name in per_image[0]
+    },
+    "pooled": _scores(*np.sum(counts_per_image, axis=0)),
+  }
 
 
 def _reference_counts(loaded, images, masks, tta=False):
@@ -169,7 +204,10 @@ def _check_report(report, expected_counts, names):
     for statistic in ("per_image", "pooled"):
       for name, value in expected[statistic].items():
         assert report["metrics"][head][statistic][name] == pytest.approx(value, abs=1e-12), (
-            head, statistic, name)
+          head,
+          statistic,
+          name,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,13 +217,19 @@ def _check_report(report, expected_counts, names):
 
 @pytest.mark.parametrize("tta", [False, True], ids=["plain", "flip_tta"])
 def test_test_split_is_scored_at_the_original_resolution(loaded, raw_dir, data_dir, tta):
-  report = evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", threshold=THRESHOLD,
-                             tta=tta, batch_size=8, progress=False)
+  report = evaluate.evaluate(
+    loaded,
+    data_dir=str(data_dir),
+    split="test",
+    threshold=THRESHOLD,
+    tta=tta,
+    batch_size=8,
+    progress=False,
+  )
   names = SPLIT["test"]
   raw = [_read_raw(raw_dir, stem) for stem in names]
   # What the records hold: the raw pictures shrunk as preparation does (area), PNG-lossless.
-  prepared = [cv2.resize(image, MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA)
-              for image, _ in raw]
+  prepared = [cv2.resize(image, MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA) for image, _ in raw]
   expected = _reference_counts(loaded, prepared, [mask for _, mask in raw], tta)
   _check_report(report, expected, names)
   assert report["resolution"] == "original" and report["images"] == 3
@@ -200,15 +244,20 @@ def test_test_split_is_scored_at_the_original_resolution(loaded, raw_dir, data_d
 
 
 def test_tta_changes_the_predictions(loaded, data_dir):
-  plain, flipped = (evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", tta=tta,
-                                      progress=False) for tta in (False, True))
-  assert any(not np.array_equal(a.counts["head2"], b.counts["head2"])
-             for a, b in zip(plain["_scores"], flipped["_scores"]))
+  plain, flipped = (
+    evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", tta=tta, progress=False)
+    for tta in (False, True)
+  )
+  assert any(
+    not np.array_equal(a.counts["head2"], b.counts["head2"])
+    for a, b in zip(plain["_scores"], flipped["_scores"])
+  )
 
 
 def test_all_splits_train_is_scored_at_the_prepared_size(loaded, raw_dir, data_dir):
-  report = evaluate.evaluate(loaded, data_dir=str(data_dir), split="all", batch_size=3,
-                             progress=False)
+  report = evaluate.evaluate(
+    loaded, data_dir=str(data_dir), split="all", batch_size=3, progress=False
+  )
   assert report["images"] == 10
   assert report["resolution"] == "mixed"
   assert report["images_by_resolution"] == {"original": 6, "prepared": 4}
@@ -221,10 +270,11 @@ def test_all_splits_train_is_scored_at_the_prepared_size(loaded, raw_dir, data_d
     assert score.counts["head2"].sum() == size[0] * size[1]
   # Train images: counted against the prepared (nearest-neighbour) mask, at the model's size.
   train = [_read_raw(raw_dir, stem) for stem in SPLIT["train"]]
-  images = [cv2.resize(image, MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA)
-            for image, _ in train]
-  masks = [cv2.resize(mask.astype(np.uint8), MODEL_SIZE[::-1],
-                      interpolation=cv2.INTER_NEAREST_EXACT) > 0 for _, mask in train]
+  images = [cv2.resize(image, MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA) for image, _ in train]
+  masks = [
+    cv2.resize(mask.astype(np.uint8), MODEL_SIZE[::-1], interpolation=cv2.INTER_NEAREST_EXACT) > 0
+    for _, mask in train
+  ]
   head2, _ = _serve(loaded, np.stack(images))
   for index, stem in enumerate(SPLIT["train"]):
     got = by_name[stem].counts["head2"]
@@ -285,8 +335,10 @@ def test_a_saved_model_scores_like_its_checkpoint(loaded, data_dir, tmp_path):
   tf.saved_model.save(segmenter, str(tmp_path / "saved"))
   from_saved = serving.load_segmenter(str(tmp_path / "saved"))
   assert from_saved.kind == "saved_model"
-  reports = [evaluate.evaluate(model, data_dir=str(data_dir), split="valid", progress=False)
-             for model in (loaded, from_saved)]
+  reports = [
+    evaluate.evaluate(model, data_dir=str(data_dir), split="valid", progress=False)
+    for model in (loaded, from_saved)
+  ]
   for ours, theirs in zip(*(report["_scores"] for report in reports)):
     assert ours.name == theirs.name
     for head in HEADS:
@@ -313,19 +365,30 @@ def test_report_files(loaded, data_dir, tmp_path):
   assert set(document["metrics"]) == set(HEADS)
   for head in HEADS:
     assert set(document["metrics"][head]) == {"per_image", "pooled"}
-    assert set(document["metrics"][head]["pooled"]) == {"dsc", "iou", "precision", "recall",
-                                                        "f2", "accuracy"}
+    assert set(document["metrics"][head]["pooled"]) == {
+      "dsc",
+      "iou",
+      "precision",
+      "recall",
+      "f2",
+      "accuracy",
+    }
   assert document["data"]["split"] == "test" and document["threshold"] == 0.5
 
   markdown = Path(paths["metrics.md"]).read_text()
-  rows = [line for line in markdown.splitlines()
-          if line.startswith("| ") and not line.startswith("| ---")]
+  rows = [
+    line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| ---")
+  ]
   assert rows[0].startswith("| output | statistic | DSC | mIoU")
   assert len(rows) == 1 + 6  # header + 3 heads x 2 statistics
   head2_mean = report["metrics"]["head2"]["per_image"]
-  assert rows[1] == ("| head 2 (final output) | mean over images | "
-                     + " | ".join(f"{head2_mean[name]:.4f}" for name in
-                                  ("dsc", "iou", "recall", "precision", "f2", "accuracy")) + " |")
+  assert rows[1] == (
+    "| head 2 (final output) | mean over images | "
+    + " | ".join(
+      f"{head2_mean[name]:.4f}" for name in ("dsc", "iou", "recall", "precision", "f2", "accuracy")
+    )
+    + " |"
+  )
   assert "mean over images of each image's score" in markdown
   assert "both empty scores 1.0" in markdown
 
@@ -337,8 +400,7 @@ def test_report_files(loaded, data_dir, tmp_path):
     assert (int(row["height"]), int(row["width"]), row["resolution"]) == (*RAW_SIZE, "original")
     assert float(row["dsc"]) == pytest.approx(_scores(tp, fp, fn, tn)["dsc"], abs=1e-6)
   # Their mean is the headline.
-  assert np.mean([float(row["dsc"]) for row in table]) == pytest.approx(head2_mean["dsc"],
-                                                                        abs=1e-6)
+  assert np.mean([float(row["dsc"]) for row in table]) == pytest.approx(head2_mean["dsc"], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,8 +421,15 @@ def test_errors_name_what_is_wrong(loaded, raw_dir, data_dir, tmp_path):
     evaluate.evaluate(loaded, raw_dir=str(tmp_path / "no_raw"), progress=False)
 
   no_test = tmp_path / "no_test"
-  prepare.prepare_dataset(raw_dir, no_test, height=MODEL_SIZE[0], width=MODEL_SIZE[1],
-                          test_fraction=0.0, progress=False, workers=1)
+  prepare.prepare_dataset(
+    raw_dir,
+    no_test,
+    height=MODEL_SIZE[0],
+    width=MODEL_SIZE[1],
+    test_fraction=0.0,
+    progress=False,
+    workers=1,
+  )
   with pytest.raises(ConfigError, match="no 'test' examples"):
     evaluate.evaluate(loaded, data_dir=str(no_test), split="test", progress=False)
 
@@ -384,13 +453,15 @@ def test_a_damaged_shard_is_named(loaded, data_dir, tmp_path):
 def test_default_output_folders(workdir, tmp_path):
   prefix = tf.train.latest_checkpoint(str(workdir / "best"))
   assert evaluate.default_out_dir(str(workdir), "test", None, False) == str(
-      workdir / "eval" / "test")
+    workdir / "eval" / "test"
+  )
   assert evaluate.default_out_dir(prefix, "valid", None, True) == str(
-      workdir / "eval" / "valid-tta")
+    workdir / "eval" / "valid-tta"
+  )
   assert evaluate.default_out_dir(str(workdir), "test", "/data/ETIS/", False, "latest") == str(
-      workdir / "eval" / "raw-ETIS-latest")
-  assert evaluate.default_out_dir(str(tmp_path / "loose" / "ckpt-3"), "test", None,
-                                  False) is None
+    workdir / "eval" / "raw-ETIS-latest"
+  )
+  assert evaluate.default_out_dir(str(tmp_path / "loose" / "ckpt-3"), "test", None, False) is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,8 +472,14 @@ def test_default_output_folders(workdir, tmp_path):
 def _cli(*args, timeout=240):
   # Without the suite's TF_CPP_MIN_LOG_LEVEL: the program quiets TensorFlow's start-up itself.
   env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-  return subprocess.run([sys.executable, "-m", "dunet.evaluate", *args], cwd=REPO, env=env,
-                        timeout=timeout, capture_output=True, text=True)
+  return subprocess.run(
+    [sys.executable, "-m", "dunet.evaluate", *args],
+    cwd=REPO,
+    env=env,
+    timeout=timeout,
+    capture_output=True,
+    text=True,
+  )
 
 
 def test_cli_evaluates_the_runs_own_data(workdir, loaded, data_dir):
@@ -433,28 +510,49 @@ def test_cli_errors(tmp_path, workdir):
   completed = _cli(f"--checkpoint={tmp_path / 'missing_run'}", f"--out_dir={out}")
   assert completed.returncode == 1
   assert _error_line(completed).startswith(
-      f"dunet-evaluate: error: no checkpoint at '{tmp_path / 'missing_run'}'")
-  completed = _cli(f"--checkpoint={workdir}", f"--data_dir={tmp_path / 'unprepared'}",
-                   f"--out_dir={out}")
+    f"dunet-evaluate: error: no checkpoint at '{tmp_path / 'missing_run'}'"
+  )
+  completed = _cli(
+    f"--checkpoint={workdir}", f"--data_dir={tmp_path / 'unprepared'}", f"--out_dir={out}"
+  )
   assert completed.returncode == 1
   line = _error_line(completed)
   assert str(tmp_path / "unprepared") in line and "tools/prepare_data.py" in line
   # A usage error: one line naming the flags, exit status 2; the data is checked before the
   # model is loaded and before anything is written.
-  completed = _cli(f"--checkpoint={workdir}", f"--raw_dir={tmp_path}", "--split=valid",
-                   f"--out_dir={out}")
+  completed = _cli(
+    f"--checkpoint={workdir}", f"--raw_dir={tmp_path}", "--split=valid", f"--out_dir={out}"
+  )
   assert completed.returncode == 2
   assert _error_line(completed) == (
-      "dunet-evaluate: error: --raw_dir evaluates a whole raw folder: leave out --data_dir and "
-      "--split (see --help)")
+    "dunet-evaluate: error: --raw_dir evaluates a whole raw folder: leave out --data_dir and "
+    "--split (see --help)"
+  )
   assert not out.exists()
 
 
 def test_cli_help_documents_every_flag():
   completed = _cli("--help")
-  for flag in ("checkpoint", "prefer", "data_dir", "split", "raw_dir", "layout", "on_error",
-               "threshold", "tta", "tta_flips", "batch_size", "out_dir", "height", "width",
-               "precision", "progress", "choose_threshold", "recompute_bn"):
+  for flag in (
+    "checkpoint",
+    "prefer",
+    "data_dir",
+    "split",
+    "raw_dir",
+    "layout",
+    "on_error",
+    "threshold",
+    "tta",
+    "tta_flips",
+    "batch_size",
+    "out_dir",
+    "height",
+    "width",
+    "precision",
+    "progress",
+    "choose_threshold",
+    "recompute_bn",
+  ):
     assert f"  --{flag}\n" in completed.stdout or f"  --[no]{flag}\n" in completed.stdout, flag
   assert completed.returncode == 0 and "Scores a trained DoubleU-Net" in completed.stdout
 
@@ -467,8 +565,7 @@ def test_cli_help_documents_every_flag():
 def _mean_dsc(loaded, raw_dir, stems, threshold):
   """Head 2's mean per-image DSC over `stems` at `threshold`, computed here from the raw files."""
   raw = [_read_raw(raw_dir, stem) for stem in stems]
-  prepared = [cv2.resize(image, MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA)
-              for image, _ in raw]
+  prepared = [cv2.resize(image, MODEL_SIZE[::-1], interpolation=cv2.INTER_AREA) for image, _ in raw]
   head2, _ = _serve(loaded, np.stack(prepared))
   values = []
   for probability, (_, mask) in zip(head2, raw):
@@ -491,26 +588,41 @@ def test_threshold_is_chosen_on_validation_and_applied_to_test(loaded, raw_dir, 
   assert chosen["valid_dsc_at_threshold"] == pytest.approx(valid_dsc[0.5], abs=1e-9)
   assert chosen["chosen_on"] == "valid"
   assert chosen["head2"]["per_image"]["dsc"] == pytest.approx(
-      _mean_dsc(loaded, raw_dir, SPLIT["test"], expected), abs=1e-9)
+    _mean_dsc(loaded, raw_dir, SPLIT["test"], expected), abs=1e-9
+  )
   # The headline stays at --threshold.
   assert report["metrics"]["head2"]["per_image"]["dsc"] == pytest.approx(
-      _mean_dsc(loaded, raw_dir, SPLIT["test"], 0.5), abs=1e-9)
+    _mean_dsc(loaded, raw_dir, SPLIT["test"], 0.5), abs=1e-9
+  )
   assert "Validation-optimal threshold" in evaluate.format_markdown(report)
   # Evaluating the valid split itself says that the choice is tuned on it.
   on_valid = evaluate.evaluate(loaded, data_dir=str(data_dir), split="valid", progress=False)
   assert on_valid["validation_threshold"]["threshold"] == expected
   assert "optimistic" in on_valid["validation_threshold"]["chosen_on"]
   # Off, and for raw folders (no validation split): none.
-  assert evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False,
-                           choose_threshold=False)["validation_threshold"] is None
-  assert evaluate.evaluate(loaded, raw_dir=str(raw_dir),
-                           progress=False)["validation_threshold"] is None
+  assert (
+    evaluate.evaluate(
+      loaded, data_dir=str(data_dir), split="test", progress=False, choose_threshold=False
+    )["validation_threshold"]
+    is None
+  )
+  assert (
+    evaluate.evaluate(loaded, raw_dir=str(raw_dir), progress=False)["validation_threshold"] is None
+  )
 
 
 def test_best_threshold_ties_go_to_the_nearest_to_the_default():
   def score(counts_at):
-    return evaluate.ImageScore("x", "valid", 1, 1, "original", {"head2": np.zeros(4)},
-                               {t: np.array(c) for t, c in counts_at.items()})
+    return evaluate.ImageScore(
+      "x",
+      "valid",
+      1,
+      1,
+      "original",
+      {"head2": np.zeros(4)},
+      {t: np.array(c) for t, c in counts_at.items()},
+    )
+
   perfect, wrong = (1, 0, 0, 1), (0, 1, 1, 0)
   scores = [score({0.3: perfect, 0.45: perfect, 0.5: wrong, 0.7: perfect})]
   assert evaluate.best_threshold(scores)["threshold"] == 0.45
@@ -519,8 +631,13 @@ def test_best_threshold_ties_go_to_the_nearest_to_the_default():
 
 def test_cli_recompute_bn_saves_a_model_that_scores_what_was_reported(workdir, data_dir, tmp_path):
   out = tmp_path / "eval"
-  completed = _cli(f"--checkpoint={workdir}", "--recompute_bn=1", "--batch_size=2",
-                   f"--out_dir={out}", "--noprogress")
+  completed = _cli(
+    f"--checkpoint={workdir}",
+    "--recompute_bn=1",
+    "--batch_size=2",
+    f"--out_dir={out}",
+    "--noprogress",
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   document = json.loads((out / "metrics.json").read_text())
   recomputed = document["batch_norm_recomputed"]
@@ -531,13 +648,18 @@ def test_cli_recompute_bn_saves_a_model_that_scores_what_was_reported(workdir, d
   original = serving.load_segmenter(str(workdir))
   again = serving.load_segmenter(saved)
   assert again.preprocessing == "unit" and (again.height, again.width) == MODEL_SIZE
-  norms = [module for module in again.module.model.submodules
-           if type(module).__name__ == "BatchNorm"]
-  originals = [module for module in original.module.model.submodules
-               if type(module).__name__ == "BatchNorm"]
-  assert any(not np.allclose(a.moving_variance.numpy(), b.moving_variance.numpy())
-             for a, b in zip(norms, originals))
+  norms = [
+    module for module in again.module.model.submodules if type(module).__name__ == "BatchNorm"
+  ]
+  originals = [
+    module for module in original.module.model.submodules if type(module).__name__ == "BatchNorm"
+  ]
+  assert any(
+    not np.allclose(a.moving_variance.numpy(), b.moving_variance.numpy())
+    for a, b in zip(norms, originals)
+  )
   rescored = evaluate.evaluate(again, data_dir=str(data_dir), split="test", progress=False)
   assert rescored["metrics"]["head2"]["per_image"]["dsc"] == pytest.approx(
-      document["metrics"]["head2"]["per_image"]["dsc"], abs=1e-6)
+    document["metrics"]["head2"]["per_image"]["dsc"], abs=1e-6
+  )
   assert "recomputed" in (out / "metrics.md").read_text()

@@ -51,14 +51,20 @@ def reloaded(exported):
 def _model_probabilities(model, pictures, mode):
   """The network on already-sized pictures, computed without dunet.serving."""
   outputs = model(preprocess.preprocess(tf.constant(pictures), mode), is_training=False)
-  return {"probability": tf.sigmoid(outputs.logits2).numpy(),
-          "probability_head1": tf.sigmoid(outputs.logits1).numpy()}
+  return {
+    "probability": tf.sigmoid(outputs.logits2).numpy(),
+    "probability_head1": tf.sigmoid(outputs.logits1).numpy(),
+  }
 
 
 def test_round_trip_at_the_model_size_is_the_model(reloaded, model):
   loaded = reloaded
   assert (loaded.kind, loaded.height, loaded.width, loaded.preprocessing) == (
-      "saved_model", SIZE, SIZE, "reference")
+    "saved_model",
+    SIZE,
+    SIZE,
+    "reference",
+  )
   pictures = np.random.RandomState(21).randint(0, 256, (3, SIZE, SIZE, 3)).astype(np.uint8)
   expected = _model_probabilities(model, pictures, "reference")
   got = loaded.serve(pictures)
@@ -99,13 +105,19 @@ def test_parity_numbers_and_export_info(exported, run_dir, model):
     signature, size = key.split()
     height, width = (int(side) for side in size.split("x"))
     differences = []
-    for pictures in (export.parity_pictures(export.PARITY_PICTURES, height, width),
-                     np.random.RandomState(height).randint(0, 256, (2, height, width, 3))):
+    for pictures in (
+      export.parity_pictures(export.PARITY_PICTURES, height, width),
+      np.random.RandomState(height).randint(0, 256, (2, height, width, 3)),
+    ):
       pictures = pictures.astype(np.uint8)
       got = reloaded.signatures[signature](images=tf.constant(pictures))
       want = reference.serve(pictures)
-      differences.append(max(float(np.max(np.abs(got[name].numpy() - want[name].numpy())))
-                             for name in serving.OUTPUT_NAMES))
+      differences.append(
+        max(
+          float(np.max(np.abs(got[name].numpy() - want[name].numpy())))
+          for name in serving.OUTPUT_NAMES
+        )
+      )
     assert max(differences) <= export.DEFAULT_TOLERANCE, (key, differences)
     # The exporter's number is the one measured here on its pictures.
     assert 0.0 <= value <= export.DEFAULT_TOLERANCE
@@ -149,8 +161,9 @@ def test_a_failed_check_leaves_nothing_and_keeps_the_old_export(tmp_path, run_di
   out_dir = tmp_path / "export"
   out_dir.mkdir()
   (out_dir / "keep.txt").write_text("previous export")
-  monkeypatch.setattr(export, "verify_saved_model", lambda path, segmenter: {"serving_default":
-                                                                               0.5})
+  monkeypatch.setattr(
+    export, "verify_saved_model", lambda path, segmenter: {"serving_default": 0.5}
+  )
   with pytest.raises(ExportError, match="differs from the model by 0.5"):
     export.export_saved_model(run_dir, str(out_dir), overwrite=True)
   assert os.listdir(out_dir) == ["keep.txt"]
@@ -161,6 +174,7 @@ def test_an_interrupted_export_leaves_nothing(tmp_path, run_dir, monkeypatch):
   def interrupted(path, segmenter):
     assert os.path.exists(os.path.join(path, "saved_model.pb"))  # written, not yet verified
     raise KeyboardInterrupt
+
   monkeypatch.setattr(export, "verify_saved_model", interrupted)
   with pytest.raises(KeyboardInterrupt):
     export.export_saved_model(run_dir, str(tmp_path / "export"))
@@ -182,8 +196,14 @@ def test_a_saved_model_is_not_exported_again(exported, tmp_path):
 def _run_cli(*args):
   # Without the suite's TF_CPP_MIN_LOG_LEVEL: the program quiets TensorFlow's start-up itself.
   env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-  return subprocess.run([sys.executable, "-m", "dunet.export", *args], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=600, env=env)
+  return subprocess.run(
+    [sys.executable, "-m", "dunet.export", *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
 
 
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
@@ -195,7 +215,8 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
   result = _run_cli(f"--checkpoint={tmp_path / 'nothing'}")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "dunet-export: error: required: --out_dir (see --help)"]
+    "dunet-export: error: required: --out_dir (see --help)"
+  ]
   assert os.listdir(tmp_path) == []
 
 
@@ -204,18 +225,21 @@ def test_cli_exports_and_overwrites(tmp_path, run_dir, model):
   out_dir = tmp_path / "cli_export"
   out_dir.mkdir()
   (out_dir / "old.txt").write_text("old")
-  result = _run_cli(f"--checkpoint={run_dir}", f"--out_dir={out_dir}", "--overwrite",
-                    "--preprocessing=unit")
+  result = _run_cli(
+    f"--checkpoint={run_dir}", f"--out_dir={out_dir}", "--overwrite", "--preprocessing=unit"
+  )
   assert result.returncode == 0, result.stderr
   for key in ("serving_default 64x64", "model_size 64x64", "serving_default 99x85"):
     assert key in result.stdout
   assert "preprocessing: unit" in result.stdout
   assert sorted(os.listdir(out_dir)) == sorted(
-      ["assets", "dunet_export.json", "fingerprint.pb", "saved_model.pb", "variables"])
+    ["assets", "dunet_export.json", "fingerprint.pb", "saved_model.pb", "variables"]
+  )
   loaded = serving.load_segmenter(str(out_dir))
   assert loaded.preprocessing == "unit"
   pictures = np.random.RandomState(3).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
   expected = _model_probabilities(model, pictures, "unit")
-  np.testing.assert_allclose(loaded.serve(pictures)["probability"].numpy(),
-                             expected["probability"], atol=1e-6)
+  np.testing.assert_allclose(
+    loaded.serve(pictures)["probability"].numpy(), expected["probability"], atol=1e-6
+  )
   assert leftovers(tmp_path) == []

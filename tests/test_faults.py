@@ -40,17 +40,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 # Small, fast and sensitive to what a restart must restore: Adam moments, the plateau schedule
 # (it halves the rate after a validation without improvement), augmentation by (seed, epoch, i).
-TRAIN_ARGS = ["--batch_size=4", "--learning_rate=1e-3", "--optimizer=adam",
-              "--lr_schedule=plateau", "--plateau_patience=1", "--plateau_factor=0.5",
-              "--batch_norm_momentum=0.9", "--seed=7", "--log_every_steps=1",
-              "--summary_images=0", "--preprocessing=unit", "--precision=float32"]
+TRAIN_ARGS = [
+  "--batch_size=4",
+  "--learning_rate=1e-3",
+  "--optimizer=adam",
+  "--lr_schedule=plateau",
+  "--plateau_patience=1",
+  "--plateau_factor=0.5",
+  "--batch_norm_momentum=0.9",
+  "--seed=7",
+  "--log_every_steps=1",
+  "--summary_images=0",
+  "--preprocessing=unit",
+  "--precision=float32",
+]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """24 demo pictures prepared at 32x32: 20 train (5 steps of 4), 2 valid, 2 test."""
-  return demo.ensure_demo_data(tmp_path_factory.mktemp("demo"), count=24, height=SIZE,
-                               width=SIZE, seed=1)
+  return demo.ensure_demo_data(
+    tmp_path_factory.mktemp("demo"), count=24, height=SIZE, width=SIZE, seed=1
+  )
 
 
 class Training:
@@ -59,10 +70,21 @@ class Training:
   def __init__(self, workdir, data_dir, *args, env=None):
     self.workdir = workdir
     self.process = subprocess.Popen(
-        [sys.executable, "-m", "dunet.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
-         *TRAIN_ARGS, *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **(env or {})))
+      [
+        sys.executable,
+        "-m",
+        "dunet.train",
+        f"--workdir={workdir}",
+        f"--data_dir={data_dir}",
+        *TRAIN_ARGS,
+        *args,
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **(env or {})),
+    )
     self.lines = []
     self._queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
@@ -119,7 +141,8 @@ def _assert_every_listed_checkpoint_reads(workdir):
 
 @pytest.mark.slow
 def test_sigkill_at_random_steps_and_inside_checkpoint_writes_resumes_to_the_same_weights(
-    tmp_path, data_dir):
+  tmp_path, data_dir
+):
   seed = int(os.environ.get("DUNET_FAULT_SEED", random.SystemRandom().randrange(10**6)))
   print(f"DUNET_FAULT_SEED={seed}")
   rng = random.Random(seed)
@@ -156,8 +179,10 @@ def test_sigkill_at_random_steps_and_inside_checkpoint_writes_resumes_to_the_sam
       time.sleep(0.002)
     staged = list((workdir / "checkpoints").glob(f".ckpt-{target}-*.partial/ckpt-*.index"))
     run.kill()
-    log.append(f"kill 2: resumed from {newest}, killed while writing ckpt-{target} "
-               f"({'after' if staged else 'before'} TensorFlow finished the staged files)")
+    log.append(
+      f"kill 2: resumed from {newest}, killed while writing ckpt-{target} "
+      f"({'after' if staged else 'before'} TensorFlow finished the staged files)"
+    )
   else:
     match = run.wait_for(rf"checkpoint test pause: {phase} (\S+/ckpt-\d+) ")
     run.kill()
@@ -187,50 +212,72 @@ def test_sigkill_at_random_steps_and_inside_checkpoint_writes_resumes_to_the_sam
     assert got.keys() == expected.keys()
     for name in expected:  # model, Adam's moments and step, loss scale, schedules, best DSC
       np.testing.assert_array_equal(got[name], expected[name], err_msg=f"{name} {log}")
-  assert [path.name for path in (workdir / "checkpoints").iterdir()
-          if path.name.endswith(".partial")] == []
+  assert [
+    path.name for path in (workdir / "checkpoints").iterdir() if path.name.endswith(".partial")
+  ] == []
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert metrics == json.loads((tmp_path / "reference" / "metrics.json").read_text())
 
 
 @pytest.mark.slow
-def test_disk_full_while_saving_stops_clearly_and_keeps_the_previous_checkpoint(
-    tmp_path, data_dir):
+def test_disk_full_while_saving_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path, data_dir):
   """EFBIG for real: the running trainer's file-size limit is lowered below a checkpoint's size
   once its first checkpoint is listed (Python ignores SIGXFSZ, so writes fail with an error)."""
   workdir = tmp_path / "run"
-  run = Training(workdir, data_dir, "--epochs=1", "--max_steps=4", "--checkpoint_every_steps=1",
-                 "--noaugment")
+  run = Training(
+    workdir, data_dir, "--epochs=1", "--max_steps=4", "--checkpoint_every_steps=1", "--noaugment"
+  )
   run.wait_for(r"^step 2/")  # ckpt-1 is listed; ckpt-2 is about to be written
   limit = 16 << 20  # a checkpoint's data file is ~350 MB; event files stay far below
   resource.prlimit(run.process.pid, resource.RLIMIT_FSIZE, (limit, limit))
   assert run.finish() == 1, run.output[-3000:]
   checkpoints = workdir / "checkpoints"
   folder = re.escape(str(checkpoints))
-  match = re.search(rf"error: could not write checkpoint {folder}/ckpt-(\d+) into {folder}: "
-                    rf".*File too large.* the previous checkpoint {folder}/ckpt-(\d+) is intact",
-                    run.output)
+  match = re.search(
+    rf"error: could not write checkpoint {folder}/ckpt-(\d+) into {folder}: "
+    rf".*File too large.* the previous checkpoint {folder}/ckpt-(\d+) is intact",
+    run.output,
+  )
   assert match, run.output[-3000:]
   failed, previous = int(match.group(1)), int(match.group(2))
   assert previous == failed - 1 >= 1
   assert "Traceback" not in run.output
   # Nothing half-written remains or is listed; the previous checkpoint restores, all finite.
   assert checkpoint_lib.listed_checkpoints(str(checkpoints))[-1] == str(
-      checkpoints / f"ckpt-{previous}")
-  assert sorted(path.name for path in checkpoints.iterdir()
-                if f"ckpt-{failed}" in path.name or path.name.endswith(".partial")) == []
+    checkpoints / f"ckpt-{previous}"
+  )
+  assert (
+    sorted(
+      path.name
+      for path in checkpoints.iterdir()
+      if f"ckpt-{failed}" in path.name or path.name.endswith(".partial")
+    )
+    == []
+  )
   model = DoubleUNet()
   assert checkpoint_lib.restore_model(model, str(workdir), prefer="latest") == str(
-      checkpoints / f"ckpt-{previous}")
+    checkpoints / f"ckpt-{previous}"
+  )
   assert all(np.isfinite(v.numpy()).all() for v in model.variables)
 
 
 def run_training(workdir, data_dir, **overrides):
   """dunet.train.train in this process (no TF start-up to pay) with test-sized settings."""
-  settings = dict(data_dir=str(data_dir), batch_size=4, epochs=1, learning_rate=1e-3,
-                  optimizer="adam", lr_schedule="constant", batch_norm_momentum=0.9, seed=7,
-                  log_every_steps=1, summary_images=0, augment=AugmentConfig.none(),
-                  preprocessing="unit", precision="float32")
+  settings = dict(
+    data_dir=str(data_dir),
+    batch_size=4,
+    epochs=1,
+    learning_rate=1e-3,
+    optimizer="adam",
+    lr_schedule="constant",
+    batch_norm_momentum=0.9,
+    seed=7,
+    log_every_steps=1,
+    summary_images=0,
+    augment=AugmentConfig.none(),
+    preprocessing="unit",
+    precision="float32",
+  )
   settings.update(overrides)
   return train.train(TrainConfig().updated(**settings), str(workdir))
 
@@ -240,8 +287,9 @@ def test_unwritable_workdir_fails_before_any_work(tmp_path, data_dir, monkeypatc
   workdir = tmp_path / "file" / "run"
   built = []
   monkeypatch.setattr(trainer_lib, "Trainer", lambda *args, **kwargs: built.append(args))
-  with pytest.raises(checkpoint_lib.CheckpointWriteError,
-                     match=f"cannot write into --workdir={workdir}"):
+  with pytest.raises(
+    checkpoint_lib.CheckpointWriteError, match=f"cannot write into --workdir={workdir}"
+  ):
     run_training(workdir, data_dir)
   assert not built  # before the model is even built
 
@@ -258,9 +306,12 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
   workdir = tmp_path / "run"
   with pytest.raises(DivergedError) as raised:
     run_training(workdir, data_dir, learning_rate=1e15, max_steps=4, checkpoint_every_steps=1)
-  match = re.search(r"^training diverged at step (\d+): the (gradients|training loss|"
-                    r"parameters).* Stopped without saving this step; the last good checkpoint "
-                    r"is (\S+)\. Try a lower --learning_rate", str(raised.value))
+  match = re.search(
+    r"^training diverged at step (\d+): the (gradients|training loss|"
+    r"parameters).* Stopped without saving this step; the last good checkpoint "
+    r"is (\S+)\. Try a lower --learning_rate",
+    str(raised.value),
+  )
   assert match, str(raised.value)
   step, last_good = int(match.group(1)), match.group(3)
   assert last_good == str(workdir / "checkpoints" / f"ckpt-{step - 1}")
@@ -286,8 +337,9 @@ def test_sigint_saves_a_restart_resumes_and_a_second_signal_aborts(tmp_path, dat
 
   # The restart continues from there. Its checkpoint write pauses (test hook), and a second
   # SIGTERM during that write aborts at once: no new checkpoint, the last one still listed.
-  run = Training(workdir, data_dir, "--epochs=50", "--noaugment",
-                 env={checkpoint_lib.PAUSE_ENV: "staged:120"})
+  run = Training(
+    workdir, data_dir, "--epochs=50", "--noaugment", env={checkpoint_lib.PAUSE_ENV: "staged:120"}
+  )
   run.wait_for(f"Resumed from {workdir}/checkpoints/ckpt-{stopped_at} at step {stopped_at}")
   run.wait_for(rf"^step {stopped_at + 1}/")
   run.process.send_signal(signal.SIGTERM)
@@ -334,8 +386,9 @@ def test_corrupt_record_is_named_when_training_reads_it(tmp_path, data_dir):
   raw = bytearray(shard.read_bytes())
   raw[len(raw) // 2] ^= 0x10  # same size: only reading finds it
   shard.write_bytes(bytes(raw))
-  with pytest.raises(DataError, match=f"^{shard}: corrupt TFRecord shard \\(record \\d+: "
-                     "corrupted record at \\d+\\)") as raised:
+  with pytest.raises(
+    DataError, match=f"^{shard}: corrupt TFRecord shard \\(record \\d+: corrupted record at \\d+\\)"
+  ) as raised:
     run_training(tmp_path / "run", copy)
   assert isinstance(raised.value.__cause__, tf.errors.DataLossError)
 
@@ -347,8 +400,11 @@ def test_changed_raw_data_is_an_error_naming_the_files_unless_allowed(tmp_path, 
   prepare.prepare_dataset(raw, prepared, height=SIZE, width=SIZE, progress=False)
   _, mask = picture(77)
   write_mask(raw / "masks" / "img05.png", mask)
-  with pytest.raises(DataError, match=f"^{raw}: changed since {prepared} was prepared "
-                     r"\(1 modified: masks/img05.png\).*--allow_changed_raw_data"):
+  with pytest.raises(
+    DataError,
+    match=f"^{raw}: changed since {prepared} was prepared "
+    r"\(1 modified: masks/img05.png\).*--allow_changed_raw_data",
+  ):
     run_training(tmp_path / "run", prepared)
   # Allowed: a warning, and set-up goes on (to the next check, which a size mismatch stops so
   # that no training has to run here).

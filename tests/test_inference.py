@@ -21,10 +21,12 @@ def test_find_inputs(tmp_path):
   # Lists mix files, patterns and folders; a file named twice is taken once; patterns that match
   # nothing are reported; listed files are taken whatever their extension.
   paths, problems = inference.find_inputs(
-      f"{inputs}/a.png, {inputs}/[bc].png,{inputs}/a.png,{inputs}/nothing*.png,{inputs}/notes.txt")
+    f"{inputs}/a.png, {inputs}/[bc].png,{inputs}/a.png,{inputs}/nothing*.png,{inputs}/notes.txt"
+  )
   assert [path.name for path in paths] == ["a.png", "b.png", "c.png", "notes.txt"]
-  assert problems == [{"file": f"{inputs}/nothing*.png",
-                       "reason": "no image file matches this pattern"}]
+  assert problems == [
+    {"file": f"{inputs}/nothing*.png", "reason": "no image file matches this pattern"}
+  ]
   # Folders: image extensions only (any case), no hidden files; sub-folders only if recursive;
   # the output folder is never read back.
   folders = tmp_path / "folders"
@@ -48,8 +50,9 @@ def test_duplicate_stems_name_the_files():
 def test_batches_by_size(batch_size, max_waiting):
   sizes = [(1, 1), (2, 2), (1, 1), (3, 3), (1, 1), (2, 2), (4, 4), (1, 1), (5, 5), (1, 1)] * 3
   items = list(enumerate(sizes))
-  batches = list(inference.batches_by_size(iter(items), lambda item: item[1], batch_size,
-                                         max_waiting))
+  batches = list(
+    inference.batches_by_size(iter(items), lambda item: item[1], batch_size, max_waiting)
+  )
   assert sorted(item for batch in batches for item in batch) == items
   for batch in batches:
     assert 1 <= len(batch) <= batch_size
@@ -81,8 +84,15 @@ def test_batches_by_size_refuses_an_empty_batch():
 
 
 def _loaded(serve):
-  return serving.LoadedSegmenter(serve=serve, height=4, width=4, preprocessing="unit",
-                                 kind="checkpoint", source="stand-in", module=None)
+  return serving.LoadedSegmenter(
+    serve=serve,
+    height=4,
+    width=4,
+    preprocessing="unit",
+    kind="checkpoint",
+    source="stand-in",
+    module=None,
+  )
 
 
 def _width_ramp(images):
@@ -97,16 +107,18 @@ def test_segment_fn_returns_numpy_and_averages_flips():
   assert set(plain) == {"probability", "probability_head1"}
   assert isinstance(plain["probability"], np.ndarray)
   np.testing.assert_allclose(plain["probability"], np.cumsum(images[..., :1], axis=2))
-  flipped = inference.make_segment_fn(_loaded(_width_ramp), tta=True,
-                                      flips=("none", "horizontal"))(images)
+  flipped = inference.make_segment_fn(_loaded(_width_ramp), tta=True, flips=("none", "horizontal"))(
+    images
+  )
   red = images[..., :1].astype(np.float64)
   expected = (np.cumsum(red, axis=2) + np.cumsum(red[:, :, ::-1], axis=2)[:, :, ::-1]) / 2
   np.testing.assert_allclose(flipped["probability"], expected, rtol=1e-6)
   np.testing.assert_allclose(flipped["probability_head1"], red)
 
 
-@pytest.mark.parametrize("flips,message", [((), "at least one flip"),
-                                           (("none", "diagonal"), "unknown flip 'diagonal'")])
+@pytest.mark.parametrize(
+  "flips,message", [((), "at least one flip"), (("none", "diagonal"), "unknown flip 'diagonal'")]
+)
 def test_segment_fn_refuses_bad_flips_before_running(flips, message):
   with pytest.raises(ConfigError, match=message):
     inference.make_segment_fn(_loaded(_width_ramp), tta=True, flips=flips)
@@ -115,8 +127,8 @@ def test_segment_fn_refuses_bad_flips_before_running(flips, message):
 def test_encode_png_round_trips_masks_and_rgb():
   mask = (np.arange(30).reshape(5, 6) % 2 * 255).astype(np.uint8)
   np.testing.assert_array_equal(
-      cv2.imdecode(np.frombuffer(inference.encode_png(mask), np.uint8), cv2.IMREAD_UNCHANGED),
-      mask)
+    cv2.imdecode(np.frombuffer(inference.encode_png(mask), np.uint8), cv2.IMREAD_UNCHANGED), mask
+  )
   rgb = np.random.RandomState(1).randint(0, 256, (5, 6, 3)).astype(np.uint8)
   decoded = cv2.imdecode(np.frombuffer(inference.encode_png(rgb), np.uint8), cv2.IMREAD_COLOR)
   np.testing.assert_array_equal(decoded[:, :, ::-1], rgb)  # written as RGB, not BGR

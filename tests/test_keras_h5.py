@@ -83,13 +83,17 @@ def _rename_strings(value, rename: Callable[[str], str]):
   return rename(value) if isinstance(value, str) else value
 
 
-def _rewrite_h5(source: str, target: str, *,
-                rename: Callable[[str], str] = lambda name: name,
-                keras2: bool = False,
-                weights_only: bool = False,
-                drop_model_config: bool = False,
-                reverse_layer_order: bool = False,
-                modify: Optional[Dict[Tuple[str, str], Callable]] = None) -> str:
+def _rewrite_h5(
+  source: str,
+  target: str,
+  *,
+  rename: Callable[[str], str] = lambda name: name,
+  keras2: bool = False,
+  weights_only: bool = False,
+  drop_model_config: bool = False,
+  reverse_layer_order: bool = False,
+  modify: Optional[Dict[Tuple[str, str], Callable]] = None,
+) -> str:
   """Rewrites a Keras 3 legacy h5 in another dialect or with edits.
 
   Args:
@@ -152,12 +156,14 @@ def _string_array(strings, keras2: bool) -> np.ndarray:
 
 def _offset_auto_names(offsets: Dict[str, int]) -> Callable[[str], str]:
   """Renames 'conv2d_5' to 'conv2d_<5 + offset>' ('conv2d' counts as 0): a later session."""
+
   def rename(name: str) -> str:
     for base, offset in offsets.items():
-      if name == base or (name.startswith(base + "_") and name[len(base) + 1:].isdigit()):
-        index = int(name[len(base) + 1:]) if name != base else 0
+      if name == base or (name.startswith(base + "_") and name[len(base) + 1 :].isdigit()):
+        index = int(name[len(base) + 1 :]) if name != base else 0
         return f"{base}_{index + offset}"
     return name
+
   return rename
 
 
@@ -182,8 +188,12 @@ def _assert_same_arrays(matched, baseline) -> None:
 def test_converted_checkpoint_reproduces_both_keras_heads(reference, tmp_path):
   out_dir = tmp_path / "converted"
   result = subprocess.run(
-      [sys.executable, TOOL, f"--keras_h5={reference.h5_path}", f"--out_dir={out_dir}"],
-      capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    [sys.executable, TOOL, f"--keras_h5={reference.h5_path}", f"--out_dir={out_dir}"],
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Keras layers mapped: 114" in result.stdout
   assert "29,297,570 (29,290,274 trainable + 7,296 BatchNorm moving statistics)" in result.stdout
@@ -201,12 +211,20 @@ def test_converted_checkpoint_reproduces_both_keras_heads(reference, tmp_path):
   probabilities = model(tf.constant(reference.images), is_training=False).probabilities()
   # A weak signal would let a mapping error hide: the heads must really vary over the image.
   assert reference.probabilities[..., 1].std() > 1e-2
-  np.testing.assert_allclose(probabilities.logits1.numpy()[..., 0],
-                             reference.probabilities[..., 0], rtol=0, atol=PROBABILITY_TOLERANCE,
-                             err_msg="head 1 differs from the Keras reference")
-  np.testing.assert_allclose(probabilities.logits2.numpy()[..., 0],
-                             reference.probabilities[..., 1], rtol=0, atol=PROBABILITY_TOLERANCE,
-                             err_msg="head 2 differs from the Keras reference")
+  np.testing.assert_allclose(
+    probabilities.logits1.numpy()[..., 0],
+    reference.probabilities[..., 0],
+    rtol=0,
+    atol=PROBABILITY_TOLERANCE,
+    err_msg="head 1 differs from the Keras reference",
+  )
+  np.testing.assert_allclose(
+    probabilities.logits2.numpy()[..., 0],
+    reference.probabilities[..., 1],
+    rtol=0,
+    atol=PROBABILITY_TOLERANCE,
+    err_msg="head 2 differs from the Keras reference",
+  )
 
   # The comparison is sharp enough to see two same-shaped layers swapped (ASPP 2's rate-12 and
   # rate-18 convolutions, which only the file's config tells apart).
@@ -235,8 +253,11 @@ def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_
   model = DoubleUNet()
   checkpoint_lib.restore_model(model, str(out_dir))
   expected = model(preprocess.preprocess(pictures, "reference"), is_training=False)
-  np.testing.assert_allclose(loaded.serve(pictures)["probability"].numpy(),
-                             tf.sigmoid(expected.logits2).numpy(), atol=PROBABILITY_TOLERANCE)
+  np.testing.assert_allclose(
+    loaded.serve(pictures)["probability"].numpy(),
+    tf.sigmoid(expected.logits2).numpy(),
+    atol=PROBABILITY_TOLERANCE,
+  )
 
   # A raw images/ + masks/ folder at another size: evaluate and predict at that size.
   raw = tmp_path / "raw"
@@ -251,8 +272,9 @@ def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_
   report = evaluate.evaluate(loaded, raw_dir=str(raw), progress=False)
   assert report["images"] == 2 and report["resolution"] == "original"
   assert 0.0 <= report["headline"]["dsc"] <= 1.0
-  summary = predict.predict(loaded, sorted((raw / "images").iterdir()), tmp_path / "predicted",
-                            progress=False)
+  summary = predict.predict(
+    loaded, sorted((raw / "images").iterdir()), tmp_path / "predicted", progress=False
+  )
   assert summary["written"] == 2 and not summary["skipped"]
   written = cv2.imread(str(tmp_path / "predicted" / "masks" / "0.png"), cv2.IMREAD_UNCHANGED)
   assert written.shape == (50, 70)
@@ -260,23 +282,26 @@ def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_
   exported = saved_model.export_saved_model(str(out_dir), str(tmp_path / "saved_model"))
   assert max(exported.parity.values()) <= saved_model.DEFAULT_TOLERANCE
   reloaded = serving.load_segmenter(str(tmp_path / "saved_model"))
-  np.testing.assert_allclose(reloaded.serve(pictures)["probability"].numpy(),
-                             loaded.serve(pictures)["probability"].numpy(), atol=1e-5)
+  np.testing.assert_allclose(
+    reloaded.serve(pictures)["probability"].numpy(),
+    loaded.serve(pictures)["probability"].numpy(),
+    atol=1e-5,
+  )
 
 
 def test_mapping_table_anchors(baseline):
   """Spot checks of the creation-order table against the Keras 3 file's auto names."""
   expected = {
-      ("vgg19.block3_conv4", "kernel"): "block3_conv4",
-      ("aspp1.pool_conv", "bias"): "conv2d",                  # The only biased ASPP conv.
-      ("aspp1.atrous_convs[2]", "kernel"): "conv2d_4",        # rate 18
-      ("aspp1.project_bn", "moving_variance"): "batch_normalization_5",
-      ("decoder1.blocks[0].se.excite", "kernel"): "dense_1",
-      ("head1", "kernel"): "conv2d_14",
-      ("encoder2.blocks[0].bn1", "gamma"): "batch_normalization_14",
-      ("aspp2.pool_conv", "kernel"): "conv2d_23",
-      ("decoder2.blocks[3].se.squeeze", "kernel"): "dense_22",
-      ("head2", "bias"): "conv2d_37",
+    ("vgg19.block3_conv4", "kernel"): "block3_conv4",
+    ("aspp1.pool_conv", "bias"): "conv2d",  # The only biased ASPP conv.
+    ("aspp1.atrous_convs[2]", "kernel"): "conv2d_4",  # rate 18
+    ("aspp1.project_bn", "moving_variance"): "batch_normalization_5",
+    ("decoder1.blocks[0].se.excite", "kernel"): "dense_1",
+    ("head1", "kernel"): "conv2d_14",
+    ("encoder2.blocks[0].bn1", "gamma"): "batch_normalization_14",
+    ("aspp2.pool_conv", "kernel"): "conv2d_23",
+    ("decoder2.blocks[3].se.squeeze", "kernel"): "dense_22",
+    ("head2", "bias"): "conv2d_37",
   }
   for key, keras_layer in expected.items():
     assert baseline[key][0] == keras_layer, key
@@ -289,8 +314,13 @@ def test_mapping_table_anchors(baseline):
 
 def test_keras2_layout_from_a_later_session_in_any_file_order(reference, model, baseline, tmp_path):
   rename = _offset_auto_names({"conv2d": 17, "batch_normalization": 9, "dense": 3})
-  path = _rewrite_h5(reference.h5_path, str(tmp_path / "keras2.h5"), rename=rename, keras2=True,
-                     reverse_layer_order=True)
+  path = _rewrite_h5(
+    reference.h5_path,
+    str(tmp_path / "keras2.h5"),
+    rename=rename,
+    keras2=True,
+    reverse_layer_order=True,
+  )
   with h5py.File(path, "r") as h5:  # The layout really is Keras 2's.
     assert "conv2d_22/conv2d_22/kernel:0" in h5["model_weights"]
   keras_file = keras_h5.read_keras_h5(path)
@@ -302,8 +332,9 @@ def test_keras2_layout_from_a_later_session_in_any_file_order(reference, model, 
 
 
 def test_weights_only_file_without_architecture(reference, model, baseline, tmp_path):
-  path = _rewrite_h5(reference.h5_path, str(tmp_path / "weights.h5"), weights_only=True,
-                     reverse_layer_order=True)
+  path = _rewrite_h5(
+    reference.h5_path, str(tmp_path / "weights.h5"), weights_only=True, reverse_layer_order=True
+  )
   keras_file = keras_h5.read_keras_h5(path)
   assert not keras_file.has_model_config and keras_file.input_shape is None
   _assert_same_arrays(_matched(path, model), baseline)
@@ -313,8 +344,10 @@ def test_load_assigns_every_variable(reference, baseline):
   model = DoubleUNet()
   assignments = keras_h5.load_keras_h5(model, reference.h5_path)
   assert len(assignments) == len(model.variables)
-  np.testing.assert_array_equal(model.aspp2.atrous_bns[1].moving_mean.numpy(),
-                                baseline[("aspp2.atrous_bns[1]", "moving_mean")][1])
+  np.testing.assert_array_equal(
+    model.aspp2.atrous_bns[1].moving_mean.numpy(),
+    baseline[("aspp2.atrous_bns[1]", "moving_mean")][1],
+  )
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -361,8 +394,11 @@ def test_file_of_another_model_names_what_does_not_match(model, tmp_path):
 
 def test_wrong_shape_names_keras_layer_and_dunet_variable(reference, model, tmp_path):
   # conv2d_5 is ASPP 1's projection (320 -> 64 channels); cut its output channels.
-  path = _rewrite_h5(reference.h5_path, str(tmp_path / "bad.h5"),
-                     modify={("conv2d_5", "kernel"): lambda kernel: kernel[..., :32]})
+  path = _rewrite_h5(
+    reference.h5_path,
+    str(tmp_path / "bad.h5"),
+    modify={("conv2d_5", "kernel"): lambda kernel: kernel[..., :32]},
+  )
   with pytest.raises(keras_h5.KerasH5Error) as raised:
     keras_h5.match_doubleunet(keras_h5.read_keras_h5(path), model)
   message = str(raised.value)
@@ -372,20 +408,25 @@ def test_wrong_shape_names_keras_layer_and_dunet_variable(reference, model, tmp_
 
 
 def test_missing_bias_names_keras_layer_and_dunet_slot(reference, model, tmp_path):
-  path = _rewrite_h5(reference.h5_path, str(tmp_path / "bad.h5"),
-                     modify={("conv2d", "bias"): lambda bias: None})
-  expected = (r"'conv2d' -> dunet aspp1\.pool_conv .*"
-              r"holds \['kernel'\], dunet needs \['kernel', 'bias'\]")
+  path = _rewrite_h5(
+    reference.h5_path, str(tmp_path / "bad.h5"), modify={("conv2d", "bias"): lambda bias: None}
+  )
+  expected = (
+    r"'conv2d' -> dunet aspp1\.pool_conv .*"
+    r"holds \['kernel'\], dunet needs \['kernel', 'bias'\]"
+  )
   with pytest.raises(keras_h5.KerasH5Error, match=expected):
     keras_h5.match_doubleunet(keras_h5.read_keras_h5(path), model)
 
 
 def test_swapped_same_shape_layers_are_caught_by_the_config(reference, model, tmp_path):
   # conv2d_2 (rate 6) and conv2d_3 (rate 12) have identical shapes; the config tells them apart.
-  path = _rewrite_h5(reference.h5_path, str(tmp_path / "swapped.h5"),
-                     rename=_swap_names("conv2d_2", "conv2d_3"))
-  with pytest.raises(keras_h5.KerasH5Error,
-                     match=r"'conv2d_2'.*aspp1\.atrous_convs\[0\].*dilation_rate"):
+  path = _rewrite_h5(
+    reference.h5_path, str(tmp_path / "swapped.h5"), rename=_swap_names("conv2d_2", "conv2d_3")
+  )
+  with pytest.raises(
+    keras_h5.KerasH5Error, match=r"'conv2d_2'.*aspp1\.atrous_convs\[0\].*dilation_rate"
+  ):
     keras_h5.match_doubleunet(keras_h5.read_keras_h5(path), model)
 
 
@@ -414,8 +455,9 @@ def test_existing_out_dir_needs_overwrite(reference, tmp_path):
 
 
 def test_tool_help_documents_every_flag():
-  result = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+  result = subprocess.run(
+    [sys.executable, TOOL, "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+  )
   # absl exits with status 1 after printing --help.
   assert "--keras_h5" in result.stdout, result.stderr[-2000:]
   for flag in ("--keras_h5", "--out_dir", "--[no]overwrite"):
@@ -423,17 +465,27 @@ def test_tool_help_documents_every_flag():
 
 
 def test_tool_reports_errors_without_a_traceback(tmp_path):
-  result = subprocess.run([sys.executable, TOOL, f"--keras_h5={tmp_path / 'missing.h5'}",
-                           f"--out_dir={tmp_path / 'out'}"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+  result = subprocess.run(
+    [
+      sys.executable,
+      TOOL,
+      f"--keras_h5={tmp_path / 'missing.h5'}",
+      f"--out_dir={tmp_path / 'out'}",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+    timeout=120,
+  )
   assert result.returncode == 1
   assert "error: Keras weight file not found" in result.stderr
   assert "Traceback" not in result.stderr
 
 
 def test_conversion_records_the_preprocessing_the_model_was_trained_with(reference, tmp_path):
-  summary = keras_h5.convert_keras_h5(reference.h5_path, str(tmp_path / "unit"),
-                                      preprocessing="unit")
+  summary = keras_h5.convert_keras_h5(
+    reference.h5_path, str(tmp_path / "unit"), preprocessing="unit"
+  )
   assert summary.config["preprocessing"] == "unit"
   assert checkpoint_lib.read_config(str(tmp_path / "unit"))["preprocessing"] == "unit"
   with pytest.raises(ValueError, match="unknown preprocessing 'bgr'"):

@@ -28,9 +28,20 @@ def demo_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("demo")
   workdir = root / "run"
   completed = subprocess.run(
-      [sys.executable, "-m", "dunet.train", "--flagfile=configs/demo.flags",
-       f"--data_dir={root / 'data'}", f"--workdir={workdir}", f"--max_steps={STEPS}"],
-      cwd=REPO, capture_output=True, text=True, timeout=1800)
+    [
+      sys.executable,
+      "-m",
+      "dunet.train",
+      "--flagfile=configs/demo.flags",
+      f"--data_dir={root / 'data'}",
+      f"--workdir={workdir}",
+      f"--max_steps={STEPS}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   return workdir
 

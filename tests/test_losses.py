@@ -44,8 +44,7 @@ def test_binary_cross_entropy_is_stable_for_large_logits():
   logits = np.array([[100.0, -100.0, 100.0, -100.0]], np.float32)
   masks = np.array([[1.0, 0.0, 0.0, 1.0]], np.float32)
   # Two pixels right (loss ~0), two wrong by a logit of 100 (loss 100 each).
-  np.testing.assert_allclose(losses.binary_cross_entropy(logits, masks).numpy(), [50.0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(losses.binary_cross_entropy(logits, masks).numpy(), [50.0], rtol=1e-6)
 
 
 def test_dice_loss_matches_numpy_per_image():
@@ -53,8 +52,11 @@ def test_dice_loss_matches_numpy_per_image():
   got = losses.dice_loss(logits, masks)
   assert got.shape == (3,) and got.dtype == tf.float32
   np.testing.assert_allclose(got.numpy(), _numpy_dice(logits, masks), rtol=1e-5)
-  np.testing.assert_allclose(losses.dice_loss(logits, masks, smooth=0.0).numpy(),
-                             _numpy_dice(logits, masks, smooth=0.0), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.dice_loss(logits, masks, smooth=0.0).numpy(),
+    _numpy_dice(logits, masks, smooth=0.0),
+    rtol=1e-5,
+  )
   # Per image, not over the batch: the batch-level value (the reference code's) differs.
   batch_level = _numpy_dice(logits.reshape(1, -1), masks.reshape(1, -1))[0]
   assert not np.isclose(got.numpy().mean(), batch_level, rtol=1e-3)
@@ -67,15 +69,18 @@ def test_dice_loss_limits():
   # A perfect prediction, and an empty mask predicted empty, both lose (almost) nothing.
   np.testing.assert_allclose(losses.dice_loss(confident, mask).numpy(), [0.0, 0.0], atol=1e-6)
   # Everything wrong: 1 - s / (Σp + Σy + s), with Σp + Σy = 16 pixels in both images.
-  np.testing.assert_allclose(losses.dice_loss(-confident, mask).numpy(), [16 / 17, 16 / 17],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.dice_loss(-confident, mask).numpy(), [16 / 17, 16 / 17], rtol=1e-6
+  )
 
 
 def test_bce_dice_is_the_sum():
   logits, masks = _example(seed=2)
   np.testing.assert_allclose(
-      losses.bce_dice(logits, masks).numpy(),
-      _numpy_bce(logits, masks) + _numpy_dice(logits, masks), rtol=1e-5)
+    losses.bce_dice(logits, masks).numpy(),
+    _numpy_bce(logits, masks) + _numpy_dice(logits, masks),
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
@@ -100,11 +105,17 @@ def test_deep_supervision_weights_heads_and_divides_by_the_global_batch():
   head1, masks = _example(seed=4, batch=2)
   head2, _ = _example(seed=5, batch=2)
   total, per_head = losses.deep_supervision_loss(
-      [tf.constant(head1, tf.float16), head2], masks, losses.binary_cross_entropy,
-      head_weights=[0.25, 2.0], global_batch_size=8)
+    [tf.constant(head1, tf.float16), head2],
+    masks,
+    losses.binary_cross_entropy,
+    head_weights=[0.25, 2.0],
+    global_batch_size=8,
+  )
   # This replica holds 2 of 8 examples: its share is the sum over its examples / 8.
-  expected = [_numpy_bce(np.float32(np.float16(head1)), masks).sum() / 8,
-              _numpy_bce(head2, masks).sum() / 8]
+  expected = [
+    _numpy_bce(np.float32(np.float16(head1)), masks).sum() / 8,
+    _numpy_bce(head2, masks).sum() / 8,
+  ]
   np.testing.assert_allclose([h.numpy() for h in per_head], expected, rtol=1e-5)
   np.testing.assert_allclose(total.numpy(), 0.25 * expected[0] + 2.0 * expected[1], rtol=1e-5)
   assert total.dtype == tf.float32
@@ -148,7 +159,7 @@ def _numpy_keras_bce(probabilities, masks):
 
 def _numpy_reference(name, logits_per_head, masks):
   """The reference train.py's loss on concat([out1, out2]) against concat([y, y]), in float64."""
-  p = np.concatenate([_sigmoid(l) for l in logits_per_head], axis=-1)
+  p = np.concatenate([_sigmoid(logits) for logits in logits_per_head], axis=-1)
   y = np.concatenate([masks] * len(logits_per_head), axis=-1).astype(np.float64)
   bce = _numpy_keras_bce(p, y).mean()
   dice = 1 - (2 * (p * y).sum() + 1e-15) / (p.sum() + y.sum() + 1e-15)
@@ -161,8 +172,9 @@ def test_reference_reduction_is_one_loss_over_both_heads_and_the_batch(name):
   head2, _ = _example(seed=8, batch=3)
   loss = losses.make_heads_loss(name, losses.REFERENCE)
   total, per_head = loss([head1, head2], masks, (1.0, 1.0), 3)
-  np.testing.assert_allclose(total.numpy(), _numpy_reference(name, [head1, head2], masks),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    total.numpy(), _numpy_reference(name, [head1, head2], masks), rtol=1e-5
+  )
   for logits, value in zip((head1, head2), per_head):  # each head's own batch-level loss
     np.testing.assert_allclose(value.numpy(), _numpy_reference(name, [logits], masks), rtol=1e-5)
   if name == "dice":  # one ratio over everything: not the mean of the heads' (or images') Dice
@@ -193,7 +205,8 @@ def test_reference_head_weights_weigh_the_heads_sums():
   weights = (0.5, 2.0)
   dice, _ = losses.make_heads_loss("dice", losses.REFERENCE)([head1, head2], masks, weights, 2)
   expected = 1 - (2 * (0.5 * (p1 * y).sum() + 2.0 * (p2 * y).sum()) + 1e-15) / (
-      0.5 * (p1.sum() + y.sum()) + 2.0 * (p2.sum() + y.sum()) + 1e-15)
+    0.5 * (p1.sum() + y.sum()) + 2.0 * (p2.sum() + y.sum()) + 1e-15
+  )
   np.testing.assert_allclose(dice.numpy(), expected, rtol=1e-5)
   bce, _ = losses.make_heads_loss("bce", losses.REFERENCE)([head1, head2], masks, weights, 2)
   expected = (0.5 * _numpy_keras_bce(p1, y).mean() + 2.0 * _numpy_keras_bce(p2, y).mean()) / 2.5
@@ -231,12 +244,14 @@ def test_reference_reduction_value_and_gradients_do_not_change_with_two_replicas
   totals, heads, gradients = (strategy.experimental_local_results(part) for part in per_replica)
   np.testing.assert_allclose(sum(float(t) for t in totals), single.numpy(), rtol=1e-6)
   for head in range(2):
-    np.testing.assert_allclose(sum(float(h[head]) for h in heads), single_heads[head].numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      sum(float(h[head]) for h in heads), single_heads[head].numpy(), rtol=1e-6
+    )
   # Each replica's gradient is for its own half of the batch; all-reduced (summed) by the step,
   # the halves concatenated are the one-device gradient.
-  np.testing.assert_allclose(np.concatenate([g.numpy() for g in gradients]),
-                             single_gradient.numpy(), rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(
+    np.concatenate([g.numpy() for g in gradients]), single_gradient.numpy(), rtol=1e-5, atol=1e-9
+  )
 
 
 def test_make_heads_loss_names_and_reductions():

@@ -10,16 +10,11 @@ from dunet import metrics
 distribute.configure_logical_cpus(2)
 
 # Two 2x3 images. Image 0: tp 2, fp 1, fn 1, tn 2. Image 1: empty truth, one false positive.
-PROBABILITIES = np.array([[[0.9, 0.5, 0.7],
-                           [0.1, 0.49, 0.0]],
-                          [[0.0, 0.0, 0.2],
-                           [0.0, 0.6, 0.0]]], np.float32)[..., None]
-MASKS = np.array([[[1, 1, 0],
-                   [1, 0, 0]],
-                  [[0, 0, 0],
-                   [0, 0, 0]]], np.float32)[..., None]
-EXPECTED_COUNTS = np.array([[2, 1, 1, 2],
-                            [0, 1, 0, 5]])
+PROBABILITIES = np.array(
+  [[[0.9, 0.5, 0.7], [0.1, 0.49, 0.0]], [[0.0, 0.0, 0.2], [0.0, 0.6, 0.0]]], np.float32
+)[..., None]
+MASKS = np.array([[[1, 1, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 0]]], np.float32)[..., None]
+EXPECTED_COUNTS = np.array([[2, 1, 1, 2], [0, 1, 0, 5]])
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["tf_function", "xla"])
@@ -47,8 +42,14 @@ def test_confusion_counts_np_matches_the_tf_version():
 
 def test_scores_from_counts_by_hand():
   scores = metrics.scores_from_counts([2, 1, 1, 5])
-  expected = {"dsc": 4 / 6, "iou": 2 / 4, "precision": 2 / 3, "recall": 2 / 3,
-              "f2": 10 / 15, "accuracy": 7 / 9}
+  expected = {
+    "dsc": 4 / 6,
+    "iou": 2 / 4,
+    "precision": 2 / 3,
+    "recall": 2 / 3,
+    "f2": 10 / 15,
+    "accuracy": 7 / 9,
+  }
   assert set(scores) == set(metrics.SCORE_NAMES)
   for name, value in expected.items():
     assert float(scores[name]) == pytest.approx(value), name
@@ -61,14 +62,17 @@ def test_f2_weighs_recall_more_than_precision():
   assert scores["f2"][1] > scores["f2"][0]  # same DSC, better recall
 
 
-@pytest.mark.parametrize("counts, expected", [
+@pytest.mark.parametrize(
+  "counts, expected",
+  [
     # Prediction and truth both empty: a perfect answer.
     ([0, 0, 0, 9], dict(dsc=1, iou=1, precision=1, recall=1, f2=1, accuracy=1)),
     # Truth empty, something predicted.
     ([0, 3, 0, 6], dict(dsc=0, iou=0, precision=0, recall=0, f2=0, accuracy=6 / 9)),
     # Truth non-empty, nothing predicted.
     ([0, 0, 3, 6], dict(dsc=0, iou=0, precision=0, recall=0, f2=0, accuracy=6 / 9)),
-])
+  ],
+)
 def test_empty_mask_convention(counts, expected):
   scores = metrics.scores_from_counts(counts)
   for name, value in expected.items():
@@ -98,8 +102,9 @@ def test_accumulator_per_image_and_pooled():
   assert result["pooled/precision"] == pytest.approx(2 / 4)
   assert result["pooled/recall"] == pytest.approx(2 / 3)
   assert result["pooled/accuracy"] == pytest.approx(15 / 18)
-  assert {f"{kind}/{name}" for kind in ("per_image", "pooled")
-          for name in metrics.SCORE_NAMES} <= set(result)
+  assert {
+    f"{kind}/{name}" for kind in ("per_image", "pooled") for name in metrics.SCORE_NAMES
+  } <= set(result)
 
   accumulator.reset()
   with pytest.raises(ValueError, match="no images"):
@@ -114,22 +119,32 @@ def test_accumulator_per_image_and_pooled():
 
 # Four 3x4 images (12 pixels each): an ordinary one, a false alarm on an empty ground truth, a
 # miss (empty prediction on a non-empty ground truth), and both empty.
-TRUTHS = np.array([[[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]],
-                   [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
-                   [[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]],
-                   [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]], bool)
-PREDICTIONS = np.array([[[1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]],
-                        [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]],
-                        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
-                        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]], bool)
+TRUTHS = np.array(
+  [
+    [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]],
+    [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+    [[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]],
+    [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+  ],
+  bool,
+)
+PREDICTIONS = np.array(
+  [
+    [[1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]],
+    [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]],
+    [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+    [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+  ],
+  bool,
+)
 # Counted by eye from the arrays above: (tp, fp, fn, tn).
 HAND_COUNTS = [(3, 1, 1, 7), (0, 2, 0, 10), (0, 0, 2, 10), (0, 0, 0, 12)]
 # Per image, written out from the definitions and the empty-mask convention.
 HAND_SCORES = [
-    dict(dsc=6 / 8, iou=3 / 5, precision=3 / 4, recall=3 / 4, f2=15 / 20, accuracy=10 / 12),
-    dict(dsc=0, iou=0, precision=0, recall=0, f2=0, accuracy=10 / 12),  # false alarm
-    dict(dsc=0, iou=0, precision=0, recall=0, f2=0, accuracy=10 / 12),  # miss
-    dict(dsc=1, iou=1, precision=1, recall=1, f2=1, accuracy=1),        # both empty
+  dict(dsc=6 / 8, iou=3 / 5, precision=3 / 4, recall=3 / 4, f2=15 / 20, accuracy=10 / 12),
+  dict(dsc=0, iou=0, precision=0, recall=0, f2=0, accuracy=10 / 12),  # false alarm
+  dict(dsc=0, iou=0, precision=0, recall=0, f2=0, accuracy=10 / 12),  # miss
+  dict(dsc=1, iou=1, precision=1, recall=1, f2=1, accuracy=1),  # both empty
 ]
 
 
@@ -151,7 +166,8 @@ def test_per_image_mean_and_pooled_with_empty_masks_by_hand():
   for name in metrics.SCORE_NAMES:
     # The mean over images counts the empty pair as 1 and the false alarm and the miss as 0.
     assert nested["per_image"][name] == pytest.approx(
-        sum(scores[name] for scores in HAND_SCORES) / 4), name
+      sum(scores[name] for scores in HAND_SCORES) / 4
+    ), name
     assert nested["per_image"][name] == flat[f"per_image/{name}"]
     assert nested["pooled"][name] == flat[f"pooled/{name}"]
   # Pooled: tp 3, fp 3, fn 3, tn 39 over 48 pixels; the empty images only add negatives.
@@ -200,8 +216,9 @@ def test_mean_of_heads():
   np.testing.assert_allclose(mean, [[0.55, 0.6], [0.5, 0.0]], rtol=1e-6)
   # Averaged, then thresholded: the pixel where the heads disagree most is kept at 0.5.
   np.testing.assert_array_equal(metrics.binarize(mean, 0.5), [[True, True], [True, False]])
-  np.testing.assert_allclose(metrics.mean_of_heads(head1, head2, head2),
-                             (head1 + 2 * head2) / 3, rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.mean_of_heads(head1, head2, head2), (head1 + 2 * head2) / 3, rtol=1e-6
+  )
   integers = metrics.mean_of_heads(np.array([0, 1, 1]), np.array([1, 1, 0]))
   assert integers.dtype == np.float32
   np.testing.assert_array_equal(integers, [0.5, 1.0, 0.5])

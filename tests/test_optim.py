@@ -25,8 +25,9 @@ def _initial_values(seed=0):
 
 def _gradients(steps, seed=1):
   rng = np.random.default_rng(seed)
-  return [[rng.normal(size=v.shape).astype(np.float32) for v in _initial_values()]
-          for _ in range(steps)]
+  return [
+    [rng.normal(size=v.shape).astype(np.float32) for v in _initial_values()] for _ in range(steps)
+  ]
 
 
 def _keras_trajectory(name, gradients, learning_rates):
@@ -55,8 +56,11 @@ def test_matches_keras_over_several_steps(name, mode):
   expected = _keras_trajectory(name, gradients, learning_rates)
   variables = [tf.Variable(v) for v in _initial_values()]
   optimizer = optim.make_optimizer(name, LEARNING_RATE, variables)
-  apply = {"eager": optimizer.apply, "tf_function": tf.function(optimizer.apply),
-           "xla": tf.function(optimizer.apply, jit_compile=True)}[mode]
+  apply = {
+    "eager": optimizer.apply,
+    "tf_function": tf.function(optimizer.apply),
+    "xla": tf.function(optimizer.apply, jit_compile=True),
+  }[mode]
   for grads, learning_rate, values in zip(gradients, learning_rates, expected):
     optimizer.learning_rate.assign(learning_rate)
     apply([tf.constant(g) for g in grads], variables)
@@ -68,8 +72,11 @@ def test_default_hyperparameters_are_keras_defaults():
   adam = optim.Adam(1e-3, [tf.Variable(1.0)])
   nadam = optim.Nadam(1e-3, [tf.Variable(1.0)])
   for ours, theirs in ((adam, keras.optimizers.Adam()), (nadam, keras.optimizers.Nadam())):
-    assert (ours.beta_1, ours.beta_2, ours.epsilon) == (theirs.beta_1, theirs.beta_2,
-                                                        theirs.epsilon)
+    assert (ours.beta_1, ours.beta_2, ours.epsilon) == (
+      theirs.beta_1,
+      theirs.beta_2,
+      theirs.epsilon,
+    )
   assert adam.epsilon == 1e-7
 
 
@@ -146,6 +153,7 @@ def test_mirrored_replica_context_matches_one_device(name):
       share = tf.cast(context.replica_id_in_sync_group + 1, tf.float32) / 3.0
       reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [g * share for g in grads])
       optimizer.apply(reduced, variables, should_apply=should_apply)
+
     strategy.run(replica_fn)
 
   gradients = _gradients(4)
@@ -178,8 +186,10 @@ def test_mirrored_without_merge_call(monkeypatch):
   def step(grads, should_apply):
     def replica_fn():
       reduced = tf.distribute.get_replica_context().all_reduce(
-          tf.distribute.ReduceOp.SUM, [g / 2.0 for g in grads])
+        tf.distribute.ReduceOp.SUM, [g / 2.0 for g in grads]
+      )
       optimizer.apply(reduced, variables, should_apply=should_apply)
+
     strategy.run(replica_fn)
 
   gradients = _gradients(2)
@@ -222,12 +232,14 @@ def test_checkpoint_round_trip_resumes_exactly(name, tmp_path):
   restored_variables = [tf.Variable(np.zeros_like(v)) for v in _initial_values()]
   restored = optim.make_optimizer(name, 1.0, restored_variables)
   tf.train.Checkpoint(variables=restored_variables, optimizer=restored).restore(
-      path).assert_consumed()
+    path
+  ).assert_consumed()
   assert int(restored.iterations.numpy()) == 2
   assert float(restored.learning_rate.numpy()) == np.float32(LEARNING_RATE / 2)
   restored.apply(gradients[2], restored_variables)
-  for got, expected in zip(list(restored.variables) + restored_variables,
-                           list(optimizer.variables) + variables):
+  for got, expected in zip(
+    list(restored.variables) + restored_variables, list(optimizer.variables) + variables
+  ):
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
 
 
@@ -258,12 +270,15 @@ def test_cosine_schedule_without_warmup_starts_at_base():
   assert schedule(100) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(base_lr=0.0, total_steps=10), "base_lr"),
     (dict(base_lr=1.0, total_steps=0), "total_steps"),
     (dict(base_lr=1.0, total_steps=10, warmup_steps=11), "warmup_steps"),
     (dict(base_lr=1.0, total_steps=10, final_lr=-1.0), "final_lr"),
-])
+  ],
+)
 def test_cosine_schedule_rejects_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     optim.CosineSchedule(**kwargs)
@@ -313,12 +328,15 @@ def test_monitors_resume_from_a_checkpoint(tmp_path):
   assert stopping.update(0.7)
 
 
-@pytest.mark.parametrize("make, message", [
+@pytest.mark.parametrize(
+  "make, message",
+  [
     (lambda: optim.ReduceOnPlateau(factor=1.5), "factor"),
     (lambda: optim.ReduceOnPlateau(patience=0), "patience"),
     (lambda: optim.EarlyStopping(mode="best"), "mode"),
     (lambda: optim.EarlyStopping(min_delta=-1.0), "min_delta"),
-])
+  ],
+)
 def test_monitors_reject_bad_arguments(make, message):
   with pytest.raises(ValueError, match=message):
     make()

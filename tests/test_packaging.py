@@ -12,8 +12,15 @@ import venv
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CONSOLE_SCRIPTS = ("dunet-train", "dunet-evaluate", "dunet-predict", "dunet-export",
-                   "dunet-export-trt", "dunet-prepare", "dunet-convert-keras")
+CONSOLE_SCRIPTS = (
+  "dunet-train",
+  "dunet-evaluate",
+  "dunet-predict",
+  "dunet-export",
+  "dunet-export-trt",
+  "dunet-prepare",
+  "dunet-convert-keras",
+)
 # Start-up lines that must not reach a user (dunet/cli.py silences them).
 NOISE = ("absl::InitializeLog", "oneDNN", "cuInit", "cpu_feature_guard", "DeprecationWarning")
 
@@ -43,18 +50,40 @@ def installed(tmp_path_factory):
 
   def ignore(folder, names):
     top = Path(folder) == REPO  # only the checkout's own data/, runs/...: dunet/data/ is code
-    return [name for name in names if name == "__pycache__" or name.endswith(".egg-info")
-            or (top and (name in local_only or name.startswith("workdir")))]
+    return [
+      name
+      for name in names
+      if name == "__pycache__"
+      or name.endswith(".egg-info")
+      or (top and (name in local_only or name.startswith("workdir")))
+    ]
 
   shutil.copytree(REPO, source, ignore=ignore)
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "-q", "-w", str(root / "dist"), str(source)], check=True, timeout=600)
-  wheel, = (root / "dist").glob("dunet-*.whl")
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--no-deps",
+      "--no-build-isolation",
+      "-q",
+      "-w",
+      str(root / "dist"),
+      str(source),
+    ],
+    check=True,
+    timeout=600,
+  )
+  (wheel,) = (root / "dist").glob("dunet-*.whl")
   venv.create(root / "venv", with_pip=True)
   bin_dir = root / "venv" / "bin"
   # Dependencies come from the package index (pip's cache after the test install).
-  subprocess.run([str(bin_dir / "pip"), "install", "-q", "--disable-pip-version-check",
-                  str(wheel)], check=True, timeout=1200)
+  subprocess.run(
+    [str(bin_dir / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
+    check=True,
+    timeout=1200,
+  )
   elsewhere = root / "elsewhere"
   elsewhere.mkdir()
   return bin_dir, elsewhere
@@ -62,19 +91,33 @@ def installed(tmp_path_factory):
 
 def _run(installed, script, *args, timeout=600):
   bin_dir, elsewhere = installed
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("TF_CPP_MIN_LOG_LEVEL", "PYTHONPATH", "VIRTUAL_ENV")}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("TF_CPP_MIN_LOG_LEVEL", "PYTHONPATH", "VIRTUAL_ENV")
+  }
   env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-  return subprocess.run([str(bin_dir / script), *args], cwd=elsewhere, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    [str(bin_dir / script), *args],
+    cwd=elsewhere,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 @pytest.mark.slow
 def test_the_wheel_holds_the_package_and_its_configs_only(installed):
   bin_dir, elsewhere = installed
-  site = subprocess.run([str(bin_dir / "python"), "-c", "import dunet, os; "
-                         "print(os.path.dirname(dunet.__file__))"], cwd=elsewhere,
-                        capture_output=True, text=True, check=True).stdout.strip()
+  site = subprocess.run(
+    [str(bin_dir / "python"), "-c", "import dunet, os; print(os.path.dirname(dunet.__file__))"],
+    cwd=elsewhere,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   assert not site.startswith(str(REPO)), site  # the installed copy, not the checkout
   shipped = sorted(path.name for path in Path(site, "configs").glob("*.flags"))
   assert shipped == sorted(path.name for path in (REPO / "configs").glob("*.flags"))
@@ -94,8 +137,14 @@ def test_every_console_script_shows_grouped_help(installed, script):
 @pytest.mark.slow
 def test_the_readme_first_command_trains_from_any_folder(installed):
   bin_dir, elsewhere = installed
-  completed = _run(installed, "dunet-train", "--config=demo", "--max_steps=2",
-                   "--workdir=run", "--data_dir=data/demo")
+  completed = _run(
+    installed,
+    "dunet-train",
+    "--config=demo",
+    "--max_steps=2",
+    "--workdir=run",
+    "--data_dir=data/demo",
+  )
   _check(completed, "dunet-train --config=demo")
   workdir = elsewhere / "run"
   metrics = json.loads((workdir / "metrics.json").read_text())
@@ -106,8 +155,7 @@ def test_the_readme_first_command_trains_from_any_folder(installed):
   assert "--demo" in recorded and "--max_steps=2" in recorded
   assert not any("logtostderr" in line or "test_tmpdir" in line for line in recorded)
   # A usage error from the installed script: one line, exit status 2, no workdir.
-  completed = _run(installed, "dunet-train", "--config=demo", "--batch_size=abc",
-                   "--workdir=never")
+  completed = _run(installed, "dunet-train", "--config=demo", "--batch_size=abc", "--workdir=never")
   assert completed.returncode == 2 and completed.stderr.count("\n") == 1, completed.stderr
   assert completed.stderr.startswith("dunet-train: error: flag --batch_size=abc")
   assert not (elsewhere / "never").exists()

@@ -1,4 +1,5 @@
-"""Precise BatchNorm statistics: pooled population moments, set for inference, kept by checkpoints."""
+"""Precise BatchNorm statistics: pooled population moments, set for inference, kept by
+checkpoints."""
 
 import numpy as np
 import pytest
@@ -30,8 +31,10 @@ class _TwoLayers(tf.Module):
 def _batches(count, batch=3, size=6, seed=0):
   rng = np.random.default_rng(seed)
   # Different means per batch: the pooled variance must include the spread between batches.
-  return [tf.constant(rng.normal(i, 1.0 + i, (batch, size, size, 3)).astype(np.float32))
-          for i in range(count)]
+  return [
+    tf.constant(rng.normal(i, 1.0 + i, (batch, size, size, 3)).astype(np.float32))
+    for i in range(count)
+  ]
 
 
 def _moments(values):
@@ -66,8 +69,7 @@ def test_inference_then_normalises_with_the_pooled_statistics():
   images = tf.concat(batches, 0)
   mean, variance = _moments(images.numpy())
   expected = (images.numpy() - mean) / np.sqrt(variance + EPSILON)
-  np.testing.assert_allclose(bn(images, is_training=False).numpy(), expected, rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(bn(images, is_training=False).numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_recording_leaves_weights_and_moving_statistics_alone_until_the_end():
@@ -108,14 +110,18 @@ def test_network_inference_equals_training_mode_with_the_batch_statistics(networ
   for head, (want, have) in enumerate(zip(expected, got), start=1):
     scale = np.abs(want.numpy()).max()
     # Training-mode batch moments vs. stored ones: float32 rounding through ~40 normalisations.
-    np.testing.assert_allclose(have.numpy(), want.numpy(), atol=2e-4 * scale, err_msg=f"head {head}")
+    np.testing.assert_allclose(
+      have.numpy(), want.numpy(), atol=2e-4 * scale, err_msg=f"head {head}"
+    )
   # Moving statistics (mostly still at 0 and 1) give other outputs: the recomputation mattered.
   for norm in norms:
     norm.moving_mean.assign(tf.zeros_like(norm.moving_mean))
     norm.moving_variance.assign(tf.ones_like(norm.moving_variance))
   stale = model(images, is_training=False)
-  assert np.abs(stale.logits2.numpy() - expected.logits2.numpy()).max() > 1e-2 * np.abs(
-      expected.logits2.numpy()).max()
+  assert (
+    np.abs(stale.logits2.numpy() - expected.logits2.numpy()).max()
+    > 1e-2 * np.abs(expected.logits2.numpy()).max()
+  )
 
 
 def test_recomputed_statistics_round_trip_through_a_checkpoint(network_and_batch, tmp_path):
@@ -127,8 +133,10 @@ def test_recomputed_statistics_round_trip_through_a_checkpoint(network_and_batch
   for original, copy in zip(precise_bn.batch_norms(model), precise_bn.batch_norms(restored)):
     np.testing.assert_array_equal(copy.moving_mean.numpy(), original.moving_mean.numpy())
     np.testing.assert_array_equal(copy.moving_variance.numpy(), original.moving_variance.numpy())
-  np.testing.assert_array_equal(restored(images, is_training=False).logits2.numpy(),
-                                model(images, is_training=False).logits2.numpy())
+  np.testing.assert_array_equal(
+    restored(images, is_training=False).logits2.numpy(),
+    model(images, is_training=False).logits2.numpy(),
+  )
 
 
 def test_two_replicas_pool_their_halves_as_one_device_pools_two_batches():
@@ -136,21 +144,24 @@ def test_two_replicas_pool_their_halves_as_one_device_pools_two_batches():
   a 2-replica recomputation over one global batch equals a 1-device one over its two halves."""
   batches = _batches(2, batch=4, seed=2)
   single = _TwoLayers()
-  precise_bn.recompute_statistics(single, [half for images in batches
-                                           for half in (images[:2], images[2:])])
+  precise_bn.recompute_statistics(
+    single, [half for images in batches for half in (images[:2], images[2:])]
+  )
   strategy = distribute.make_strategy("mirrored")
   with strategy.scope():
     mirrored = _TwoLayers()
   dataset = tf.data.Dataset.from_tensor_slices(tf.stack(batches))
   summary = precise_bn.recompute_statistics(
-      mirrored, strategy.experimental_distribute_dataset(dataset), strategy=strategy)
+    mirrored, strategy.experimental_distribute_dataset(dataset), strategy=strategy
+  )
   assert (summary.batches, summary.images) == (2, 8)
   for one, two in zip(precise_bn.batch_norms(single), precise_bn.batch_norms(mirrored)):
     for name in ("moving_mean", "moving_variance"):
       values = [v.numpy() for v in strategy.experimental_local_results(getattr(two, name))]
       for value in values:  # every replica's copy holds the pooled value
-        np.testing.assert_allclose(value, getattr(one, name).numpy(), rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{one.name}.{name}")
+        np.testing.assert_allclose(
+          value, getattr(one, name).numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{one.name}.{name}"
+        )
 
 
 def test_errors():

@@ -16,11 +16,14 @@ def _state(loss_scale):
   return float(loss_scale.scale.numpy()), int(loss_scale.good_steps.numpy())
 
 
-@pytest.mark.parametrize("name, compute_dtype, scaled", [
+@pytest.mark.parametrize(
+  "name, compute_dtype, scaled",
+  [
     ("float32", tf.float32, False),
     ("mixed_float16", tf.float16, True),
     ("mixed_bfloat16", tf.bfloat16, False),
-])
+  ],
+)
 def test_policies(name, compute_dtype, scaled):
   policy = precision.Policy(name)
   assert policy.compute_dtype == compute_dtype
@@ -168,6 +171,7 @@ def test_mirrored_step_skips_together_and_updates_every_copy(monkeypatch, merge_
       optimizer.apply([grad], [weight], should_apply=finite)
       loss_scale.update(finite)
       return finite
+
     return strategy.experimental_local_results(strategy.run(replica_fn))
 
   def copies(variable):
@@ -186,12 +190,15 @@ def test_mirrored_step_skips_together_and_updates_every_copy(monkeypatch, merge_
   assert first == second and first != [1.0, 2.0]
 
 
-@pytest.mark.parametrize("gpus, cpu_flags, expected", [
+@pytest.mark.parametrize(
+  "gpus, cpu_flags, expected",
+  [
     ([], ["sse4_2", "avx512f", "avx512_bf16"], "mixed_bfloat16"),
     ([], ["sse4_2", "amx_bf16"], "mixed_bfloat16"),
     ([], ["sse4_2", "avx512f"], "float32"),
     (["GPU:0"], ["avx512_bf16"], "float32"),
-])
+  ],
+)
 def test_auto_precision_follows_the_hardware(gpus, cpu_flags, expected):
   assert precision.default_policy_name(gpus=gpus, cpu_flags=cpu_flags) == expected
 

@@ -23,8 +23,7 @@ from tests import testing_utils
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_SIZE = (32, 32)
 # name -> (height, width); two sizes repeat, so batches of 2 mix full and partial batches.
-SIZES = {"a": (40, 56), "b": (64, 64), "c": (40, 56), "d": (64, 64), "e": (40, 56),
-         "f": (37, 45)}
+SIZES = {"a": (40, 56), "b": (64, 64), "c": (40, 56), "d": (64, 64), "e": (40, 56), "f": (37, 45)}
 
 
 def _picture(index, size):
@@ -42,8 +41,9 @@ def workdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("run")
   prefix = tf.train.Checkpoint(model=model).write(str(root / "best" / "ckpt-1"))
   tf.compat.v1.train.update_checkpoint_state(str(root / "best"), prefix)
-  checkpoint_lib.write_config(str(root), {"height": MODEL_SIZE[0], "width": MODEL_SIZE[1],
-                                          "preprocessing": "unit"})
+  checkpoint_lib.write_config(
+    str(root), {"height": MODEL_SIZE[0], "width": MODEL_SIZE[1], "preprocessing": "unit"}
+  )
   return root
 
 
@@ -68,7 +68,7 @@ def inputs(tmp_path_factory):
   assert cv2.imwrite(str(root / "photo.JPG"), _picture(10, (48, 48)))
   (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)) + b"IEND\xaeB`\x82")
   jpeg = cv2.imencode(".jpg", _picture(11, (40, 40)))[1].tobytes()
-  (root / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
   (root / "empty.png").write_bytes(b"")
   (root / "notes.txt").write_text("not a picture")
   (root / ".hidden.png").write_bytes((root / "a.png").read_bytes())
@@ -83,8 +83,9 @@ def _probability(loaded, image):
   return loaded.serve(tf.constant(image[None]))["probability"].numpy()[0, :, :, 0]
 
 
-def test_predict_writes_masks_and_overlays_at_each_size_and_skips_bad_files(loaded, inputs,
-                                                                           tmp_path):
+def test_predict_writes_masks_and_overlays_at_each_size_and_skips_bad_files(
+  loaded, inputs, tmp_path
+):
   paths, problems = inference.find_inputs(str(inputs))
   assert sorted(path.stem for path in paths) == sorted(GOOD + BAD)
   assert not problems
@@ -129,16 +130,23 @@ def test_predict_writes_masks_and_overlays_at_each_size_and_skips_bad_files(load
 
 def test_probabilities_tta_and_no_overlays(loaded, inputs, tmp_path):
   paths = [inputs / "a.png", inputs / "b.png"]
-  summary = predict.predict(loaded, paths, tmp_path, tta=True, overlays=False,
-                            probabilities=True, threshold=0.6, progress=False)
+  summary = predict.predict(
+    loaded,
+    paths,
+    tmp_path,
+    tta=True,
+    overlays=False,
+    probabilities=True,
+    threshold=0.6,
+    progress=False,
+  )
   assert summary["tta"] == ["none", "horizontal", "vertical"] and summary["threshold"] == 0.6
   assert not (tmp_path / "overlays").exists()
   for path in paths:
     image = cv2.imread(str(path))[:, :, ::-1].copy()
     expected = serving.flip_tta(loaded.serve, tf.constant(image[None]))["probability"]
     expected = expected.numpy()[0, :, :, 0]
-    written = cv2.imread(str(tmp_path / "probabilities" / f"{path.stem}.png"),
-                         cv2.IMREAD_UNCHANGED)
+    written = cv2.imread(str(tmp_path / "probabilities" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED)
     assert written.shape == image.shape[:2]
     assert np.abs(written.astype(np.float32) - expected * 255).max() <= 0.5 + 1e-3
     mask = cv2.imread(str(tmp_path / "masks" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED) > 0
@@ -159,14 +167,25 @@ def test_duplicate_stems_are_refused(loaded, tmp_path):
 def _cli(*args, timeout=240):
   # Without the suite's TF_CPP_MIN_LOG_LEVEL: the program quiets TensorFlow's start-up itself.
   env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-  return subprocess.run([sys.executable, "-m", "dunet.predict", *args], cwd=REPO, env=env,
-                        timeout=timeout, capture_output=True, text=True)
+  return subprocess.run(
+    [sys.executable, "-m", "dunet.predict", *args],
+    cwd=REPO,
+    env=env,
+    timeout=timeout,
+    capture_output=True,
+    text=True,
+  )
 
 
 def test_cli_skips_unreadable_pictures_and_says_so_in_the_exit_status(workdir, inputs, tmp_path):
   out = tmp_path / "out"
-  completed = _cli(f"--checkpoint={workdir}", f"--input={inputs}", f"--out_dir={out}",
-                   "--batch_size=3", "--noprogress")
+  completed = _cli(
+    f"--checkpoint={workdir}",
+    f"--input={inputs}",
+    f"--out_dir={out}",
+    "--batch_size=3",
+    "--noprogress",
+  )
   assert completed.returncode == predict.EXIT_SKIPPED == 3, completed.stderr[-3000:]
   for stem in BAD:
     assert str(inputs / stem) in completed.stderr
@@ -177,38 +196,66 @@ def test_cli_skips_unreadable_pictures_and_says_so_in_the_exit_status(workdir, i
 
   # All readable: exit status 0; TTA and probability pictures on request.
   out = tmp_path / "good"
-  completed = _cli(f"--checkpoint={workdir}", f"--input={inputs}/a.png,{inputs}/[bd].png",
-                   f"--out_dir={out}", "--tta", "--probabilities", "--nooverlays")
+  completed = _cli(
+    f"--checkpoint={workdir}",
+    f"--input={inputs}/a.png,{inputs}/[bd].png",
+    f"--out_dir={out}",
+    "--tta",
+    "--probabilities",
+    "--nooverlays",
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   assert sorted(os.listdir(out / "probabilities")) == ["a.png", "b.png", "d.png"]
   assert not (out / "overlays").exists()
   assert not [name for name in os.listdir(out / "masks") if ".tmp" in name]
 
   # Nothing to do, or a clash of names: status 1 and the reason.
-  completed = _cli(f"--checkpoint={workdir}", f"--input={inputs}/corrupt.png",
-                   f"--out_dir={tmp_path / 'none'}")
+  completed = _cli(
+    f"--checkpoint={workdir}", f"--input={inputs}/corrupt.png", f"--out_dir={tmp_path / 'none'}"
+  )
   assert completed.returncode == 1 and "corrupt.png" in completed.stderr
 
 
 def test_cli_errors_and_help(tmp_path, inputs):
   # A model path with nothing there: one line naming it, exit status 1, no output folder.
-  completed = _cli(f"--checkpoint={tmp_path / 'no_run'}", f"--input={inputs}/a.png",
-                   f"--out_dir={tmp_path / 'out'}")
+  completed = _cli(
+    f"--checkpoint={tmp_path / 'no_run'}",
+    f"--input={inputs}/a.png",
+    f"--out_dir={tmp_path / 'out'}",
+  )
   assert completed.returncode == 1
   lines = completed.stderr.strip().splitlines()
   assert len(lines) == 1, completed.stderr
   assert lines[0].startswith(f"dunet-predict: error: no checkpoint at '{tmp_path / 'no_run'}'")
   # Pictures are checked first (before the model): a usage error, one line naming --input.
-  completed = _cli(f"--checkpoint={tmp_path / 'no_run'}", f"--input={tmp_path / 'nope'}",
-                   f"--out_dir={tmp_path / 'out'}")
+  completed = _cli(
+    f"--checkpoint={tmp_path / 'no_run'}",
+    f"--input={tmp_path / 'nope'}",
+    f"--out_dir={tmp_path / 'out'}",
+  )
   assert completed.returncode == 2
   assert completed.stderr.strip().splitlines() == [
-      f"dunet-predict: error: --input={tmp_path / 'nope'}: no such file or folder (see --help)"]
+    f"dunet-predict: error: --input={tmp_path / 'nope'}: no such file or folder (see --help)"
+  ]
   assert not (tmp_path / "out").exists()
   completed = _cli("--help")
-  for flag in ("checkpoint", "prefer", "input", "recursive", "out_dir", "batch_size", "threshold",
-               "tta", "tta_flips", "overlays", "probabilities", "height", "width", "precision",
-               "progress"):
+  for flag in (
+    "checkpoint",
+    "prefer",
+    "input",
+    "recursive",
+    "out_dir",
+    "batch_size",
+    "threshold",
+    "tta",
+    "tta_flips",
+    "overlays",
+    "probabilities",
+    "height",
+    "width",
+    "precision",
+    "progress",
+  ):
     assert f"  --{flag}\n" in completed.stdout or f"  --[no]{flag}\n" in completed.stdout, flag
   assert completed.returncode == 0 and "Segments new pictures" in completed.stdout
 
@@ -222,15 +269,14 @@ def test_main_refuses_inputs_that_name_no_picture(tmp_path):
   with pytest.raises(app.UsageError, match="no such file or folder"):
     predict.find_pictures([str(tmp_path / "a.png"), str(tmp_path / "b.png")], False, "out")
   (tmp_path / "a.png").write_bytes(b"")  # exists: read (and reported) later, like any picture
-  paths, _ = predict.find_pictures([str(tmp_path / "a.png"), str(tmp_path / "b.png")], False,
-                                   "out")
+  paths, _ = predict.find_pictures([str(tmp_path / "a.png"), str(tmp_path / "b.png")], False, "out")
   assert [path.name for path in paths] == ["a.png", "b.png"]
   assert not (tmp_path / "out").exists()
 
 
 def test_degenerate_masks_warning_rule():
   assert predict.degenerate_masks_warning([0.3, 0.1, 0.99, 0.0]) is None  # a mixed set
-  assert predict.degenerate_masks_warning([1.0]) is None                  # too few to say
+  assert predict.degenerate_masks_warning([1.0]) is None  # too few to say
   full = predict.degenerate_masks_warning([0.99, 1.0, 0.2])
   assert full and "2 of 3 masks are nearly all foreground" in full and "recompute_bn" in full
   empty = predict.degenerate_masks_warning([0.0, 0.0001, 0.0, 0.4])
@@ -244,15 +290,23 @@ def test_a_model_predicting_foreground_everywhere_is_warned_about(workdir, input
   degenerate = tmp_path / "run"
   prefix = tf.train.Checkpoint(model=model).write(str(degenerate / "best" / "ckpt-1"))
   tf.compat.v1.train.update_checkpoint_state(str(degenerate / "best"), prefix)
-  checkpoint_lib.write_config(str(degenerate), {"height": MODEL_SIZE[0], "width": MODEL_SIZE[1],
-                                                "preprocessing": "unit"})
-  summary = predict.predict(serving.load_segmenter(str(degenerate)),
-                            [inputs / f"{name}.png" for name in SIZES], tmp_path / "out",
-                            progress=False)
+  checkpoint_lib.write_config(
+    str(degenerate), {"height": MODEL_SIZE[0], "width": MODEL_SIZE[1], "preprocessing": "unit"}
+  )
+  summary = predict.predict(
+    serving.load_segmenter(str(degenerate)),
+    [inputs / f"{name}.png" for name in SIZES],
+    tmp_path / "out",
+    progress=False,
+  )
   assert len(summary["warnings"]) == 1 and "nearly all foreground" in summary["warnings"][0]
-  assert json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"] == (
-      summary["warnings"])
-  normal = predict.predict(serving.load_segmenter(str(workdir)),
-                           [inputs / f"{name}.png" for name in SIZES], tmp_path / "normal",
-                           progress=False)
+  assert (
+    json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"] == (summary["warnings"])
+  )
+  normal = predict.predict(
+    serving.load_segmenter(str(workdir)),
+    [inputs / f"{name}.png" for name in SIZES],
+    tmp_path / "normal",
+    progress=False,
+  )
   assert normal["warnings"] == []

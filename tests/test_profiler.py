@@ -14,9 +14,16 @@ def test_parse_step_range(text, expected):
   assert profiler.parse_step_range(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("20", "START,STOP"), ("a,b", "START,STOP"), ("1,2,3", "START,STOP"),
-    ("0,5", "1 <= START <= STOP"), ("6,5", "1 <= START <= STOP")])
+@pytest.mark.parametrize(
+  "text, message",
+  [
+    ("20", "START,STOP"),
+    ("a,b", "START,STOP"),
+    ("1,2,3", "START,STOP"),
+    ("0,5", "1 <= START <= STOP"),
+    ("6,5", "1 <= START <= STOP"),
+  ],
+)
 def test_parse_step_range_rejects(text, message):
   with pytest.raises(ValueError, match=message):
     profiler.parse_step_range(text)

@@ -53,8 +53,7 @@ def test_throughput_counts_from_the_start_step_and_creation_time(monkeypatch):
   clock = _Clock()
   monkeypatch.setattr(progress_lib, "time", clock)
   stream = io.StringIO()
-  progress = ProgressLine(total_steps=30, items_per_step=4, stream=stream, every=10,
-                          start_step=5)
+  progress = ProgressLine(total_steps=30, items_per_step=4, stream=stream, every=10, start_step=5)
   clock.now += 0.5
   progress.update(10, {})
   # 5 steps of 4 images in the 0.5 s since creation; 20 steps left at 40 img/s.

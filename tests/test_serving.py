@@ -25,8 +25,9 @@ def images():
   return np.random.RandomState(0).randint(0, 256, (2, 96, 80, 3)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("shape", [(2, 96, 80, 3), (2, 40, 50, 3), (1, 96, 40, 3)],
-                         ids=["shrink", "grow", "mixed"])
+@pytest.mark.parametrize(
+  "shape", [(2, 96, 80, 3), (2, 40, 50, 3), (1, 96, 40, 3)], ids=["shrink", "grow", "mixed"]
+)
 def test_resize_matches_preparation(shape):
   pictures = np.random.RandomState(1).randint(0, 256, shape).astype(np.uint8)
   resized = serving.resize_images(tf.constant(pictures), SIZE, SIZE).numpy()
@@ -37,8 +38,9 @@ def test_resize_matches_preparation(shape):
 
 def test_resize_is_the_identity_at_the_model_size():
   pictures = np.random.RandomState(2).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
-  np.testing.assert_array_equal(serving.resize_images(tf.constant(pictures), SIZE, SIZE).numpy(),
-                                pictures.astype(np.float32))
+  np.testing.assert_array_equal(
+    serving.resize_images(tf.constant(pictures), SIZE, SIZE).numpy(), pictures.astype(np.float32)
+  )
 
 
 def test_serve_at_the_model_size_is_the_model(model):
@@ -46,10 +48,12 @@ def test_serve_at_the_model_size_is_the_model(model):
   segmenter = serving.Segmenter(model, SIZE, SIZE, "reference")
   result = segmenter(pictures)
   expected = model(preprocess.preprocess(pictures, "reference"), is_training=False)
-  np.testing.assert_allclose(result["probability"].numpy(),
-                             tf.sigmoid(expected.logits2).numpy(), atol=1e-6)
-  np.testing.assert_allclose(result["probability_head1"].numpy(),
-                             tf.sigmoid(expected.logits1).numpy(), atol=1e-6)
+  np.testing.assert_allclose(
+    result["probability"].numpy(), tf.sigmoid(expected.logits2).numpy(), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    result["probability_head1"].numpy(), tf.sigmoid(expected.logits1).numpy(), atol=1e-6
+  )
 
 
 def test_serve_returns_masks_at_the_input_size(model, images):
@@ -60,8 +64,9 @@ def test_serve_returns_masks_at_the_input_size(model, images):
     assert value.shape == (2, 96, 80, 1) and value.dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(value)) and float(tf.reduce_max(value)) <= 1.0
   # The same as running the model at its size and resizing its probabilities back.
-  at_model_size = segmenter(serving.resize_images(images, SIZE, SIZE).numpy().round()
-                            .astype(np.uint8))
+  at_model_size = segmenter(
+    serving.resize_images(images, SIZE, SIZE).numpy().round().astype(np.uint8)
+  )
   back = tf.image.resize(at_model_size["probability"], [96, 80]).numpy()
   np.testing.assert_allclose(result["probability"].numpy(), back, atol=2e-2)
 
@@ -84,11 +89,14 @@ def test_serve_model_size_takes_only_the_model_size(model):
     segmenter.serve_model_size(np.zeros((1, SIZE + 16, SIZE, 3), np.uint8))
 
 
-@pytest.mark.parametrize("height,width,preprocessing,message", [
+@pytest.mark.parametrize(
+  "height,width,preprocessing,message",
+  [
     (60, 64, "unit", "height must be a positive multiple of 16"),
     (64, 0, "unit", "width must be a positive multiple of 16"),
     (64, 64, "imagenet", "unknown preprocessing"),
-])
+  ],
+)
 def test_segmenter_rejects_bad_settings(model, height, width, preprocessing, message):
   with pytest.raises(ConfigError, match=message):
     serving.Segmenter(model, height, width, preprocessing)
@@ -99,14 +107,20 @@ def test_saved_model_round_trip(tmp_path, model, images):
   tf.saved_model.save(segmenter, str(tmp_path / "saved"), signatures=segmenter.signatures())
   loaded = serving.load_segmenter(str(tmp_path / "saved"))
   assert (loaded.kind, loaded.height, loaded.width, loaded.preprocessing) == (
-      "saved_model", SIZE, SIZE, "caffe")
-  np.testing.assert_allclose(loaded.serve(images)["probability"].numpy(),
-                             segmenter(images)["probability"].numpy(), atol=1e-6)
+    "saved_model",
+    SIZE,
+    SIZE,
+    "caffe",
+  )
+  np.testing.assert_allclose(
+    loaded.serve(images)["probability"].numpy(), segmenter(images)["probability"].numpy(), atol=1e-6
+  )
   assert set(loaded.module.signatures) == {"serving_default", "model_size"}
   pictures = np.random.RandomState(6).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
   by_key = loaded.module.signatures["model_size"](images=tf.constant(pictures))
-  np.testing.assert_allclose(by_key["probability"].numpy(),
-                             segmenter(pictures)["probability"].numpy(), atol=1e-6)
+  np.testing.assert_allclose(
+    by_key["probability"].numpy(), segmenter(pictures)["probability"].numpy(), atol=1e-6
+  )
   with pytest.raises(ConfigError, match="exported with height 64, not 128"):
     serving.load_segmenter(str(tmp_path / "saved"), height=128)
 
@@ -121,8 +135,9 @@ def test_a_foreign_saved_model_is_refused(tmp_path):
 
 def _write_run(workdir, model, config):
   # A CheckpointManager writes the `checkpoint` state file that resolve_checkpoint looks for.
-  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(workdir / "best"),
-                                       max_to_keep=1)
+  manager = tf.train.CheckpointManager(
+    tf.train.Checkpoint(model=model), str(workdir / "best"), max_to_keep=1
+  )
   prefix = manager.save(checkpoint_number=3)
   if config is not None:
     checkpoint_lib.write_config(str(workdir), config)
@@ -174,11 +189,13 @@ def test_flip_tta_flips_back_and_averages(images):
   plain = np.cumsum(pixels, axis=2)
   horizontal = np.cumsum(pixels[:, :, ::-1], axis=2)[:, :, ::-1]
   vertical = np.cumsum(pixels[:, ::-1], axis=2)[:, ::-1]
-  np.testing.assert_allclose(result["probability"].numpy(), (plain + horizontal + vertical) / 3,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    result["probability"].numpy(), (plain + horizontal + vertical) / 3, rtol=1e-5
+  )
   only_plain = serving.flip_tta(_asymmetric_serve, tf.constant(images), flips=("none",))
-  np.testing.assert_allclose(only_plain["probability_head1"].numpy(), np.cumsum(pixels, axis=1),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    only_plain["probability_head1"].numpy(), np.cumsum(pixels, axis=1), rtol=1e-6
+  )
 
 
 def test_flip_tta_rejects_unknown_flips(images):

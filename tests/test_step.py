@@ -33,8 +33,9 @@ class _TwoHeads(tf.Module):
   def __call__(self, images, is_training):
     del is_training
     features = tf.nn.relu(self.features(tf.cast(images, self.compute_dtype)))
-    return DoubleUNetOutputs(tf.cast(self.head1(features), tf.float32),
-                             tf.cast(self.head2(features), tf.float32))
+    return DoubleUNetOutputs(
+      tf.cast(self.head1(features), tf.float32), tf.cast(self.head2(features), tf.float32)
+    )
 
 
 def _batch(seed=0, batch_size=4):
@@ -44,30 +45,46 @@ def _batch(seed=0, batch_size=4):
   masks = np.zeros((batch_size, SIZE, SIZE, 1), np.float32)
   for i in range(batch_size):
     top, left = rng.integers(0, SIZE // 2, size=2)
-    masks[i, top:top + SIZE // 2, left:left + SIZE // 2] = 1.0
-    images[i, top:top + SIZE // 2, left:left + SIZE // 2] += 0.6
+    masks[i, top : top + SIZE // 2, left : left + SIZE // 2] = 1.0
+    images[i, top : top + SIZE // 2, left : left + SIZE // 2] += 0.6
   return {"image": tf.constant(images), "mask": tf.constant(masks)}
 
 
-def _setup(policy_name="float32", learning_rate=1e-3, strategy=None, seed=0, epsilon=1e-7,
-           initial_scale=2.0**15, make_model=DoubleUNet):
+def _setup(
+  policy_name="float32",
+  learning_rate=1e-3,
+  strategy=None,
+  seed=0,
+  epsilon=1e-7,
+  initial_scale=2.0**15,
+  make_model=DoubleUNet,
+):
   """(model, optimizer, loss_scale) from dunet's one builder, as training makes them."""
   tf.random.set_seed(seed)
   parts = builder.build_training_parts(
-      precision.Policy(policy_name), "adam", learning_rate, strategy=strategy,
-      make_model=make_model, optimizer_options=dict(epsilon=epsilon),
-      initial_loss_scale=initial_scale)
+    precision.Policy(policy_name),
+    "adam",
+    learning_rate,
+    strategy=strategy,
+    make_model=make_model,
+    optimizer_options=dict(epsilon=epsilon),
+    initial_loss_scale=initial_scale,
+  )
   return parts.model, parts.optimizer, parts.loss_scale
 
 
-def _train_function(model, optimizer, loss_scale, global_batch_size, loss_fn=None,
-                    strategy=None):
+def _train_function(model, optimizer, loss_scale, global_batch_size, loss_fn=None, strategy=None):
   """The train function training runs (builder -> runner -> step.train_step)."""
-  parts = builder.TrainingParts(model=model, optimizer=optimizer, loss_scale=loss_scale,
-                                policy=precision.Policy("float32"))
-  return builder.make_train_function(parts, loss_fn=loss_fn or losses.binary_cross_entropy,
-                                     head_weights=(1.0, 1.0),
-                                     global_batch_size=global_batch_size, strategy=strategy)
+  parts = builder.TrainingParts(
+    model=model, optimizer=optimizer, loss_scale=loss_scale, policy=precision.Policy("float32")
+  )
+  return builder.make_train_function(
+    parts,
+    loss_fn=loss_fn or losses.binary_cross_entropy,
+    head_weights=(1.0, 1.0),
+    global_batch_size=global_batch_size,
+    strategy=strategy,
+  )
 
 
 def test_loss_goes_down_and_measurements_are_reported():
@@ -78,11 +95,21 @@ def test_loss_goes_down_and_measurements_are_reported():
   first, last = float(history[0]["loss/total"]), float(history[-1]["loss/total"])
   assert last < 0.7 * first, (first, last)
   measured = history[-1]
-  assert {"loss/total", "loss/head1", "loss/head2", "norm/gradients", "norm/parameters",
-          "loss_scale", "update_applied", "learning_rate"} <= set(measured)
-  np.testing.assert_allclose(float(measured["loss/total"]),
-                             float(measured["loss/head1"]) + float(measured["loss/head2"]),
-                             rtol=1e-5)
+  assert {
+    "loss/total",
+    "loss/head1",
+    "loss/head2",
+    "norm/gradients",
+    "norm/parameters",
+    "loss_scale",
+    "update_applied",
+    "learning_rate",
+  } <= set(measured)
+  np.testing.assert_allclose(
+    float(measured["loss/total"]),
+    float(measured["loss/head1"]) + float(measured["loss/head2"]),
+    rtol=1e-5,
+  )
   assert float(measured["update_applied"]) == 1.0
   assert int(optimizer.iterations.numpy()) == 12
 
@@ -106,7 +133,7 @@ def test_float16_overflow_skips_the_update_and_halves_the_scale():
   first_applied = applied.index(1.0)
   assert first_applied >= 3, applied
   assert all(a == 0.0 for a in applied[:first_applied])
-  assert float(loss_scale.scale.numpy()) == 2.0**(30 - first_applied)
+  assert float(loss_scale.scale.numpy()) == 2.0 ** (30 - first_applied)
   assert int(optimizer.iterations.numpy()) == len(applied) - first_applied
 
 
@@ -116,7 +143,8 @@ def test_non_finite_gradient_in_float32_leaves_weights_unchanged():
   def poisoned_loss(logits, masks):
     # sqrt'(0) is Inf: the gradient is NaN while the loss itself stays finite.
     return losses.binary_cross_entropy(logits, masks) + tf.sqrt(
-        tf.abs(logits[:, 0, 0, 0] - tf.stop_gradient(logits[:, 0, 0, 0])))
+      tf.abs(logits[:, 0, 0, 0] - tf.stop_gradient(logits[:, 0, 0, 0]))
+    )
 
   run = _train_function(model, optimizer, loss_scale, 4, loss_fn=poisoned_loss)
   before = [v.numpy() for v in model.trainable_variables]
@@ -146,8 +174,7 @@ def test_two_replicas_match_one_replica():
 
   devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
   strategy = distribute.make_strategy("mirrored", devices=devices)
-  model, optimizer, loss_scale = _setup(strategy=strategy, seed=5, learning_rate=1e-2,
-                                        epsilon=1.0)
+  model, optimizer, loss_scale = _setup(strategy=strategy, seed=5, learning_rate=1e-2, epsilon=1.0)
   for variable, value in zip(model.variables, initial):
     np.testing.assert_array_equal(variable.numpy(), value)
   dataset = tf.data.Dataset.from_tensors(global_batch)
@@ -165,8 +192,9 @@ def test_two_replicas_match_one_replica():
     # changes below the float32 spacing of the weights themselves are rounding.)
     scale = np.abs(expected_change).max()
     tolerance = 0.02 * scale + 2 * np.spacing(np.abs(value).max()) + 1e-9
-    np.testing.assert_allclose(got_change, expected_change, atol=tolerance, rtol=0,
-                               err_msg=expected.name)
+    np.testing.assert_allclose(
+      got_change, expected_change, atol=tolerance, rtol=0, err_msg=expected.name
+    )
 
 
 def _numpy_bce(logits, masks):
@@ -186,8 +214,9 @@ def test_eval_step_counts_and_losses_match_numpy():
     logits = getattr(model(batch["image"], is_training=False), name).numpy()
     head.bias.assign(head.bias - float(np.median(logits)))
   head_weights = (0.25, 1.0)
-  result = builder.make_eval_function(model, loss_fn=losses.binary_cross_entropy,
-                                      head_weights=head_weights)(batch)
+  result = builder.make_eval_function(
+    model, loss_fn=losses.binary_cross_entropy, head_weights=head_weights
+  )(batch)
   outputs = [logits.numpy() for logits in model(batch["image"], is_training=False)]
   masks = batch["mask"].numpy()
   truth = masks >= 0.5
@@ -195,10 +224,15 @@ def test_eval_step_counts_and_losses_match_numpy():
   for index, (head, logits) in enumerate(zip(("head1", "head2"), outputs)):
     predicted = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) >= 0.5
     assert 0.2 < predicted.mean() < 0.8, (head, predicted.mean())
-    expected = np.stack([(predicted & truth).sum(axis=(1, 2, 3)),
-                         (predicted & ~truth).sum(axis=(1, 2, 3)),
-                         (~predicted & truth).sum(axis=(1, 2, 3)),
-                         (~predicted & ~truth).sum(axis=(1, 2, 3))], axis=1)
+    expected = np.stack(
+      [
+        (predicted & truth).sum(axis=(1, 2, 3)),
+        (predicted & ~truth).sum(axis=(1, 2, 3)),
+        (~predicted & truth).sum(axis=(1, 2, 3)),
+        (~predicted & ~truth).sum(axis=(1, 2, 3)),
+      ],
+      axis=1,
+    )
     np.testing.assert_array_equal(np.asarray(result[f"counts/{head}"]), expected)
     head_loss = _numpy_bce(logits, masks).mean()
     assert head_loss > 0.1  # not a trivially confident prediction

@@ -31,16 +31,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """24 demo pictures prepared at 32x32: 20 train (5 steps of 4), 2 valid, 2 test."""
-  return demo.ensure_demo_data(tmp_path_factory.mktemp("demo"), count=24, height=SIZE,
-                               width=SIZE, seed=1)
+  return demo.ensure_demo_data(
+    tmp_path_factory.mktemp("demo"), count=24, height=SIZE, width=SIZE, seed=1
+  )
 
 
 def test_config(data_dir, **overrides):
   """A TrainConfig with test-sized defaults, changed by setting name (`epochs=3`)."""
-  settings = dict(data_dir=str(data_dir), batch_size=4, epochs=2, learning_rate=1e-3,
-                  optimizer="adam", lr_schedule="constant", batch_norm_momentum=0.9, seed=7,
-                  log_every_steps=1, summary_images=2, augment=AugmentConfig.none(),
-                  preprocessing="unit", precision="float32")
+  settings = dict(
+    data_dir=str(data_dir),
+    batch_size=4,
+    epochs=2,
+    learning_rate=1e-3,
+    optimizer="adam",
+    lr_schedule="constant",
+    batch_norm_momentum=0.9,
+    seed=7,
+    log_every_steps=1,
+    summary_images=2,
+    augment=AugmentConfig.none(),
+    preprocessing="unit",
+    precision="float32",
+  )
   settings.update(overrides)
   if settings["augment"] is True:
     settings["augment"] = AugmentConfig()
@@ -58,15 +70,25 @@ def run_training(workdir, data_dir, **overrides):
 def _model_variables(workdir):
   prefix = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
   reader = tf.train.load_checkpoint(prefix)
-  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-          if name.startswith("model/")}
+  return {
+    name: reader.get_tensor(name)
+    for name in reader.get_variable_to_shape_map()
+    if name.startswith("model/")
+  }
 
 
 def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
   workdir = tmp_path / "run"
   # The reference's schedule: reduce on a plateau of the validation LOSS (patience 1 here).
-  train_config = test_config(data_dir, epochs=3, lr_schedule="plateau", monitor="loss",
-                             plateau_patience=1, plateau_factor=0.5, min_learning_rate=0.0)
+  train_config = test_config(
+    data_dir,
+    epochs=3,
+    lr_schedule="plateau",
+    monitor="loss",
+    plateau_patience=1,
+    plateau_factor=0.5,
+    min_learning_rate=0.0,
+  )
   result = train.train(train_config, str(workdir))
   assert result["step"] == 15
   for name in ("train_config.json", "config.json", "split.json", "metrics.json"):
@@ -79,14 +101,24 @@ def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
   assert tf.train.latest_checkpoint(str(workdir / "best"))
   config = json.loads((workdir / "config.json").read_text())
   assert (config["height"], config["width"], config["preprocessing"], config["precision"]) == (
-      SIZE, SIZE, "unit", "float32")
+    SIZE,
+    SIZE,
+    "unit",
+    "float32",
+  )
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert set(metrics["valid"]) >= {"head2/per_image/dsc", "head1/pooled/iou", "loss/total"}
   losses = testing_utils.event_scalars(workdir / "train", "loss/total")
   assert sorted(losses) == list(range(1, 16))
   assert np.mean([losses[s] for s in (13, 14, 15)]) < np.mean([losses[s] for s in (1, 2, 3)])
-  for tag in ("loss/head1", "loss/head2", "learning_rate", "loss_scale", "images_per_second",
-              "norm/gradients"):
+  for tag in (
+    "loss/head1",
+    "loss/head2",
+    "learning_rate",
+    "loss_scale",
+    "images_per_second",
+    "norm/gradients",
+  ):
     assert testing_utils.event_scalars(workdir / "train", tag), tag
   assert set(testing_utils.event_scalars(workdir / "valid", "head2/per_image/dsc")) == {5, 10, 15}
   # After each validation the rate halves exactly when the validation loss did not improve.
@@ -108,10 +140,12 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
   # validation after step 5) change no weight, which the paper configs rely on to train
   # exactly as the reference does; so the losses are the same too.
   again = tmp_path / "again"
-  run_training(again, data_dir, deterministic=True, max_steps=7, augment=True,
-               batch_norm_statistics="moving")
+  run_training(
+    again, data_dir, deterministic=True, max_steps=7, augment=True, batch_norm_statistics="moving"
+  )
   assert testing_utils.event_scalars(again / "train", "loss/total") == (
-      testing_utils.event_scalars(uninterrupted / "train", "loss/total"))
+    testing_utils.event_scalars(uninterrupted / "train", "loss/total")
+  )
   expected, with_moving = _model_variables(uninterrupted), _model_variables(again)
   statistics = [name for name in expected if "moving_" in name]
   assert statistics and len(statistics) < len(expected)
@@ -122,16 +156,19 @@ def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_d
 
   resumed = tmp_path / "resumed"
   # Stops mid-epoch 1 (step 3 of 5), then resumes across an epoch boundary and a validation.
-  run_training(resumed, data_dir, deterministic=True, max_steps=3, augment=True,
-               checkpoint_every_steps=1)
+  run_training(
+    resumed, data_dir, deterministic=True, max_steps=3, augment=True, checkpoint_every_steps=1
+  )
   result = run_training(resumed, data_dir, deterministic=True, max_steps=7, augment=True)
   assert result["step"] == 7
   got = _model_variables(resumed)
   assert expected.keys() == got.keys()
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-  assert testing_utils.event_scalars(resumed / "train", "loss/total")[7] == (
-      testing_utils.event_scalars(uninterrupted / "train", "loss/total")[7])
+  assert (
+    testing_utils.event_scalars(resumed / "train", "loss/total")[7]
+    == (testing_utils.event_scalars(uninterrupted / "train", "loss/total")[7])
+  )
 
 
 def _head_losses(model, images, masks):
@@ -147,30 +184,51 @@ def initial_weights(data_dir, tmp_path_factory):
   tf.random.set_seed(21)
   model = DoubleUNet(vgg19_kernel_init="he_normal")
   prefix = tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("init") / "ckpt"))
-  batch = next(iter(pipeline.make_eval_dataset(data_dir, "train", batch_size=8,
-                                               preprocessing="unit")))
+  batch = next(
+    iter(pipeline.make_eval_dataset(data_dir, "train", batch_size=8, preprocessing="unit"))
+  )
   images, masks = batch["image"], batch["mask"]
-  return {"prefix": prefix, "values": [v.numpy() for v in model.trainable_variables],
-          "images": images, "masks": masks, "losses": _head_losses(model, images, masks)}
+  return {
+    "prefix": prefix,
+    "values": [v.numpy() for v in model.trainable_variables],
+    "images": images,
+    "masks": masks,
+    "losses": _head_losses(model, images, masks),
+  }
 
 
 # Each variant is a full training run (tracing the 29 M-parameter network is most of its time),
 # so the variants combine what they test: two replicas with the reference's batch-level Dice
 # (all-reduced sums) and precise BatchNorm statistics pooled across replicas; float16 with its
 # loss scale; bfloat16 (what --precision=auto picks on CPUs that have it); XLA, deterministic.
-@pytest.mark.parametrize("overrides", [
-    dict(strategy="mirrored", loss_reduction="reference", loss="dice",
-         batch_norm_statistics="precise", precise_bn_batches=2),
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    dict(
+      strategy="mirrored",
+      loss_reduction="reference",
+      loss="dice",
+      batch_norm_statistics="precise",
+      precise_bn_batches=2,
+    ),
     dict(precision="mixed_float16", initial_loss_scale=4.0),
     dict(precision="mixed_bfloat16"),
     dict(jit_compile=True, deterministic=True),
-], ids=["mirrored-reference-loss-precise-bn", "float16", "bfloat16", "xla-deterministic"])
+  ],
+  ids=["mirrored-reference-loss-precise-bn", "float16", "bfloat16", "xla-deterministic"],
+)
 def test_training_variants_learn(tmp_path, data_dir, initial_weights, overrides):
   """Each variant moves the weights and lowers each head's loss on a fixed training batch."""
   steps = 2 if overrides.get("precision") == "mixed_float16" else 3  # float16 is slow on CPUs
-  result = run_training(tmp_path / "run", data_dir, epochs=1, max_steps=steps,
-                        learning_rate=3e-4, init_checkpoint=initial_weights["prefix"],
-                        **overrides)
+  result = run_training(
+    tmp_path / "run",
+    data_dir,
+    epochs=1,
+    max_steps=steps,
+    learning_rate=3e-4,
+    init_checkpoint=initial_weights["prefix"],
+    **overrides,
+  )
   assert result["step"] == steps
   assert np.isfinite(result["valid"]["loss/total"])
   if "initial_loss_scale" in overrides:
@@ -182,8 +240,11 @@ def test_training_variants_learn(tmp_path, data_dir, initial_weights, overrides)
   # gradient, nor do the taps of the ASPP's dilated kernels that reach past a 2x2 bottleneck).
   initial = dict(zip([v.name for v in trained.trainable_variables], initial_weights["values"]))
   for part in ("vgg19", "aspp1", "decoder1", "head1", "encoder2", "aspp2", "decoder2", "head2"):
-    fractions = [np.mean(v.numpy() != initial[v.name]) for v in trained.trainable_variables
-                 if f"/{part}/" in v.name]
+    fractions = [
+      np.mean(v.numpy() != initial[v.name])
+      for v in trained.trainable_variables
+      if f"/{part}/" in v.name
+    ]
     assert fractions and max(fractions) > 0.5, (part, fractions)
   after = _head_losses(trained, initial_weights["images"], initial_weights["masks"])
   for head, (before, now) in enumerate(zip(initial_weights["losses"], after), start=1):
@@ -191,20 +252,31 @@ def test_training_variants_learn(tmp_path, data_dir, initial_weights, overrides)
 
 
 def _cli(*args, timeout=120, env=None):
-  return subprocess.run([sys.executable, "-m", "dunet.train", *args], cwd=REPO, timeout=timeout,
-                        capture_output=True, text=True, env=env)
+  return subprocess.run(
+    [sys.executable, "-m", "dunet.train", *args],
+    cwd=REPO,
+    timeout=timeout,
+    capture_output=True,
+    text=True,
+    env=env,
+  )
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--loss=focal"], "--loss"),
     (["--batch_size=0"], "--batch_size must be positive"),
     (["--demo", "--height=40", "--width=64"], "divisible by 16"),
     (["--data_dir=/nonexistent/cvc"], "tools/prepare_data.py"),
     (["--data_dir=/nonexistent/cvc", "--head_weights=1"], "--head_weights"),
     (["--loss_reduction=sum"], "--loss_reduction"),
-    (["--data_dir=/nonexistent/cvc", "--init_checkpoint=/a", "--vgg19_weights=/b"],
-     "--init_checkpoint already holds network 1's encoder"),
-])
+    (
+      ["--data_dir=/nonexistent/cvc", "--init_checkpoint=/a", "--vgg19_weights=/b"],
+      "--init_checkpoint already holds network 1's encoder",
+    ),
+  ],
+)
 def test_flag_errors_are_clear(tmp_path, args, message):
   completed = _cli(f"--workdir={tmp_path}", *args)
   assert completed.returncode != 0
@@ -220,15 +292,26 @@ def test_help_groups_the_essential_flags_and_helpfull_documents_all():
       assert f"--{name}\n" in completed.stdout or f"--[no]{name}\n" in completed.stdout, name
   assert "--helpfull" in completed.stdout
   full = _cli("--helpfull")
-  for flag in ("--precision:", "jit_compile:", "--strategy:", "--vgg19_weights:",
-               "--aug_p_flip_horizontal:", "--data_dir:", "--preprocessing:", "--loss_reduction:",
-               "--batch_norm_statistics:", "--precise_bn_batches:", "--vgg19_init:",
-               "--init_checkpoint:"):
+  for flag in (
+    "--precision:",
+    "jit_compile:",
+    "--strategy:",
+    "--vgg19_weights:",
+    "--aug_p_flip_horizontal:",
+    "--data_dir:",
+    "--preprocessing:",
+    "--loss_reduction:",
+    "--batch_norm_statistics:",
+    "--precise_bn_batches:",
+    "--vgg19_init:",
+    "--init_checkpoint:",
+  ):
     assert flag in full.stdout, flag
 
 
 def test_help_groups_name_only_flags():
   from dunet import cli  # pylint: disable=import-outside-toplevel
+
   names = [name for _, group in train.HELP_GROUPS for name in group]
   assert set(cli.unknown_names(names, flags.FLAGS)) <= {"config", "verbose"}  # cli.run's own
 
@@ -237,9 +320,22 @@ def test_help_groups_name_only_flags():
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
   workdir = tmp_path / "run"
   process = subprocess.Popen(
-      [sys.executable, "-m", "dunet.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
-       "--batch_size=4", "--epochs=50", "--log_every_steps=1", "--noaugment"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-m",
+      "dunet.train",
+      f"--workdir={workdir}",
+      f"--data_dir={data_dir}",
+      "--batch_size=4",
+      "--epochs=50",
+      "--log_every_steps=1",
+      "--noaugment",
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   try:
     deadline = time.time() + 180
     for line in process.stdout:
@@ -266,9 +362,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
 
 def _trainable_weights(prefix):
   reader = tf.train.load_checkpoint(prefix)
-  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-          if name.startswith("model/") and "moving_" not in name and "OPTIMIZER" not in name
-          and name.endswith("VARIABLE_VALUE")}
+  return {
+    name: reader.get_tensor(name)
+    for name in reader.get_variable_to_shape_map()
+    if name.startswith("model/")
+    and "moving_" not in name
+    and "OPTIMIZER" not in name
+    and name.endswith("VARIABLE_VALUE")
+  }
 
 
 @pytest.mark.slow
@@ -281,24 +382,61 @@ def test_multi_worker_training_on_localhost_matches_one_worker(tmp_path, data_di
   replica both give replica i picture i), so the BatchNorm batch statistics are the same and
   what is compared is the gradients' reduction across processes.
   """
-  args = ["--batch_size=2", "--epochs=1", "--max_steps=3", "--noaugment", "--log_every_steps=1",
-          "--checkpoint_every_steps=1", "--keep_checkpoints=3", f"--data_dir={data_dir}",
-          # The precise statistics' all-reduce and pooling run across both workers.
-          "--batch_norm_statistics=precise", "--precise_bn_batches=2"]
+  args = [
+    "--batch_size=2",
+    "--epochs=1",
+    "--max_steps=3",
+    "--noaugment",
+    "--log_every_steps=1",
+    "--checkpoint_every_steps=1",
+    "--keep_checkpoints=3",
+    f"--data_dir={data_dir}",
+    # The precise statistics' all-reduce and pooling run across both workers.
+    "--batch_norm_statistics=precise",
+    "--precise_bn_batches=2",
+  ]
   workdir, single = tmp_path / "run", tmp_path / "single"
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", "dunet.train", "--strategy=mirrored", "--cpu_devices=2",
-       f"--workdir={single}", *args],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+  processes = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "dunet.train",
+        "--strategy=mirrored",
+        "--cpu_devices=2",
+        f"--workdir={single}",
+        *args,
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+  ]
   with testing_utils.reserved_ports(2) as ports:
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
     for index in range(2):
-      env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
-                                                    "task": {"type": "worker", "index": index}}))
-      processes.append(subprocess.Popen(
-          [sys.executable, "-m", "dunet.train", "--strategy=multi_worker", f"--workdir={workdir}",
-           *args],
-          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+      env = dict(
+        os.environ,
+        TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+      )
+      processes.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            "-m",
+            "dunet.train",
+            "--strategy=multi_worker",
+            f"--workdir={workdir}",
+            *args,
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+        )
+      )
     try:
       outputs = [p.communicate(timeout=400)[0] for p in processes]
     finally:

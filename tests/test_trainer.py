@@ -32,35 +32,53 @@ class _TinyNet(tf.Module):
 
   def __call__(self, images, is_training):
     features = tf.nn.relu(self.bn(self.conv(images), is_training))
-    return DoubleUNetOutputs(tf.cast(self.head1(features), tf.float32),
-                             tf.cast(self.head2(features), tf.float32))
+    return DoubleUNetOutputs(
+      tf.cast(self.head1(features), tf.float32), tf.cast(self.head2(features), tf.float32)
+    )
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """24 demo pictures at 32x32: 20 train (5 steps of 4), 2 valid, 2 test."""
-  return demo.ensure_demo_data(tmp_path_factory.mktemp("demo"), count=24, height=SIZE,
-                               width=SIZE, seed=1)
+  return demo.ensure_demo_data(
+    tmp_path_factory.mktemp("demo"), count=24, height=SIZE, width=SIZE, seed=1
+  )
 
 
 def _config(data_dir, **settings):
-  defaults = dict(data_dir=str(data_dir), batch_size=4, epochs=2, preprocessing="unit",
-                  augment=AugmentConfig.none(), precision="float32", lr_schedule="constant",
-                  seed=7)
+  defaults = dict(
+    data_dir=str(data_dir),
+    batch_size=4,
+    epochs=2,
+    preprocessing="unit",
+    augment=AugmentConfig.none(),
+    precision="float32",
+    lr_schedule="constant",
+    seed=7,
+  )
   return TrainConfig().updated(**dict(defaults, **settings))
 
 
 def _trainer(config):
   tf.random.set_seed(config.seed)
-  return trainer_lib.Trainer(config, trainer_lib.check_inputs(config),
-                             tf.distribute.get_strategy(), precision.Policy("float32"),
-                             make_model=_TinyNet)
+  return trainer_lib.Trainer(
+    config,
+    trainer_lib.check_inputs(config),
+    tf.distribute.get_strategy(),
+    precision.Policy("float32"),
+    make_model=_TinyNet,
+  )
 
 
 def test_check_inputs_counts_steps_and_names_problems(data_dir, tmp_path):
   data = trainer_lib.check_inputs(_config(data_dir, max_steps=7))
-  assert (data.height, data.width, data.train_examples, data.steps_per_epoch,
-          data.total_steps) == (SIZE, SIZE, 20, 5, 7)
+  assert (data.height, data.width, data.train_examples, data.steps_per_epoch, data.total_steps) == (
+    SIZE,
+    SIZE,
+    20,
+    5,
+    7,
+  )
   with pytest.raises(ConfigError, match="fewer than --batch_size=32"):
     trainer_lib.check_inputs(_config(data_dir, batch_size=32))
   with pytest.raises(ConfigError, match="differ from the prepared data"):
@@ -78,8 +96,9 @@ def test_train_runs_n_steps_and_stops_when_asked(data_dir):
 
 
 def test_evaluate_recomputes_statistics_then_scores_the_validation_set(data_dir):
-  trainer = _trainer(_config(data_dir, batch_norm_statistics="precise", precise_bn_batches=2,
-                             loss="bce"))
+  trainer = _trainer(
+    _config(data_dir, batch_norm_statistics="precise", precise_bn_batches=2, loss="bce")
+  )
   trainer.train(2)
   seen = []
   values = trainer.evaluate(on_first_batch=lambda batch, result: seen.append(batch))
@@ -87,11 +106,13 @@ def test_evaluate_recomputes_statistics_then_scores_the_validation_set(data_dir)
   # averages (momentum 0.99 after 2 steps: still near their initial 0 and 1).
   assert np.abs(trainer.model.bn.moving_mean.numpy()).max() > 0.01
   # Losses and DSC recomputed independently, in numpy, from the model's outputs.
-  valid = next(iter(pipeline.make_eval_dataset(data_dir, "valid", batch_size=4,
-                                               preprocessing="unit")))
+  valid = next(
+    iter(pipeline.make_eval_dataset(data_dir, "valid", batch_size=4, preprocessing="unit"))
+  )
   assert len(seen) == 1 and seen[0]["image"].shape[0] == 2
-  outputs = [logits.numpy().astype(np.float64)
-             for logits in trainer.model(valid["image"], is_training=False)]
+  outputs = [
+    logits.numpy().astype(np.float64) for logits in trainer.model(valid["image"], is_training=False)
+  ]
   masks = valid["mask"].numpy() >= 0.5
   bce = [np.mean(np.maximum(x, 0) - x * masks + np.log1p(np.exp(-np.abs(x)))) for x in outputs]
   np.testing.assert_allclose(values["loss/total"], sum(bce), rtol=1e-5)

@@ -7,10 +7,12 @@ import sys
 try:
   from dunet import cli
 except ImportError:
-  sys.exit("tools/export_trt.py needs the dunet package: run `pip install -e .` in the checkout "
-           "first")
+  sys.exit(
+    "tools/export_trt.py needs the dunet package: run `pip install -e .` in the checkout first"
+  )
 
 if __name__ == "__main__":
   cli.silence_startup()  # before TensorFlow is imported
   from dunet import export_trt  # pylint: disable=g-import-not-at-top
+
   export_trt.run()

@@ -9,10 +9,13 @@ import sys
 try:
   from dunet import cli
 except ImportError:  # not installed: say how, instead of a traceback
-  sys.exit("tools/prepare_data.py: error: the dunet package is not installed; run `pip install -e .` "
-           "in the checkout first")
+  sys.exit(
+    "tools/prepare_data.py: error: the dunet package is not installed; run `pip install -e .` "
+    "in the checkout first"
+  )
 
 if __name__ == "__main__":
   cli.silence_startup()  # before TensorFlow is imported
   from dunet import prepare_data  # pylint: disable=g-import-not-at-top
+
   prepare_data.run()

@@ -30,20 +30,21 @@ import tensorflow as tf
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Probabilities (`p_*`, in [0, 1]) and magnitudes of each augmentation."""
+
   p_flip_horizontal: float = 0.5
   p_flip_vertical: float = 0.5
   p_rotate90: float = 0.5
   p_affine: float = 0.5
   max_rotation_degrees: float = 15.0  # small rotation: uniform in [-max, max]
-  min_scale: float = 0.9              # zoom: uniform in [min_scale, max_scale]; > 1 zooms in
+  min_scale: float = 0.9  # zoom: uniform in [min_scale, max_scale]; > 1 zooms in
   max_scale: float = 1.2
   p_crop: float = 0.3
-  min_crop_fraction: float = 0.7      # crop side as a fraction of the image side, uniform in [f, 1]
+  min_crop_fraction: float = 0.7  # crop side as a fraction of the image side, uniform in [f, 1]
   p_elastic: float = 0.2
-  elastic_magnitude: float = 0.02     # displacement std as a fraction of the shorter side
-  elastic_grid: int = 4               # smoothness: random displacements on a grid of this size
+  elastic_magnitude: float = 0.02  # displacement std as a fraction of the shorter side
+  elastic_grid: int = 4  # smoothness: random displacements on a grid of this size
   p_brightness: float = 0.5
-  brightness_delta: float = 0.1       # added to [0, 1] values, uniform in [-delta, delta]
+  brightness_delta: float = 0.1  # added to [0, 1] values, uniform in [-delta, delta]
   p_contrast: float = 0.5
   min_contrast: float = 0.8
   max_contrast: float = 1.2
@@ -51,10 +52,10 @@ class AugmentConfig:
   min_saturation: float = 0.8
   max_saturation: float = 1.2
   p_hue: float = 0.3
-  hue_delta: float = 0.03             # fraction of the hue circle, at most 0.5
+  hue_delta: float = 0.03  # fraction of the hue circle, at most 0.5
   p_grayscale: float = 0.05
   p_cutout: float = 0.0
-  cutout_fraction: float = 0.2        # hole side as a fraction of the image side
+  cutout_fraction: float = 0.2  # hole side as a fraction of the image side
   cutout_count: int = 1
 
   def __post_init__(self):
@@ -63,18 +64,20 @@ class AugmentConfig:
       if field.name.startswith("p_") and not 0.0 <= value <= 1.0:
         raise ValueError(f"{field.name}={value} must be a probability in [0, 1]")
     checks = [
-        (self.max_rotation_degrees >= 0, "max_rotation_degrees must be >= 0"),
-        (0 < self.min_scale <= self.max_scale, "need 0 < min_scale <= max_scale"),
-        (0 < self.min_crop_fraction <= 1, "min_crop_fraction must be in (0, 1]"),
-        (self.elastic_magnitude >= 0, "elastic_magnitude must be >= 0"),
-        (self.elastic_grid >= 1, "elastic_grid must be >= 1"),
-        (self.brightness_delta >= 0, "brightness_delta must be >= 0"),
-        (0 <= self.min_contrast <= self.max_contrast, "need 0 <= min_contrast <= max_contrast"),
-        (0 <= self.min_saturation <= self.max_saturation,
-         "need 0 <= min_saturation <= max_saturation"),
-        (0 <= self.hue_delta <= 0.5, "hue_delta must be in [0, 0.5]"),
-        (0 < self.cutout_fraction <= 1, "cutout_fraction must be in (0, 1]"),
-        (self.cutout_count >= 1, "cutout_count must be >= 1"),
+      (self.max_rotation_degrees >= 0, "max_rotation_degrees must be >= 0"),
+      (0 < self.min_scale <= self.max_scale, "need 0 < min_scale <= max_scale"),
+      (0 < self.min_crop_fraction <= 1, "min_crop_fraction must be in (0, 1]"),
+      (self.elastic_magnitude >= 0, "elastic_magnitude must be >= 0"),
+      (self.elastic_grid >= 1, "elastic_grid must be >= 1"),
+      (self.brightness_delta >= 0, "brightness_delta must be >= 0"),
+      (0 <= self.min_contrast <= self.max_contrast, "need 0 <= min_contrast <= max_contrast"),
+      (
+        0 <= self.min_saturation <= self.max_saturation,
+        "need 0 <= min_saturation <= max_saturation",
+      ),
+      (0 <= self.hue_delta <= 0.5, "hue_delta must be in [0, 0.5]"),
+      (0 < self.cutout_fraction <= 1, "cutout_fraction must be in (0, 1]"),
+      (self.cutout_count >= 1, "cutout_count must be >= 1"),
     ]
     for ok, message in checks:
       if not ok:
@@ -83,20 +86,25 @@ class AugmentConfig:
   @classmethod
   def none(cls) -> "AugmentConfig":
     """Every augmentation off."""
-    return cls(**{field.name: 0.0 for field in dataclasses.fields(cls)
-                  if field.name.startswith("p_")})
+    return cls(
+      **{field.name: 0.0 for field in dataclasses.fields(cls) if field.name.startswith("p_")}
+    )
 
   @property
   def enabled(self) -> bool:
-    return any(getattr(self, field.name) > 0 for field in dataclasses.fields(self)
-               if field.name.startswith("p_"))
+    return any(
+      getattr(self, field.name) > 0
+      for field in dataclasses.fields(self)
+      if field.name.startswith("p_")
+    )
 
 
 _NUM_SEEDS = 16
 
 
-def augment(image: tf.Tensor, mask: tf.Tensor, config: AugmentConfig,
-            seed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+def augment(
+  image: tf.Tensor, mask: tf.Tensor, config: AugmentConfig, seed: tf.Tensor
+) -> Tuple[tf.Tensor, tf.Tensor]:
   """Augments one image and its mask alike.
 
   Args:
@@ -128,8 +136,11 @@ def _maybe(probability: float, seed: tf.Tensor, function, *tensors):
     return tensors if len(tensors) > 1 else tensors[0]
   if probability >= 1:
     return function(*tensors)
-  return tf.cond(_chance(probability, seed), lambda: function(*tensors), lambda: tensors
-                 if len(tensors) > 1 else tensors[0])
+  return tf.cond(
+    _chance(probability, seed),
+    lambda: function(*tensors),
+    lambda: tensors if len(tensors) > 1 else tensors[0],
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,10 +149,12 @@ def _maybe(probability: float, seed: tf.Tensor, function, *tensors):
 
 
 def _geometric(image, mask, config: AugmentConfig, seeds):
-  image, mask = _maybe(config.p_flip_horizontal, seeds[0],
-                       lambda i, m: (i[:, ::-1], m[:, ::-1]), image, mask)
-  image, mask = _maybe(config.p_flip_vertical, seeds[1],
-                       lambda i, m: (i[::-1], m[::-1]), image, mask)
+  image, mask = _maybe(
+    config.p_flip_horizontal, seeds[0], lambda i, m: (i[:, ::-1], m[:, ::-1]), image, mask
+  )
+  image, mask = _maybe(
+    config.p_flip_vertical, seeds[1], lambda i, m: (i[::-1], m[::-1]), image, mask
+  )
   if config.p_rotate90 > 0:
     image, mask = _rotate90(image, mask, config.p_rotate90, seeds[2])
   if config.p_affine > 0 or config.p_crop > 0 or config.p_elastic > 0:
@@ -158,8 +171,10 @@ def _rotate90(image, mask, probability: float, seed):
     k = tf.constant(2)
   k = tf.where(_chance(probability, decision_seed), k, 0)
   # rot90 with a tensor k forgets the static shape; it is unchanged (square, or half turns).
-  return (tf.ensure_shape(tf.image.rot90(image, k), image.shape),
-          tf.ensure_shape(tf.image.rot90(mask, k), mask.shape))
+  return (
+    tf.ensure_shape(tf.image.rot90(image, k), image.shape),
+    tf.ensure_shape(tf.image.rot90(mask, k), mask.shape),
+  )
 
 
 def _warp(image, mask, config: AugmentConfig, seeds):
@@ -171,24 +186,27 @@ def _warp(image, mask, config: AugmentConfig, seeds):
   # Inverse map (output pixel -> input pixel) in coordinates centred on the image:
   #   input = linear @ (output + displacement(output)) + offset.
   use_affine = _chance(config.p_affine, seeds[0]) if config.p_affine > 0 else tf.constant(False)
-  angle = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seeds[0], 1),
-                                      -1.0, 1.0) * (config.max_rotation_degrees * math.pi / 180)
-  scale = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seeds[0], 2),
-                                      config.min_scale, config.max_scale)
+  angle = tf.random.stateless_uniform(
+    [], tf.random.experimental.stateless_fold_in(seeds[0], 1), -1.0, 1.0
+  ) * (config.max_rotation_degrees * math.pi / 180)
+  scale = tf.random.stateless_uniform(
+    [], tf.random.experimental.stateless_fold_in(seeds[0], 2), config.min_scale, config.max_scale
+  )
   angle = tf.where(use_affine, angle, 0.0)
   scale = tf.where(use_affine, scale, 1.0)
 
   use_crop = _chance(config.p_crop, seeds[1]) if config.p_crop > 0 else tf.constant(False)
   fraction = tf.random.stateless_uniform(
-      [], tf.random.experimental.stateless_fold_in(seeds[1], 1), config.min_crop_fraction, 1.0)
+    [], tf.random.experimental.stateless_fold_in(seeds[1], 1), config.min_crop_fraction, 1.0
+  )
   fraction = tf.where(use_crop, fraction, 1.0)
   # Crop centre: anywhere that keeps the window inside the (rotated, scaled) image.
   centre = tf.random.stateless_uniform(
-      [2], tf.random.experimental.stateless_fold_in(seeds[1], 2), -1.0, 1.0)
+    [2], tf.random.experimental.stateless_fold_in(seeds[1], 2), -1.0, 1.0
+  )
   centre = centre * (1.0 - fraction) * tf.stack([h, w]) / 2.0
 
-  use_elastic = _chance(config.p_elastic, seeds[2]) if config.p_elastic > 0 else tf.constant(
-      False)
+  use_elastic = _chance(config.p_elastic, seeds[2]) if config.p_elastic > 0 else tf.constant(False)
 
   def resample():
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
@@ -271,18 +289,43 @@ def _photometric(image, config: AugmentConfig, seeds):
   def clip(x):
     return tf.clip_by_value(x, 0.0, 1.0)
 
-  image = _maybe(config.p_brightness, seeds[0], lambda x: clip(
-      tf.image.stateless_random_brightness(x, config.brightness_delta, _sub(seeds[0]))), image)
-  image = _maybe(config.p_contrast, seeds[1], lambda x: clip(
-      tf.image.stateless_random_contrast(x, config.min_contrast, config.max_contrast,
-                                         _sub(seeds[1]))), image)
-  image = _maybe(config.p_saturation, seeds[2], lambda x: clip(
-      tf.image.stateless_random_saturation(x, config.min_saturation, config.max_saturation,
-                                           _sub(seeds[2]))), image)
-  image = _maybe(config.p_hue, seeds[3], lambda x: clip(
-      tf.image.stateless_random_hue(x, config.hue_delta, _sub(seeds[3]))), image)
-  image = _maybe(config.p_grayscale, seeds[4],
-                 lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]), image)
+  image = _maybe(
+    config.p_brightness,
+    seeds[0],
+    lambda x: clip(
+      tf.image.stateless_random_brightness(x, config.brightness_delta, _sub(seeds[0]))
+    ),
+    image,
+  )
+  image = _maybe(
+    config.p_contrast,
+    seeds[1],
+    lambda x: clip(
+      tf.image.stateless_random_contrast(
+        x, config.min_contrast, config.max_contrast, _sub(seeds[1])
+      )
+    ),
+    image,
+  )
+  image = _maybe(
+    config.p_saturation,
+    seeds[2],
+    lambda x: clip(
+      tf.image.stateless_random_saturation(
+        x, config.min_saturation, config.max_saturation, _sub(seeds[2])
+      )
+    ),
+    image,
+  )
+  image = _maybe(
+    config.p_hue,
+    seeds[3],
+    lambda x: clip(tf.image.stateless_random_hue(x, config.hue_delta, _sub(seeds[3]))),
+    image,
+  )
+  image = _maybe(
+    config.p_grayscale, seeds[4], lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]), image
+  )
   image = _maybe(config.p_cutout, seeds[5], lambda x: _cutout(x, config, _sub(seeds[5])), image)
   return image
 
@@ -299,8 +342,9 @@ def _cutout(image, config: AugmentConfig, seed):
   half = tf.stack([h, w]) * (config.cutout_fraction / 2.0)
   ys = tf.range(h)[None, :, None]
   xs = tf.range(w)[None, None, :]
-  inside = ((tf.abs(ys - centres[:, 0, None, None]) < half[0])
-            & (tf.abs(xs - centres[:, 1, None, None]) < half[1]))
+  inside = (tf.abs(ys - centres[:, 0, None, None]) < half[0]) & (
+    tf.abs(xs - centres[:, 1, None, None]) < half[1]
+  )
   hole = tf.reduce_any(inside, axis=0)[..., None]
   mean_colour = tf.reduce_mean(image, axis=[0, 1], keepdims=True)
   return tf.where(hole, mean_colour, image)

@@ -37,8 +37,9 @@ MIN_RAW_SIZE = 128
 _POLYP_COUNT_WEIGHTS = (0.15, 0.55, 0.22, 0.08)
 
 
-def generate_demo_dataset(out_raw_dir: PathLike, *, count: int = 200, height: int = 128,
-                          width: int = 128, seed: int = 0) -> Path:
+def generate_demo_dataset(
+  out_raw_dir: PathLike, *, count: int = 200, height: int = 128, width: int = 128, seed: int = 0
+) -> Path:
   """Draws the demo pictures into `out_raw_dir` (images/ + masks/), atomically.
 
   Args:
@@ -52,14 +53,14 @@ def generate_demo_dataset(out_raw_dir: PathLike, *, count: int = 200, height: in
     `out_raw_dir` as a Path.
   """
   if count <= 0 or height < 16 or width < 16:
-    raise ValueError(f"need count > 0 and a size of at least 16x16, got {count} of "
-                     f"{height}x{width}")
+    raise ValueError(
+      f"need count > 0 and a size of at least 16x16, got {count} of {height}x{width}"
+    )
   out_raw_dir = Path(out_raw_dir)
   if out_raw_dir.exists() and any(out_raw_dir.iterdir()):
     raise DataError(out_raw_dir, "already exists and is not empty")
   out_raw_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{out_raw_dir.name}.partial-",
-                                  dir=out_raw_dir.parent))
+  staging = Path(tempfile.mkdtemp(prefix=f".{out_raw_dir.name}.partial-", dir=out_raw_dir.parent))
   try:
     (staging / "images").mkdir()
     (staging / "masks").mkdir()
@@ -77,8 +78,14 @@ def generate_demo_dataset(out_raw_dir: PathLike, *, count: int = 200, height: in
   return out_raw_dir
 
 
-def ensure_demo_data(root: Optional[PathLike] = None, *, count: int = 200, height: int = 128,
-                     width: int = 128, seed: int = 0) -> str:
+def ensure_demo_data(
+  root: Optional[PathLike] = None,
+  *,
+  count: int = 200,
+  height: int = 128,
+  width: int = 128,
+  seed: int = 0,
+) -> str:
   """The prepared demo data folder, generated and prepared on first use.
 
   Raw pictures go to `root/raw-s{seed}-n{count}-{H}x{W}` and prepared records to
@@ -109,8 +116,9 @@ def ensure_demo_data(root: Optional[PathLike] = None, *, count: int = 200, heigh
       if not (raw_dir / "images").is_dir():  # not another process finishing first
         raise
   try:
-    prepare.prepare_dataset(raw_dir, prepared_dir, height=height, width=width, layout="generic",
-                            seed=seed, progress=False)
+    prepare.prepare_dataset(
+      raw_dir, prepared_dir, height=height, width=width, layout="generic", seed=seed, progress=False
+    )
   except (DataError, OSError):
     if not (prepared_dir / prepare.SUMMARY_FILE).is_file():
       raise
@@ -128,18 +136,20 @@ def draw_example(seed: int, index: int, height: int, width: int) -> Tuple[np.nda
   ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
 
   # Mucosa: base colour, slow colour drift, light falloff from a moving light centre.
-  base = np.array([rng.uniform(170, 230), rng.uniform(85, 135), rng.uniform(70, 110)],
-                  np.float32)
+  base = np.array([rng.uniform(170, 230), rng.uniform(85, 135), rng.uniform(70, 110)], np.float32)
   # Mostly a brightness drift, with a little hue variation (real mucosa is not one colour).
-  colour_drift = (_smooth_noise(rng, height, width, cells=3, channels=1)[:, :, None]
-                  * rng.uniform(8, 20) * (base / base.max())
-                  + _smooth_noise(rng, height, width, cells=3, channels=3) * rng.uniform(2, 6))
+  colour_drift = _smooth_noise(rng, height, width, cells=3, channels=1)[:, :, None] * rng.uniform(
+    8, 20
+  ) * (base / base.max()) + _smooth_noise(rng, height, width, cells=3, channels=3) * rng.uniform(
+    2, 6
+  )
   light_y, light_x = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
   distance = np.hypot((ys - light_y) / size, (xs - light_x) / size)
-  illumination = np.clip(1.15 - rng.uniform(0.5, 0.9) * distance ** 1.5, 0.25, 1.2)
+  illumination = np.clip(1.15 - rng.uniform(0.5, 0.9) * distance**1.5, 0.25, 1.2)
   image = base + colour_drift
-  grain = cv2.GaussianBlur(_smooth_noise(rng, height, width, cells=size // 5, channels=1),
-                           (0, 0), size / 128)
+  grain = cv2.GaussianBlur(
+    _smooth_noise(rng, height, width, cells=size // 5, channels=1), (0, 0), size / 128
+  )
   image += (grain * rng.uniform(6, 14))[:, :, None]
 
   shading = np.zeros((height, width), np.float32)
@@ -149,8 +159,9 @@ def draw_example(seed: int, index: int, height: int, width: int) -> Tuple[np.nda
 
   # Distractors: flat discoloured patches, polyp-coloured but without relief or highlights.
   # Darker or lighter than the mucosa, redder or paler: the sign varies between pictures.
-  polyp_tint = np.array([rng.uniform(-20, 25), rng.uniform(-25, 10), rng.uniform(-20, 15)],
-                        np.float32)
+  polyp_tint = np.array(
+    [rng.uniform(-20, 25), rng.uniform(-25, 10), rng.uniform(-20, 15)], np.float32
+  )
   for _ in range(rng.integers(0, 3)):
     inside = _blob(rng, ys, xs, size, radius_range=(0.05, 0.15))[0]
     soft = cv2.GaussianBlur(inside.astype(np.float32), (0, 0), 1.5)
@@ -164,14 +175,18 @@ def draw_example(seed: int, index: int, height: int, width: int) -> Tuple[np.nda
     mask |= inside.astype(np.uint8)
     soft = cv2.GaussianBlur(inside.astype(np.float32), (0, 0), 0.7)
     tint = polyp_tint + rng.normal(0, 6, 3).astype(np.float32)
-    texture = cv2.GaussianBlur(_smooth_noise(rng, height, width, cells=size // 4, channels=1),
-                               (0, 0), size / 160) * rng.uniform(4, 10)
+    texture = cv2.GaussianBlur(
+      _smooth_noise(rng, height, width, cells=size // 4, channels=1), (0, 0), size / 160
+    ) * rng.uniform(4, 10)
     image += soft[:, :, None] * (tint + texture[:, :, None])
     # Lambertian relief lit from the light centre's side, plus a shadow ring at the base.
     light = np.array([light_y - ys.mean(), light_x - xs.mean(), size], np.float32)
     light /= np.linalg.norm(light)
-    lit = normal_y * light[0] + normal_x * light[1] + np.sqrt(
-        np.clip(1 - normal_y ** 2 - normal_x ** 2, 0, 1)) * light[2]
+    lit = (
+      normal_y * light[0]
+      + normal_x * light[1]
+      + np.sqrt(np.clip(1 - normal_y**2 - normal_x**2, 0, 1)) * light[2]
+    )
     shading += soft * (rng.uniform(0.35, 0.6) * (lit - 0.75))
     rim = soft * (1 - soft) * 4
     shading -= rim * rng.uniform(0.05, 0.2)
@@ -188,14 +203,14 @@ def draw_example(seed: int, index: int, height: int, width: int) -> Tuple[np.nda
   return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
 
 
-def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int,
-                  channels: int) -> np.ndarray:
+def _smooth_noise(
+  rng: np.random.Generator, height: int, width: int, cells: int, channels: int
+) -> np.ndarray:
   """Gaussian noise on a coarse grid, bicubically upsampled: values of order 1."""
   cells = max(2, int(cells))
   coarse = rng.normal(0, 1, (cells, cells, channels)).astype(np.float32)
   smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-  return smooth.reshape(height, width, channels) if channels > 1 else smooth.reshape(height,
-                                                                                     width)
+  return smooth.reshape(height, width, channels) if channels > 1 else smooth.reshape(height, width)
 
 
 def _fold(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int) -> np.ndarray:
@@ -204,12 +219,18 @@ def _fold(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int) -
   u = xs * np.cos(angle) + ys * np.sin(angle)
   v = -xs * np.sin(angle) + ys * np.cos(angle)
   centre = rng.uniform(-0.5, 1.2) * size
-  curve = centre + rng.uniform(0.03, 0.12) * size * np.sin(
-      u / size * rng.uniform(2, 7) + rng.uniform(0, 2 * np.pi)) + rng.uniform(-0.2, 0.2) * u
+  curve = (
+    centre
+    + rng.uniform(0.03, 0.12)
+    * size
+    * np.sin(u / size * rng.uniform(2, 7) + rng.uniform(0, 2 * np.pi))
+    + rng.uniform(-0.2, 0.2) * u
+  )
   distance = (v - curve) / size
   width = rng.uniform(0.015, 0.04)
-  return (-rng.uniform(0.15, 0.35) * np.exp(-(distance / width) ** 2)
-          + rng.uniform(0.05, 0.15) * np.exp(-((distance - 1.5 * width) / (1.5 * width)) ** 2))
+  return -rng.uniform(0.15, 0.35) * np.exp(-((distance / width) ** 2)) + rng.uniform(
+    0.05, 0.15
+  ) * np.exp(-(((distance - 1.5 * width) / (1.5 * width)) ** 2))
 
 
 def _draw_vessels(rng: np.random.Generator, image: np.ndarray, size: int) -> None:
@@ -224,14 +245,25 @@ def _draw_vessels(rng: np.random.Generator, image: np.ndarray, size: int) -> Non
       heading += rng.normal(0, 0.5)
       point = point + size * 0.05 * np.array([np.cos(heading), np.sin(heading)])
       points.append(point.copy())
-    cv2.polylines(layer, [np.round(np.array(points)).astype(np.int32)], False,
-                  float(rng.uniform(0.3, 0.7)), 1, cv2.LINE_AA)
+    cv2.polylines(
+      layer,
+      [np.round(np.array(points)).astype(np.int32)],
+      False,
+      float(rng.uniform(0.3, 0.7)),
+      1,
+      cv2.LINE_AA,
+    )
   layer = cv2.GaussianBlur(layer, (0, 0), 0.5)
   image -= layer[:, :, None] * np.array([70, 80, 50], np.float32)
 
 
-def _blob(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int,
-          radius_range: Tuple[float, float]):
+def _blob(
+  rng: np.random.Generator,
+  ys: np.ndarray,
+  xs: np.ndarray,
+  size: int,
+  radius_range: Tuple[float, float],
+):
   """An irregular rounded shape: (inside mask, dome height, dome normal y, dome normal x)."""
   height, width = ys.shape
   radius = rng.uniform(*radius_range) * size
@@ -244,20 +276,22 @@ def _blob(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int,
   theta = np.arctan2(across, along)
   outline = np.ones_like(theta)
   for harmonic in (2, 3, 4, 5):
-    outline += rng.uniform(0, 0.12 / harmonic * 2) * np.cos(harmonic * theta +
-                                                            rng.uniform(0, 2 * np.pi))
+    outline += rng.uniform(0, 0.12 / harmonic * 2) * np.cos(
+      harmonic * theta + rng.uniform(0, 2 * np.pi)
+    )
   rho = np.hypot(along, across) / (radius * outline)
   inside = rho < 1.0
-  dome = np.sqrt(np.clip(1 - rho ** 2, 0, 1))
+  dome = np.sqrt(np.clip(1 - rho**2, 0, 1))
   # Surface normal of the dome (as seen from above), in image coordinates.
   grad_y, grad_x = np.gradient(dome * radius)
-  norm = np.sqrt(1 + grad_y ** 2 + grad_x ** 2)
+  norm = np.sqrt(1 + grad_y**2 + grad_x**2)
   normal_y, normal_x = -grad_y / norm, -grad_x / norm
   return inside, dome, normal_y * inside, normal_x * inside
 
 
-def _specular_spots(rng: np.random.Generator, weight: np.ndarray, count: int,
-                    size: int) -> np.ndarray:
+def _specular_spots(
+  rng: np.random.Generator, weight: np.ndarray, count: int, size: int
+) -> np.ndarray:
   """Small bright ellipses at positions drawn with probability proportional to `weight`."""
   layer = np.zeros(weight.shape, np.float32)
   flat = weight.ravel().astype(np.float64)
@@ -266,8 +300,10 @@ def _specular_spots(rng: np.random.Generator, weight: np.ndarray, count: int,
   positions = rng.choice(flat.size, size=int(count), p=flat / flat.sum())
   for position in positions:
     y, x = divmod(int(position), weight.shape[1])
-    axes = (max(1, int(rng.uniform(0.005, 0.02) * size)), max(1, int(rng.uniform(0.005, 0.012)
-                                                                      * size)))
+    axes = (
+      max(1, int(rng.uniform(0.005, 0.02) * size)),
+      max(1, int(rng.uniform(0.005, 0.012) * size)),
+    )
     cv2.ellipse(layer, (x, y), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA)
   return cv2.GaussianBlur(layer, (0, 0), 0.6)
 

@@ -51,6 +51,7 @@ _ISIC_TRUTH = re.compile(r"^ISIC2018_Task1_(Training|Validation|Test)_GroundTrut
 @dataclasses.dataclass(frozen=True)
 class Pair:
   """One example: an image and the mask file(s) that label it (DSB 2018: one per instance)."""
+
   stem: str
   image_path: Path
   mask_paths: Tuple[Path, ...]
@@ -59,6 +60,7 @@ class Pair:
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """A file that cannot be paired, with the reason; `error()` turns it into a DataError."""
+
   path: str
   problem: str
 
@@ -69,6 +71,7 @@ class Problem:
 @dataclasses.dataclass
 class Scan:
   """What a raw folder holds: the layout used, the pairs found, and the files that did not pair."""
+
   raw_dir: Path
   layout: str
   pairs: List[Pair]
@@ -91,9 +94,12 @@ def detect_layout(raw_dir: PathLike) -> str:
   matches = [name for name, rule in _DETECTORS if rule(root)]
   if not matches:
     children = sorted(entry.name for entry in os.scandir(root) if not entry.name.startswith("."))
-    raise DataError(root, "no known data set layout (expected e.g. images/ + masks/, Original/ + "
-                    "'Ground Truth/', ISIC2018_Task1-2_Training_Input/, or DSB 2018 <id>/images "
-                    f"folders); it holds {children[:10]}{' ...' if len(children) > 10 else ''}")
+    raise DataError(
+      root,
+      "no known data set layout (expected e.g. images/ + masks/, Original/ + "
+      "'Ground Truth/', ISIC2018_Task1-2_Training_Input/, or DSB 2018 <id>/images "
+      f"folders); it holds {children[:10]}{' ...' if len(children) > 10 else ''}",
+    )
   if len(matches) > 1:
     raise DataError(root, f"the folder fits several layouts {matches}: choose one with --layout")
   return matches[0]
@@ -125,8 +131,13 @@ def scan(raw_dir: PathLike, layout: str = "auto") -> Scan:
   return Scan(raw_dir=root, layout=layout, pairs=pairs, problems=problems)
 
 
-def scan_checked(raw_dir: PathLike, layout: str = "auto", *, on_error: str = "raise",
-                 skipped: Optional[List[dict]] = None) -> Scan:
+def scan_checked(
+  raw_dir: PathLike,
+  layout: str = "auto",
+  *,
+  on_error: str = "raise",
+  skipped: Optional[List[dict]] = None,
+) -> Scan:
   """`scan`, with the files that do not pair either raised or logged and skipped.
 
   Args:
@@ -183,13 +194,18 @@ def _child_dir(root: Path, names: Sequence[str]) -> Optional[Path]:
 
 
 def _image_files(folder: Path) -> List[Path]:
-  return sorted(Path(entry.path) for entry in os.scandir(folder)
-                if entry.is_file() and not entry.name.startswith(".")
-                and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
+  return sorted(
+    Path(entry.path)
+    for entry in os.scandir(folder)
+    if entry.is_file()
+    and not entry.name.startswith(".")
+    and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+  )
 
 
-def _index_by_key(files: Iterable[Path], key: Callable[[str], str],
-                  problems: List[Problem]) -> Dict[str, Path]:
+def _index_by_key(
+  files: Iterable[Path], key: Callable[[str], str], problems: List[Problem]
+) -> Dict[str, Path]:
   """Maps key(stem) to file, reporting files whose keys collide (e.g. 1.png and 1.tif)."""
   index: Dict[str, Path] = {}
   for path in files:
@@ -201,8 +217,9 @@ def _index_by_key(files: Iterable[Path], key: Callable[[str], str],
   return index
 
 
-def _pair_folders(image_dir: Path, mask_dir: Path,
-                  mask_key: Callable[[str], str]) -> Tuple[List[Pair], List[Problem]]:
+def _pair_folders(
+  image_dir: Path, mask_dir: Path, mask_key: Callable[[str], str]
+) -> Tuple[List[Pair], List[Problem]]:
   """Pairs image and mask files whose keys agree; `mask_key` maps a mask stem to its image stem."""
   problems: List[Problem] = []
   images = _index_by_key(_image_files(image_dir), lambda stem: stem, problems)
@@ -224,7 +241,7 @@ def _pair_folders(image_dir: Path, mask_dir: Path,
 def _strip_mask_suffix(stem: str) -> str:
   for suffix in MASK_SUFFIXES:
     if stem.lower().endswith(suffix) and len(stem) > len(suffix):
-      return stem[:-len(suffix)]
+      return stem[: -len(suffix)]
   return stem
 
 
@@ -270,8 +287,11 @@ def _is_etis(root: Path) -> bool:
   if mask_dir is None or _child_dir(root, _CVC_IMAGES_DIRS):
     return False
   masks = _image_files(mask_dir)
-  return bool(masks) and all(path.stem.lower().startswith("p") for path in masks) and bool(
-      _image_files(_etis_image_dir(root)))
+  return (
+    bool(masks)
+    and all(path.stem.lower().startswith("p") for path in masks)
+    and bool(_image_files(_etis_image_dir(root)))
+  )
 
 
 def _read_etis(root: Path) -> Tuple[List[Pair], List[Problem]]:
@@ -280,8 +300,9 @@ def _read_etis(root: Path) -> Tuple[List[Pair], List[Problem]]:
     if _is_generic(root):
       return _read_generic(root)
     raise DataError(root, "expected ETIS-Larib's GroundTruth/ sub-folder (masks named pN.tif)")
-  return _pair_folders(_etis_image_dir(root), mask_dir,
-                       lambda stem: stem[1:] if stem[:1] in "pP" else stem)
+  return _pair_folders(
+    _etis_image_dir(root), mask_dir, lambda stem: stem[1:] if stem[:1] in "pP" else stem
+  )
 
 
 def _isic_dirs(root: Path) -> Optional[Tuple[Path, Path]]:
@@ -308,8 +329,11 @@ def _read_isic(root: Path) -> Tuple[List[Pair], List[Problem]]:
   if dirs is None:
     if _is_generic(root):
       return _read_generic(root)
-    raise DataError(root, "expected ISIC2018_Task1-2_Training_Input/ and "
-                    "ISIC2018_Task1_Training_GroundTruth/ sub-folders")
+    raise DataError(
+      root,
+      "expected ISIC2018_Task1-2_Training_Input/ and "
+      "ISIC2018_Task1_Training_GroundTruth/ sub-folders",
+    )
   return _pair_folders(dirs[0], dirs[1], _strip_mask_suffix)
 
 
@@ -332,8 +356,11 @@ def _is_dsb(root: Path) -> bool:
 def _read_dsb(root: Path) -> Tuple[List[Pair], List[Problem]]:
   base = _dsb_root(root)
   pairs, problems = [], []
-  for sample in sorted(Path(entry.path) for entry in os.scandir(base)
-                       if entry.is_dir() and not entry.name.startswith(".")):
+  for sample in sorted(
+    Path(entry.path)
+    for entry in os.scandir(base)
+    if entry.is_dir() and not entry.name.startswith(".")
+  ):
     images = _image_files(sample / "images") if (sample / "images").is_dir() else []
     masks = _image_files(sample / "masks") if (sample / "masks").is_dir() else []
     if len(images) != 1:
@@ -348,8 +375,19 @@ def _read_dsb(root: Path) -> Tuple[List[Pair], List[Problem]]:
 
 
 # Order matters only for the error message listing several matches.
-_DETECTORS = (("cvc", _is_cvc), ("kvasir", _is_kvasir), ("etis", _is_etis),
-              ("isic2018", _is_isic), ("dsb2018", _is_dsb),
-              ("generic", lambda root: _is_generic(root) and not _is_kvasir(root)))
-_READERS = {"cvc": _read_cvc, "kvasir": _read_generic, "etis": _read_etis, "isic2018": _read_isic,
-            "dsb2018": _read_dsb, "generic": _read_generic}
+_DETECTORS = (
+  ("cvc", _is_cvc),
+  ("kvasir", _is_kvasir),
+  ("etis", _is_etis),
+  ("isic2018", _is_isic),
+  ("dsb2018", _is_dsb),
+  ("generic", lambda root: _is_generic(root) and not _is_kvasir(root)),
+)
+_READERS = {
+  "cvc": _read_cvc,
+  "kvasir": _read_generic,
+  "etis": _read_etis,
+  "isic2018": _read_isic,
+  "dsb2018": _read_dsb,
+  "generic": _read_generic,
+}

@@ -55,18 +55,24 @@ def shard_files(data_dir: PathLike, split: str) -> List[str]:
   files = [os.path.join(os.fspath(data_dir), name) for name in info["splits"][split]["shards"]]
   for path in files:
     if not tf.io.gfile.exists(path):
-      raise DataError(path, "record file listed in summary.json is missing: prepare the data "
-                      "again")
+      raise DataError(path, "record file listed in summary.json is missing: prepare the data again")
   return files
 
 
-def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] = None,
-                       batch_size: Optional[int] = None, preprocessing: str = "reference",
-                       augment_config: Optional[augment_lib.AugmentConfig] = None,
-                       seed: int = 42, epoch: Optional[int] = None, deterministic: bool = True,
-                       input_context: Optional[tf.distribute.InputContext] = None,
-                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                       split: str = "train") -> tf.data.Dataset:
+def make_train_dataset(
+  data_dir: PathLike,
+  *,
+  global_batch_size: Optional[int] = None,
+  batch_size: Optional[int] = None,
+  preprocessing: str = "reference",
+  augment_config: Optional[augment_lib.AugmentConfig] = None,
+  seed: int = 42,
+  epoch: Optional[int] = None,
+  deterministic: bool = True,
+  input_context: Optional[tf.distribute.InputContext] = None,
+  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+  split: str = "train",
+) -> tf.data.Dataset:
   """Shuffled, augmented, batched training examples.
 
   Args:
@@ -100,16 +106,20 @@ def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] =
   if shuffle_buffer <= 0:
     raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
   if preprocessing not in preprocess.PREPROCESSING:
-    raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
-                     f"{preprocess.PREPROCESSING}")
+    raise ValueError(
+      f"unknown preprocessing {preprocessing!r}; expected one of {preprocess.PREPROCESSING}"
+    )
   config = augment_config if augment_config is not None else augment_lib.AugmentConfig()
   info = read_data_info(data_dir)
   height, width = int(info["height"]), int(info["width"])
   files = shard_files(data_dir, split)
   steps = count_examples(data_dir, split) // global_batch_size
   if steps == 0:
-    raise DataError(data_dir, f"the {split} split has {count_examples(data_dir, split)} "
-                    f"examples, fewer than one batch of {global_batch_size}")
+    raise DataError(
+      data_dir,
+      f"the {split} split has {count_examples(data_dir, split)} "
+      f"examples, fewer than one batch of {global_batch_size}",
+    )
 
   if input_context is None:
     pipelines, pipeline_id, per_replica_batch = 1, 0, global_batch_size
@@ -128,7 +138,8 @@ def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] =
     image, mask = example["image"], tf.cast(example["mask"], tf.float32)
     if config.enabled:
       example_seed = tf.random.experimental.stateless_fold_in(
-          tf.random.experimental.stateless_fold_in(augment_seed, epoch_index), index)
+        tf.random.experimental.stateless_fold_in(augment_seed, epoch_index), index
+      )
       image, mask = augment_lib.augment(image, mask, config, example_seed)
     return {"image": preprocess.preprocess(image, preprocessing), "mask": mask}
 
@@ -138,16 +149,22 @@ def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] =
     file_seed, buffer_seed = tf.unstack(tf.random.experimental.stateless_split(epoch_seed, 2))
     shuffled_files = tf.random.experimental.stateless_shuffle(tf.constant(files), file_seed)
     dataset = tf.data.Dataset.from_tensor_slices(shuffled_files).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(files), _INTERLEAVE), block_length=1,
-        num_parallel_calls=min(len(files), _INTERLEAVE), deterministic=True)
-    dataset = dataset.shuffle(shuffle_buffer, seed=buffer_seed[0],
-                              reshuffle_each_iteration=False)
+      tf.data.TFRecordDataset,
+      cycle_length=min(len(files), _INTERLEAVE),
+      block_length=1,
+      num_parallel_calls=min(len(files), _INTERLEAVE),
+      deterministic=True,
+    )
+    dataset = dataset.shuffle(shuffle_buffer, seed=buffer_seed[0], reshuffle_each_iteration=False)
     dataset = dataset.enumerate()
     if pipelines > 1:
       dataset = dataset.shard(pipelines, pipeline_id)
     dataset = dataset.take(examples_per_pipeline)
-    return dataset.map(lambda index, serialized: load(epoch_index, index, serialized),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    return dataset.map(
+      lambda index, serialized: load(epoch_index, index, serialized),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=deterministic,
+    )
 
   if epoch is None:
     dataset = tf.data.Dataset.range(2**62).flat_map(one_epoch)
@@ -159,10 +176,16 @@ def make_train_dataset(data_dir: PathLike, *, global_batch_size: Optional[int] =
   return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def make_statistics_dataset(data_dir: PathLike, *, global_batch_size: int, batches: int,
-                            preprocessing: str = "reference", seed: int = 42,
-                            input_context: Optional[tf.distribute.InputContext] = None,
-                            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> tf.data.Dataset:
+def make_statistics_dataset(
+  data_dir: PathLike,
+  *,
+  global_batch_size: int,
+  batches: int,
+  preprocessing: str = "reference",
+  seed: int = 42,
+  input_context: Optional[tf.distribute.InputContext] = None,
+  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+) -> tf.data.Dataset:
   """Training batches to recompute BatchNorm statistics from (dunet/precise_bn.py).
 
   The first `batches` batches of epoch 0's training order, unaugmented: the same every time
@@ -175,13 +198,20 @@ def make_statistics_dataset(data_dir: PathLike, *, global_batch_size: int, batch
   if batches <= 0:
     raise ValueError(f"batches must be positive, got {batches}")
   return make_train_dataset(
-      data_dir, global_batch_size=global_batch_size, preprocessing=preprocessing,
-      augment_config=augment_lib.AugmentConfig.none(), seed=seed, epoch=0,
-      input_context=input_context, shuffle_buffer=shuffle_buffer).take(batches)
+    data_dir,
+    global_batch_size=global_batch_size,
+    preprocessing=preprocessing,
+    augment_config=augment_lib.AugmentConfig.none(),
+    seed=seed,
+    epoch=0,
+    input_context=input_context,
+    shuffle_buffer=shuffle_buffer,
+  ).take(batches)
 
 
-def make_eval_dataset(data_dir: PathLike, split: str, *, batch_size: int,
-                      preprocessing: Optional[str] = "reference") -> tf.data.Dataset:
+def make_eval_dataset(
+  data_dir: PathLike, split: str, *, batch_size: int, preprocessing: Optional[str] = "reference"
+) -> tf.data.Dataset:
   """Every example of a split once, in file order, not augmented.
 
   Args:
@@ -201,8 +231,9 @@ def make_eval_dataset(data_dir: PathLike, split: str, *, batch_size: int,
   if batch_size <= 0:
     raise ValueError(f"batch size must be positive, got {batch_size}")
   if preprocessing is not None and preprocessing not in preprocess.PREPROCESSING:
-    raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of "
-                     f"{preprocess.PREPROCESSING} or None")
+    raise ValueError(
+      f"unknown preprocessing {preprocessing!r}; expected one of {preprocess.PREPROCESSING} or None"
+    )
   info = read_data_info(data_dir)
   height, width = int(info["height"]), int(info["width"])
 
@@ -210,13 +241,14 @@ def make_eval_dataset(data_dir: PathLike, split: str, *, batch_size: int,
     features = records.parse_example(serialized)
     example = records.decode_image_and_mask(features, height, width)
     image = example["image"]
-    return {"image": image if preprocessing is None else preprocess.preprocess(image,
-                                                                               preprocessing),
-            "mask": tf.cast(example["mask"], tf.float32),
-            "name": features["name"],
-            "original_mask_png": features["original_mask_png"],
-            "original_height": features["original_height"],
-            "original_width": features["original_width"]}
+    return {
+      "image": image if preprocessing is None else preprocess.preprocess(image, preprocessing),
+      "mask": tf.cast(example["mask"], tf.float32),
+      "name": features["name"],
+      "original_mask_png": features["original_mask_png"],
+      "original_height": features["original_height"],
+      "original_width": features["original_width"],
+    }
 
   dataset = tf.data.TFRecordDataset(shard_files(data_dir, split))
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -54,13 +54,25 @@ _LISTED = 50
 _NAMED_CHANGES = 5
 
 
-def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width: int,
-                    layout: str = "auto", split_file: Optional[PathLike] = None, seed: int = 42,
-                    valid_fraction: float = 0.1, test_fraction: float = 0.1,
-                    test_raw_dir: Optional[PathLike] = None, test_layout: str = "auto",
-                    on_error: str = "raise", num_shards: Optional[int] = None,
-                    progress: bool = True, overwrite: bool = False,
-                    workers: Optional[int] = None) -> dict:
+def prepare_dataset(
+  raw_dir: PathLike,
+  out_dir: PathLike,
+  *,
+  height: int,
+  width: int,
+  layout: str = "auto",
+  split_file: Optional[PathLike] = None,
+  seed: int = 42,
+  valid_fraction: float = 0.1,
+  test_fraction: float = 0.1,
+  test_raw_dir: Optional[PathLike] = None,
+  test_layout: str = "auto",
+  on_error: str = "raise",
+  num_shards: Optional[int] = None,
+  progress: bool = True,
+  overwrite: bool = False,
+  workers: Optional[int] = None,
+) -> dict:
   """Prepares a raw data set for training and evaluation.
 
   Args:
@@ -99,21 +111,29 @@ def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width:
 
   skipped: List[dict] = []
   main_scan = layouts.scan_checked(raw_dir, layout, on_error=on_error, skipped=skipped)
-  test_scan = (layouts.scan_checked(test_raw_dir, test_layout, on_error=on_error, skipped=skipped)
-               if test_raw_dir else None)
-  split, unassigned, split_rule = _choose_split(main_scan, test_scan, split_file, seed,
-                                                valid_fraction, test_fraction)
+  test_scan = (
+    layouts.scan_checked(test_raw_dir, test_layout, on_error=on_error, skipped=skipped)
+    if test_raw_dir
+    else None
+  )
+  split, unassigned, split_rule = _choose_split(
+    main_scan, test_scan, split_file, seed, valid_fraction, test_fraction
+  )
   by_stem = {pair.stem: (pair, main_scan.raw_dir) for pair in main_scan.pairs}
-  test_by_stem = ({pair.stem: (pair, test_scan.raw_dir) for pair in test_scan.pairs}
-                  if test_scan else by_stem)
+  test_by_stem = (
+    {pair.stem: (pair, test_scan.raw_dir) for pair in test_scan.pairs} if test_scan else by_stem
+  )
 
   with fileio.staged_directory(out_dir, overwrite, purpose="partial") as staging_name:
     staging = Path(staging_name)
     notes: List[str] = []
     split_stats = {}
     total = sum(len(split[name]) for name in splits.SPLITS)
-    bar = (progress_lib.ProgressLine(total, 1, every=max(1, total // 20), unit="img")
-           if progress and total else None)
+    bar = (
+      progress_lib.ProgressLine(total, 1, every=max(1, total // 20), unit="img")
+      if progress and total
+      else None
+    )
     done = [0]
 
     def advance() -> None:
@@ -124,29 +144,51 @@ def prepare_dataset(raw_dir: PathLike, out_dir: PathLike, *, height: int, width:
     for name in splits.SPLITS:
       source = test_by_stem if name == "test" else by_stem
       split_stats[name] = _write_split(
-          staging, name, [source[stem] for stem in split[name]], height, width,
-          keep_original=name != "train", on_error=on_error, num_shards=num_shards,
-          workers=workers or os.cpu_count() or 1, skipped=skipped, notes=notes, advance=advance)
+        staging,
+        name,
+        [source[stem] for stem in split[name]],
+        height,
+        width,
+        keep_original=name != "train",
+        on_error=on_error,
+        num_shards=num_shards,
+        workers=workers or os.cpu_count() or 1,
+        skipped=skipped,
+        notes=notes,
+        advance=advance,
+      )
     if bar is not None:
       bar.close()
     if not any(split_stats[name]["count"] for name in ("train", "valid")):
       raise DataError(main_scan.raw_dir, "no example could be prepared")
 
-    splits.write_split(staging / SPLIT_FILE, split, seed=None if split_file else seed,
-                       rule=split_rule, separate_test=test_scan is not None)
-    summary = _summary(main_scan, test_scan, height, width, seed, split_rule, split_stats,
-                       unassigned, skipped, notes)
-    _write_json(staging / RAW_FILES_FILE, {
-        "raw": _raw_listing(main_scan),
-        "test_raw": _raw_listing(test_scan) if test_scan else None})
+    splits.write_split(
+      staging / SPLIT_FILE,
+      split,
+      seed=None if split_file else seed,
+      rule=split_rule,
+      separate_test=test_scan is not None,
+    )
+    summary = _summary(
+      main_scan, test_scan, height, width, seed, split_rule, split_stats, unassigned, skipped, notes
+    )
+    _write_json(
+      staging / RAW_FILES_FILE,
+      {"raw": _raw_listing(main_scan), "test_raw": _raw_listing(test_scan) if test_scan else None},
+    )
     _write_json(staging / SUMMARY_FILE, summary)
   for note in notes[:10]:
     logging.info("converted %s", note)
   if len(notes) > 10:
-    logging.info("... and %d more conversions (listed in %s)", len(notes) - 10,
-                 out_dir / SUMMARY_FILE)
-  logging.info("prepared %s: %s (%d skipped)", out_dir,
-               {name: stats["count"] for name, stats in split_stats.items()}, len(skipped))
+    logging.info(
+      "... and %d more conversions (listed in %s)", len(notes) - 10, out_dir / SUMMARY_FILE
+    )
+  logging.info(
+    "prepared %s: %s (%d skipped)",
+    out_dir,
+    {name: stats["count"] for name, stats in split_stats.items()},
+    len(skipped),
+  )
   return summary
 
 
@@ -158,17 +200,25 @@ def read_summary(data_dir: PathLike) -> dict:
   """
   path = Path(data_dir) / SUMMARY_FILE
   if not path.is_file():
-    hint = (" (an interrupted preparation leaves only a .partial folder: run it again)"
-            if Path(data_dir).is_dir() else "")
-    raise DataError(data_dir, f"not a prepared data set: no {SUMMARY_FILE}{hint}. Prepare one "
-                    "with tools/prepare_data.py")
+    hint = (
+      " (an interrupted preparation leaves only a .partial folder: run it again)"
+      if Path(data_dir).is_dir()
+      else ""
+    )
+    raise DataError(
+      data_dir,
+      f"not a prepared data set: no {SUMMARY_FILE}{hint}. Prepare one with tools/prepare_data.py",
+    )
   try:
     summary = json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as error:
     raise DataError(path, f"not valid JSON: {error}") from error
   if summary.get("format") != SUMMARY_FORMAT or summary.get("version") != SUMMARY_VERSION:
-    raise DataError(path, f"not a dunet summary of version {SUMMARY_VERSION}: prepare the data "
-                    "again with tools/prepare_data.py")
+    raise DataError(
+      path,
+      f"not a dunet summary of version {SUMMARY_VERSION}: prepare the data "
+      "again with tools/prepare_data.py",
+    )
   return summary
 
 
@@ -200,15 +250,22 @@ def raw_data_changes(data_dir: PathLike) -> Optional[DataError]:
     try:
       scan = layouts.scan(recorded["dir"], recorded["layout"])
     except DataError as error:
-      return DataError(recorded["dir"], f"can no longer be read as it was when {data_dir} was "
-                       f"prepared: {error}")
+      return DataError(
+        recorded["dir"], f"can no longer be read as it was when {data_dir} was prepared: {error}"
+      )
     if _scan_fingerprint(scan) == recorded["fingerprint"]:
       continue
     before = recorded_files.get(key)
-    detail = (_describe_changes(before, _raw_listing(scan)) if before is not None
-              else "files added, removed or modified")
-    return DataError(recorded["dir"], f"changed since {data_dir} was prepared ({detail}): "
-                     "prepare it again (tools/prepare_data.py --overwrite)")
+    detail = (
+      _describe_changes(before, _raw_listing(scan))
+      if before is not None
+      else "files added, removed or modified"
+    )
+    return DataError(
+      recorded["dir"],
+      f"changed since {data_dir} was prepared ({detail}): "
+      "prepare it again (tools/prepare_data.py --overwrite)",
+    )
   return None
 
 
@@ -221,8 +278,9 @@ def check_fresh(data_dir: PathLike) -> Optional[str]:
   return None if change is None else str(change)
 
 
-def verify_shards(data_dir: PathLike, splits_to_check: Optional[Sequence[str]] = None,
-                  content: bool = False) -> None:
+def verify_shards(
+  data_dir: PathLike, splits_to_check: Optional[Sequence[str]] = None, content: bool = False
+) -> None:
   """Checks that the record shards are still as preparation wrote them.
 
   Always: each listed shard exists and has the size summary.json recorded (a stat per file, cheap
@@ -246,29 +304,44 @@ def verify_shards(data_dir: PathLike, splits_to_check: Optional[Sequence[str]] =
     for name in stats["shards"]:
       path = Path(data_dir) / name
       if not path.is_file():
-        raise DataError(path, "listed in summary.json but missing: prepare the data again "
-                        "(tools/prepare_data.py --overwrite)")
+        raise DataError(
+          path,
+          "listed in summary.json but missing: prepare the data again "
+          "(tools/prepare_data.py --overwrite)",
+        )
       expected = expected_by_name.get(name)
       if expected is not None and path.stat().st_size != expected["bytes"]:
-        raise DataError(path, f"is {path.stat().st_size} bytes but was {expected['bytes']} when "
-                        f"prepared ({summary.get('created', 'see summary.json')}): truncated or "
-                        "rewritten since; prepare the data again (tools/prepare_data.py "
-                        "--overwrite)")
+        raise DataError(
+          path,
+          f"is {path.stat().st_size} bytes but was {expected['bytes']} when "
+          f"prepared ({summary.get('created', 'see summary.json')}): truncated or "
+          "rewritten since; prepare the data again (tools/prepare_data.py "
+          "--overwrite)",
+        )
       if not content:
         continue
       report = records.check_shard(str(path))
       if report.problem:
-        raise DataError(path, f"corrupt TFRecord shard ({report.problem}): prepare the data "
-                        "again (tools/prepare_data.py --overwrite)")
+        raise DataError(
+          path,
+          f"corrupt TFRecord shard ({report.problem}): prepare the data "
+          "again (tools/prepare_data.py --overwrite)",
+        )
       if expected is None:
         continue
       if report.records != expected["records"]:
-        raise DataError(path, f"holds {report.records} records but {expected['records']} were "
-                        "written at preparation: prepare the data again")
+        raise DataError(
+          path,
+          f"holds {report.records} records but {expected['records']} were "
+          "written at preparation: prepare the data again",
+        )
       if _sha256(path) != expected["sha256"]:
-        raise DataError(path, "its content changed since preparation (SHA-256 differs from "
-                        "summary.json): prepare the data again (tools/prepare_data.py "
-                        "--overwrite)")
+        raise DataError(
+          path,
+          "its content changed since preparation (SHA-256 differs from "
+          "summary.json): prepare the data again (tools/prepare_data.py "
+          "--overwrite)",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,39 +353,55 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
   if out_dir.exists() and not out_dir.is_dir():
     raise DataError(out_dir, "exists and is not a folder")
   if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-    raise DataError(out_dir, "already exists and is not empty: choose another --out_dir or pass "
-                    "--overwrite")
+    raise DataError(
+      out_dir, "already exists and is not empty: choose another --out_dir or pass --overwrite"
+    )
 
 
-def _choose_split(main_scan: layouts.Scan, test_scan: Optional[layouts.Scan],
-                  split_file: Optional[PathLike], seed: int, valid_fraction: float,
-                  test_fraction: float) -> Tuple[Dict[str, List[str]], List[str], str]:
+def _choose_split(
+  main_scan: layouts.Scan,
+  test_scan: Optional[layouts.Scan],
+  split_file: Optional[PathLike],
+  seed: int,
+  valid_fraction: float,
+  test_fraction: float,
+) -> Tuple[Dict[str, List[str]], List[str], str]:
   """The split to write, the stems it leaves out, and a description of how it was made."""
   stems = [pair.stem for pair in main_scan.pairs]
   if split_file:
     split = splits.read_split(split_file, allow_shared_test=test_scan is not None)
     listed = {"train": split["train"], "valid": split["valid"], "test": []}
     unassigned = splits.check_split_covers(
-        listed if test_scan else split, stems, split_file, main_scan.raw_dir)
+      listed if test_scan else split, stems, split_file, main_scan.raw_dir
+    )
     if test_scan is not None:
       test_stems = [pair.stem for pair in test_scan.pairs]
-      splits.check_split_covers({"train": [], "valid": [], "test": split["test"]}, test_stems,
-                                split_file, test_scan.raw_dir)
+      splits.check_split_covers(
+        {"train": [], "valid": [], "test": split["test"]}, test_stems, split_file, test_scan.raw_dir
+      )
     if unassigned:
-      logging.warning("%s leaves %d examples of %s out of every split, e.g. %s", split_file,
-                      len(unassigned), main_scan.raw_dir, unassigned[:5])
+      logging.warning(
+        "%s leaves %d examples of %s out of every split, e.g. %s",
+        split_file,
+        len(unassigned),
+        main_scan.raw_dir,
+        unassigned[:5],
+      )
     return split, unassigned, f"from {split_file}"
   if test_scan is not None:
     split = splits.make_split(stems, seed=seed, valid_fraction=valid_fraction, test_fraction=0.0)
     split["test"] = sorted(pair.stem for pair in test_scan.pairs)
     return split, [], splits.RULE + f"; test = all of {test_scan.raw_dir}"
-  return (splits.make_split(stems, seed=seed, valid_fraction=valid_fraction,
-                            test_fraction=test_fraction), [], splits.RULE)
+  return (
+    splits.make_split(stems, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction),
+    [],
+    splits.RULE,
+  )
 
 
-def _prepared(item: Tuple[layouts.Pair, Path], height: int, width: int,
-              keep_original: bool) -> Union[Tuple[bytes, float, Tuple[int, int], List[str]],
-                                            DataError]:
+def _prepared(
+  item: Tuple[layouts.Pair, Path], height: int, width: int, keep_original: bool
+) -> Union[Tuple[bytes, float, Tuple[int, int], List[str]], DataError]:
   """Reads, checks, resizes and serializes one pair (in a worker thread); errors are returned."""
   pair, root = item
   try:
@@ -323,9 +412,14 @@ def _prepared(item: Tuple[layouts.Pair, Path], height: int, width: int,
   image = resize_image(example.image, height, width)
   mask = resize_mask(example.mask, height, width)
   serialized = records.serialize_example(
-      name=pair.stem, source=os.path.relpath(pair.image_path, root), image=image, mask=mask,
-      original_height=original_height, original_width=original_width,
-      original_mask=example.mask if keep_original else None)
+    name=pair.stem,
+    source=os.path.relpath(pair.image_path, root),
+    image=image,
+    mask=mask,
+    original_height=original_height,
+    original_width=original_width,
+    original_mask=example.mask if keep_original else None,
+  )
   return serialized, float(mask.mean()), (original_height, original_width), example.notes
 
 
@@ -334,8 +428,9 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
   if image.shape[:2] == (height, width):
     return image
   shrinking = height <= image.shape[0] and width <= image.shape[1]
-  return cv2.resize(image, (width, height),
-                    interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+  return cv2.resize(
+    image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+  )
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -346,10 +441,21 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
   return (resized > 0).astype(np.uint8)
 
 
-def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, Path]],
-                 height: int, width: int, *, keep_original: bool, on_error: str,
-                 num_shards: Optional[int], workers: int, skipped: List[dict], notes: List[str],
-                 advance: Callable[[], None]) -> dict:
+def _write_split(
+  staging: Path,
+  split: str,
+  items: Sequence[Tuple[layouts.Pair, Path]],
+  height: int,
+  width: int,
+  *,
+  keep_original: bool,
+  on_error: str,
+  num_shards: Optional[int],
+  workers: int,
+  skipped: List[dict],
+  notes: List[str],
+  advance: Callable[[], None],
+) -> dict:
   """Writes one split's shards; returns its statistics."""
   count = len(items)
   shards = max(1, min(count, num_shards or math.ceil(count / EXAMPLES_PER_SHARD)))
@@ -358,8 +464,9 @@ def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, 
   shard_files = [records.shard_name(split, index, shards) for index in range(shards)]
   written, foreground, sizes = 0, [], []
   per_shard = [0] * shards
-  results = readers.ordered_map(lambda item: _prepared(item, height, width, keep_original),
-                                items, workers)
+  results = readers.ordered_map(
+    lambda item: _prepared(item, height, width, keep_original), items, workers
+  )
   shard_index, writer = -1, None
   try:
     for position, result in enumerate(results):
@@ -390,17 +497,22 @@ def _write_split(staging: Path, split: str, items: Sequence[Tuple[layouts.Pair, 
   heights = [size[0] for size in sizes] or [0]
   widths = [size[1] for size in sizes] or [0]
   # What `verify_shards` compares later: a truncated or rewritten shard shows.
-  shard_checks = {name: {"records": per_shard[index], "bytes": (staging / name).stat().st_size,
-                         "sha256": _sha256(staging / name)}
-                  for index, name in enumerate(shard_files)}
+  shard_checks = {
+    name: {
+      "records": per_shard[index],
+      "bytes": (staging / name).stat().st_size,
+      "sha256": _sha256(staging / name),
+    }
+    for index, name in enumerate(shard_files)
+  }
   return {
-      "count": written,
-      "shards": shard_files,
-      "shard_checks": shard_checks,
-      "foreground_fraction": float(np.mean(foreground)) if foreground else 0.0,
-      "empty_masks": int(sum(fraction == 0 for fraction in foreground)),
-      "original_height": {"min": min(heights), "max": max(heights)},
-      "original_width": {"min": min(widths), "max": max(widths)},
+    "count": written,
+    "shards": shard_files,
+    "shard_checks": shard_checks,
+    "foreground_fraction": float(np.mean(foreground)) if foreground else 0.0,
+    "empty_masks": int(sum(fraction == 0 for fraction in foreground)),
+    "original_height": {"min": min(heights), "max": max(heights)},
+    "original_width": {"min": min(widths), "max": max(widths)},
   }
 
 
@@ -434,10 +546,11 @@ def _read_raw_files(data_dir: PathLike) -> dict:
 def _describe_changes(before: Dict[str, List[int]], after: Dict[str, List[int]]) -> str:
   """'1 modified: images/a.png; 2 added: images/b.png, masks/b.png' (a few names per kind)."""
   kinds = {
-      "modified": sorted(name for name in before.keys() & after.keys()
-                         if list(before[name]) != list(after[name])),
-      "added": sorted(after.keys() - before.keys()),
-      "removed": sorted(before.keys() - after.keys()),
+    "modified": sorted(
+      name for name in before.keys() & after.keys() if list(before[name]) != list(after[name])
+    ),
+    "added": sorted(after.keys() - before.keys()),
+    "removed": sorted(before.keys() - after.keys()),
   }
   parts = []
   for kind, names in kinds.items():
@@ -457,33 +570,46 @@ def _sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
-def _summary(main_scan: layouts.Scan, test_scan: Optional[layouts.Scan], height: int, width: int,
-             seed: int, split_rule: str, split_stats: dict, unassigned: List[str],
-             skipped: List[dict], notes: List[str]) -> dict:
+def _summary(
+  main_scan: layouts.Scan,
+  test_scan: Optional[layouts.Scan],
+  height: int,
+  width: int,
+  seed: int,
+  split_rule: str,
+  split_stats: dict,
+  unassigned: List[str],
+  skipped: List[dict],
+  notes: List[str],
+) -> dict:
   def raw(scan: layouts.Scan) -> dict:
-    return {"dir": str(scan.raw_dir.resolve()), "layout": scan.layout, "pairs": len(scan.pairs),
-            "fingerprint": _scan_fingerprint(scan)}
+    return {
+      "dir": str(scan.raw_dir.resolve()),
+      "layout": scan.layout,
+      "pairs": len(scan.pairs),
+      "fingerprint": _scan_fingerprint(scan),
+    }
 
   thresholded = [note for note in notes if "not binary" in note]
   return {
-      "format": SUMMARY_FORMAT,
-      "version": SUMMARY_VERSION,
-      "height": height,
-      "width": width,
-      "layout": main_scan.layout,
-      "raw_dir": str(main_scan.raw_dir.resolve()),
-      "raw": raw(main_scan),
-      "test_raw": raw(test_scan) if test_scan else None,
-      "seed": seed,
-      "split_rule": split_rule,
-      "counts": {name: stats["count"] for name, stats in split_stats.items()},
-      "splits": split_stats,
-      "unassigned": len(unassigned),
-      "skipped": {"count": len(skipped), "files": skipped[:_LISTED]},
-      "thresholded_masks": {"count": len(thresholded), "files": thresholded[:_LISTED]},
-      "conversions": {"count": len(notes), "notes": notes[:_LISTED]},
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(sys.argv),
+    "format": SUMMARY_FORMAT,
+    "version": SUMMARY_VERSION,
+    "height": height,
+    "width": width,
+    "layout": main_scan.layout,
+    "raw_dir": str(main_scan.raw_dir.resolve()),
+    "raw": raw(main_scan),
+    "test_raw": raw(test_scan) if test_scan else None,
+    "seed": seed,
+    "split_rule": split_rule,
+    "counts": {name: stats["count"] for name, stats in split_stats.items()},
+    "splits": split_stats,
+    "unassigned": len(unassigned),
+    "skipped": {"count": len(skipped), "files": skipped[:_LISTED]},
+    "thresholded_masks": {"count": len(thresholded), "files": thresholded[:_LISTED]},
+    "conversions": {"count": len(notes), "notes": notes[:_LISTED]},
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": " ".join(sys.argv),
   }
 
 

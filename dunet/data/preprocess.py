@@ -56,8 +56,9 @@ def preprocess(images: tf.Tensor, mode: str, *, export_friendly: bool = False) -
   pixels = _as_uint8(images)
   # Per image, broadcastable.
   median = median_uint8_by_counting(pixels) if export_friendly else _median_uint8(pixels)
-  shifted = tf.clip_by_value(tf.cast(pixels, tf.float32) - median + REFERENCE_MEDIAN_TARGET,
-                             0.0, 255.0)
+  shifted = tf.clip_by_value(
+    tf.cast(pixels, tf.float32) - median + REFERENCE_MEDIAN_TARGET, 0.0, 255.0
+  )
   return shifted[..., ::-1] / 255.0
 
 
@@ -98,13 +99,17 @@ def _median_uint8(images: tf.Tensor) -> tf.Tensor:
   Returns float32 of shape [1, 1, 1] or [B, 1, 1, 1].
   """
   batched = images.shape.rank == 4
-  flat = tf.reshape(images, [-1, tf.reduce_prod(tf.shape(images)[-3:])]) if batched else \
-      tf.reshape(images, [1, -1])
+  flat = (
+    tf.reshape(images, [-1, tf.reduce_prod(tf.shape(images)[-3:])])
+    if batched
+    else tf.reshape(images, [1, -1])
+  )
   rows, count = tf.shape(flat)[0], tf.shape(flat)[1]
   # One histogram per image: offset each image's values by 256 * its index.
   offsets = 256 * tf.range(rows)[:, None]
-  histogram = tf.math.bincount(tf.cast(flat, tf.int32) + offsets, minlength=256 * rows,
-                               maxlength=256 * rows, dtype=tf.int32)
+  histogram = tf.math.bincount(
+    tf.cast(flat, tf.int32) + offsets, minlength=256 * rows, maxlength=256 * rows, dtype=tf.int32
+  )
   cumulative = tf.cumsum(tf.reshape(histogram, [-1, 256]), axis=1)
 
   def value_at(rank):  # the rank-th smallest value (0-based) = how many bins end at or before it

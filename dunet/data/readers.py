@@ -29,10 +29,11 @@ _PNG_END = b"IEND\xaeB`\x82"
 @dataclasses.dataclass
 class Example:
   """A decoded, checked pair at its original resolution."""
+
   stem: str
   image: np.ndarray  # uint8 [H, W, 3], RGB
-  mask: np.ndarray   # uint8 [H, W], values {0, 1}
-  notes: List[str]   # conversions applied, each naming its file
+  mask: np.ndarray  # uint8 [H, W], values {0, 1}
+  notes: List[str]  # conversions applied, each naming its file
 
 
 def read_pair(pair: Pair) -> Example:
@@ -83,8 +84,9 @@ def read_image(path: Path) -> Tuple[np.ndarray, List[str]]:
   return np.ascontiguousarray(pixels[:, :, ::-1]), notes  # OpenCV decodes BGR
 
 
-def read_mask(paths: Sequence[Path], expected_shape: Tuple[int, int]) -> Tuple[np.ndarray,
-                                                                               List[str]]:
+def read_mask(
+  paths: Sequence[Path], expected_shape: Tuple[int, int]
+) -> Tuple[np.ndarray, List[str]]:
   """Reads mask file(s) as one uint8 {0, 1} [H, W] mask: the union of all of them.
 
   A mask whose pixels take more than two values (JPEG-compressed masks, soft masks) is thresholded
@@ -110,8 +112,11 @@ def read_mask(paths: Sequence[Path], expected_shape: Tuple[int, int]) -> Tuple[n
         raise DataError(path, f"unsupported mask with {pixels.shape[2]} channels")
       pixels = pixels[:, :, :3].max(axis=2)
     if pixels.shape != tuple(expected_shape):
-      raise DataError(path, f"mask is {pixels.shape[0]}x{pixels.shape[1]} but its image is "
-                      f"{expected_shape[0]}x{expected_shape[1]} (height x width)")
+      raise DataError(
+        path,
+        f"mask is {pixels.shape[0]}x{pixels.shape[1]} but its image is "
+        f"{expected_shape[0]}x{expected_shape[1]} (height x width)",
+      )
     union |= _binarize(path, pixels, notes)
   return union, notes
 
@@ -153,13 +158,16 @@ def _binarize(path: Path, pixels: np.ndarray, notes: List[str]) -> np.ndarray:
     threshold = (int(np.iinfo(pixels.dtype).max) + 1) // 2
   else:
     threshold = 0.5
-  notes.append(f"{path}: mask is not binary ({len(values)} values from {values[0]} to "
-               f"{values[-1]}); thresholded at {threshold}")
+  notes.append(
+    f"{path}: mask is not binary ({len(values)} values from {values[0]} to "
+    f"{values[-1]}); thresholded at {threshold}"
+  )
   return (pixels >= threshold).astype(np.uint8)
 
 
-def ordered_map(function: Callable[[T], object], items: Sequence[T],
-                workers: int) -> Iterator[object]:
+def ordered_map(
+  function: Callable[[T], object], items: Sequence[T], workers: int
+) -> Iterator[object]:
   """`map(function, items)` on a few threads, results in order, at most 4 x `workers` ahead.
 
   OpenCV decodes and resizes without holding the GIL, so threads read pictures in parallel; the

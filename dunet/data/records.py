@@ -42,15 +42,15 @@ from dunet.errors import DataError
 _PNG_LEVEL = 1
 
 FEATURES = {
-    "name": tf.io.FixedLenFeature([], tf.string),
-    "source": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    "image_png": tf.io.FixedLenFeature([], tf.string),
-    "mask_png": tf.io.FixedLenFeature([], tf.string),
-    "height": tf.io.FixedLenFeature([], tf.int64),
-    "width": tf.io.FixedLenFeature([], tf.int64),
-    "original_height": tf.io.FixedLenFeature([], tf.int64),
-    "original_width": tf.io.FixedLenFeature([], tf.int64),
-    "original_mask_png": tf.io.FixedLenFeature([], tf.string, default_value=""),
+  "name": tf.io.FixedLenFeature([], tf.string),
+  "source": tf.io.FixedLenFeature([], tf.string, default_value=""),
+  "image_png": tf.io.FixedLenFeature([], tf.string),
+  "mask_png": tf.io.FixedLenFeature([], tf.string),
+  "height": tf.io.FixedLenFeature([], tf.int64),
+  "width": tf.io.FixedLenFeature([], tf.int64),
+  "original_height": tf.io.FixedLenFeature([], tf.int64),
+  "original_width": tf.io.FixedLenFeature([], tf.int64),
+  "original_mask_png": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 
 
@@ -63,16 +63,24 @@ def encode_png(pixels: np.ndarray) -> bytes:
   """PNG bytes of a uint8 [H, W] or RGB [H, W, 3] array (RGB order, as TF decodes it)."""
   if pixels.ndim == 3:
     pixels = pixels[:, :, ::-1]  # OpenCV writes BGR
-  ok, buffer = cv2.imencode(".png", np.ascontiguousarray(pixels),
-                            [cv2.IMWRITE_PNG_COMPRESSION, _PNG_LEVEL])
+  ok, buffer = cv2.imencode(
+    ".png", np.ascontiguousarray(pixels), [cv2.IMWRITE_PNG_COMPRESSION, _PNG_LEVEL]
+  )
   if not ok:
     raise RuntimeError(f"PNG encoding failed for an array of shape {pixels.shape}")
   return buffer.tobytes()
 
 
-def serialize_example(*, name: str, source: str, image: np.ndarray, mask: np.ndarray,
-                      original_height: int, original_width: int,
-                      original_mask: Optional[np.ndarray] = None) -> bytes:
+def serialize_example(
+  *,
+  name: str,
+  source: str,
+  image: np.ndarray,
+  mask: np.ndarray,
+  original_height: int,
+  original_width: int,
+  original_mask: Optional[np.ndarray] = None,
+) -> bytes:
   """A serialized tf.train.Example.
 
   Args:
@@ -89,14 +97,14 @@ def serialize_example(*, name: str, source: str, image: np.ndarray, mask: np.nda
   """
   height, width = mask.shape
   features = {
-      "name": _bytes(name.encode()),
-      "source": _bytes(source.encode()),
-      "image_png": _bytes(encode_png(image)),
-      "mask_png": _bytes(encode_png(mask)),
-      "height": _int(height),
-      "width": _int(width),
-      "original_height": _int(original_height),
-      "original_width": _int(original_width),
+    "name": _bytes(name.encode()),
+    "source": _bytes(source.encode()),
+    "image_png": _bytes(encode_png(image)),
+    "mask_png": _bytes(encode_png(mask)),
+    "height": _int(height),
+    "width": _int(width),
+    "original_height": _int(original_height),
+    "original_width": _int(original_width),
   }
   if original_mask is not None:
     features["original_mask_png"] = _bytes(encode_png(original_mask))
@@ -108,8 +116,9 @@ def parse_example(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
   return tf.io.parse_single_example(serialized, FEATURES)
 
 
-def decode_image_and_mask(features: Dict[str, tf.Tensor], height: int,
-                          width: int) -> Dict[str, tf.Tensor]:
+def decode_image_and_mask(
+  features: Dict[str, tf.Tensor], height: int, width: int
+) -> Dict[str, tf.Tensor]:
   """Decodes the prepared image (uint8 [H, W, 3]) and mask (uint8 [H, W, 1] in {0, 1}).
 
   `height` and `width` (from summary.json) give the decoded tensors static shapes.
@@ -124,8 +133,9 @@ def decode_image_and_mask(features: Dict[str, tf.Tensor], height: int,
 def decode_mask_png(png: bytes) -> np.ndarray:
   """A mask PNG from a record (e.g. `original_mask_png`) as uint8 {0, 1} [H, W] (numpy)."""
   if not png:
-    raise DataError("<record>", "this record has no original-resolution mask (training records "
-                    "do not keep one)")
+    raise DataError(
+      "<record>", "this record has no original-resolution mask (training records do not keep one)"
+    )
   mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
   if mask is None:
     raise DataError("<record>", "cannot decode the mask PNG")
@@ -137,6 +147,7 @@ def decode_mask_png(png: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 class ShardReport(NamedTuple):
   """What `check_shard` found: the records read in full, and the problem (None: intact)."""
+
   records: int
   problem: Optional[str]
 
@@ -156,6 +167,7 @@ def check_shard(path: str) -> ShardReport:
     ShardReport(records, problem): `problem` names the record (0-based) and what is wrong, or is
     None when the shard is intact.
   """
+
   def decode(serialized):
     features = parse_example(serialized)
     image = tf.io.decode_png(features["image_png"], channels=3)
@@ -181,11 +193,13 @@ def _framing_problem(path: str, records: int) -> Optional[str]:
   with tf.io.gfile.GFile(path, "rb") as handle:
     for _ in range(records):
       handle.seek(offset)
-      length, = struct.unpack("<Q", handle.read(8))
+      (length,) = struct.unpack("<Q", handle.read(8))
       offset += length + 16  # length (8), its checksum (4), data, data checksum (4)
   if offset != size:
-    return (f"truncated: {size - offset} stray bytes after record {records - 1} (byte {offset}) "
-            "are the start of a record cut off")
+    return (
+      f"truncated: {size - offset} stray bytes after record {records - 1} (byte {offset}) "
+      "are the start of a record cut off"
+    )
   return None
 
 
@@ -198,8 +212,11 @@ def find_corrupt_shard(paths: Sequence[str]) -> Optional[DataError]:
   for path in paths:
     report = check_shard(path)
     if report.problem:
-      return DataError(path, f"corrupt TFRecord shard ({report.problem}): prepare the data "
-                       "again (tools/prepare_data.py --overwrite)")
+      return DataError(
+        path,
+        f"corrupt TFRecord shard ({report.problem}): prepare the data "
+        "again (tools/prepare_data.py --overwrite)",
+      )
   return None
 
 

@@ -25,15 +25,18 @@ from dunet.errors import DataError
 SPLITS = ("train", "valid", "test")
 SPLIT_FORMAT = "dunet-split"
 SPLIT_VERSION = 1
-RULE = ("sorted stems; test = first int(test_fraction*N) of RandomState(seed).permutation(N); "
-        "valid = first int(valid_fraction*N) of RandomState(seed).permutation(rest) "
-        "(the reference code's two train_test_split calls)")
+RULE = (
+  "sorted stems; test = first int(test_fraction*N) of RandomState(seed).permutation(N); "
+  "valid = first int(valid_fraction*N) of RandomState(seed).permutation(rest) "
+  "(the reference code's two train_test_split calls)"
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def make_split(stems: Sequence[str], seed: int = 42, valid_fraction: float = 0.1,
-               test_fraction: float = 0.1) -> Dict[str, List[str]]:
+def make_split(
+  stems: Sequence[str], seed: int = 42, valid_fraction: float = 0.1, test_fraction: float = 0.1
+) -> Dict[str, List[str]]:
   """Splits example names into train/valid/test deterministically.
 
   Args:
@@ -52,10 +55,13 @@ def make_split(stems: Sequence[str], seed: int = 42, valid_fraction: float = 0.1
   if len(set(stems)) != len(stems):
     duplicates = sorted({stem for stem in stems if list(stems).count(stem) > 1})
     raise ValueError(f"duplicate example names: {duplicates[:10]}")
-  if not (0 <= valid_fraction < 1 and 0 <= test_fraction < 1
-          and valid_fraction + test_fraction < 1):
-    raise ValueError(f"valid_fraction={valid_fraction} and test_fraction={test_fraction} must "
-                     "be in [0, 1) and sum to less than 1")
+  if not (
+    0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1
+  ):
+    raise ValueError(
+      f"valid_fraction={valid_fraction} and test_fraction={test_fraction} must "
+      "be in [0, 1) and sum to less than 1"
+    )
   names = sorted(stems)
   total = len(names)
   # int(fraction * N) as the reference code computes it (61 of 612), floats and all.
@@ -71,17 +77,31 @@ def _draw(names: List[str], count: int, seed: int):
   return [names[i] for i in order[:count]], [names[i] for i in order[count:]]
 
 
-def split_document(split: Dict[str, List[str]], seed: Optional[int] = None, rule: str = RULE,
-                   separate_test: bool = False) -> dict:
+def split_document(
+  split: Dict[str, List[str]],
+  seed: Optional[int] = None,
+  rule: str = RULE,
+  separate_test: bool = False,
+) -> dict:
   """The JSON document written for `split` (with the seed and rule that produced it)."""
-  document = {"format": SPLIT_FORMAT, "version": SPLIT_VERSION, "seed": seed, "rule": rule,
-              "separate_test": separate_test}
+  document = {
+    "format": SPLIT_FORMAT,
+    "version": SPLIT_VERSION,
+    "seed": seed,
+    "rule": rule,
+    "separate_test": separate_test,
+  }
   document.update({name: list(split.get(name, [])) for name in SPLITS})
   return document
 
 
-def write_split(path: PathLike, split: Dict[str, List[str]], seed: Optional[int] = None,
-                rule: str = RULE, separate_test: bool = False) -> None:
+def write_split(
+  path: PathLike,
+  split: Dict[str, List[str]],
+  seed: Optional[int] = None,
+  rule: str = RULE,
+  separate_test: bool = False,
+) -> None:
   """Writes a split file (validated first, so a bad split is never written).
 
   `separate_test` records that the test names come from another data set (see
@@ -118,10 +138,12 @@ def read_split(path: PathLike, *, allow_shared_test: bool = False) -> Dict[str, 
   except json.JSONDecodeError as error:
     raise DataError(path, f"split file is not valid JSON: {error}") from error
   if not isinstance(document, dict) or "train" not in document:
-    raise DataError(path, "split file must be a JSON object with a 'train' list (and 'valid', "
-                    "'test' lists)")
-  unknown = sorted(set(document) - set(SPLITS) - {"format", "version", "seed", "rule",
-                                                   "separate_test"})
+    raise DataError(
+      path, "split file must be a JSON object with a 'train' list (and 'valid', 'test' lists)"
+    )
+  unknown = sorted(
+    set(document) - set(SPLITS) - {"format", "version", "seed", "rule", "separate_test"}
+  )
   if unknown:
     raise DataError(path, f"split file has unknown keys {unknown}; expected {list(SPLITS)}")
   split = {}
@@ -130,13 +152,15 @@ def read_split(path: PathLike, *, allow_shared_test: bool = False) -> Dict[str, 
     if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
       raise DataError(path, f"'{name}' must be a list of non-empty strings")
     split[name] = [_stem(entry) for entry in entries]
-  validate_split(split, path, allow_shared_test=allow_shared_test or bool(
-      document.get("separate_test", False)))
+  validate_split(
+    split, path, allow_shared_test=allow_shared_test or bool(document.get("separate_test", False))
+  )
   return split
 
 
-def validate_split(split: Dict[str, List[str]], path: PathLike = "<split>", *,
-                   allow_shared_test: bool = False) -> None:
+def validate_split(
+  split: Dict[str, List[str]], path: PathLike = "<split>", *, allow_shared_test: bool = False
+) -> None:
   """Checks that no name repeats within a split or appears in two splits.
 
   Args:
@@ -159,8 +183,11 @@ def validate_split(split: Dict[str, List[str]], path: PathLike = "<split>", *,
   for first, second in pairs:
     shared = sorted(set(split.get(first, [])) & set(split.get(second, [])))
     if shared:
-      raise DataError(path, f"{len(shared)} examples are in both '{first}' and '{second}' "
-                      f"(e.g. {shared[:5]}): test images would leak into training")
+      raise DataError(
+        path,
+        f"{len(shared)} examples are in both '{first}' and '{second}' "
+        f"(e.g. {shared[:5]}): test images would leak into training",
+      )
 
 
 def _stem(entry: str) -> str:
@@ -169,8 +196,9 @@ def _stem(entry: str) -> str:
   return root if extension.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp") else base
 
 
-def check_split_covers(split: Dict[str, List[str]], stems: Sequence[str], path: PathLike,
-                       raw_dir: PathLike) -> List[str]:
+def check_split_covers(
+  split: Dict[str, List[str]], stems: Sequence[str], path: PathLike, raw_dir: PathLike
+) -> List[str]:
   """Checks a user-given split against the examples found; returns stems it leaves unassigned.
 
   Raises:

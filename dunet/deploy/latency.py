@@ -13,14 +13,20 @@ import numpy as np
 @dataclasses.dataclass
 class LatencyRow:
   """One line of the latency table."""
+
   name: str
   batch: int
   ms_per_image: float
   runs: int
 
 
-def measure_latency(function: Callable[[np.ndarray], Any], images: np.ndarray, runs: int,
-                    warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> float:
+def measure_latency(
+  function: Callable[[np.ndarray], Any],
+  images: np.ndarray,
+  runs: int,
+  warmup: int = 1,
+  clock: Callable[[], float] = time.perf_counter,
+) -> float:
   """Median seconds per image of `function(images)` over `runs` timed calls after `warmup`."""
   for _ in range(warmup):
     function(images)

@@ -48,8 +48,9 @@ def _import_quietly(name: str) -> Any:
     try:
       return importlib.import_module(name)
     except ImportError as error:
-      raise ExportError(f"{name} is not installed ({error}): install the export extra, "
-                        "`pip install -e .[export]`") from error
+      raise ExportError(
+        f"{name} is not installed ({error}): install the export extra, `pip install -e .[export]`"
+      ) from error
 
 
 @contextlib.contextmanager
@@ -74,8 +75,9 @@ def _strict_tf2onnx():
       os.environ["TF2ONNX_CATCH_ERRORS"] = previous
 
 
-def saved_model_to_onnx(saved_model_dir: str, signature: str = serving.MODEL_SIZE_SIGNATURE,
-                        opset: int = DEFAULT_OPSET):
+def saved_model_to_onnx(
+  saved_model_dir: str, signature: str = serving.MODEL_SIZE_SIGNATURE, opset: int = DEFAULT_OPSET
+):
   """Converts one signature of a SavedModel with tf2onnx (what `python -m tf2onnx.convert
   --saved-model DIR --signature_def KEY` does), keeping the signature's input/output names.
 
@@ -89,11 +91,21 @@ def saved_model_to_onnx(saved_model_dir: str, signature: str = serving.MODEL_SIZ
   tf_loader = _import_quietly("tf2onnx.tf_loader")
   with _strict_tf2onnx():
     graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
-        saved_model_dir, None, None, tag="serve", signatures=[signature],
-        return_tensors_to_rename=True)
+      saved_model_dir,
+      None,
+      None,
+      tag="serve",
+      signatures=[signature],
+      return_tensors_to_rename=True,
+    )
     proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def, name=f"dunet {signature}", input_names=inputs, output_names=outputs,
-        opset=opset, tensors_to_rename=renames)
+      graph_def,
+      name=f"dunet {signature}",
+      input_names=inputs,
+      output_names=outputs,
+      opset=opset,
+      tensors_to_rename=renames,
+    )
   return proto
 
 
@@ -112,8 +124,9 @@ def function_to_onnx(function: Callable, input_spec: tf.TensorSpec, opset: int =
   return proto
 
 
-def float16_segmenter(saved_model_dir: str, height: int, width: int,
-                      preprocessing: str) -> serving.Segmenter:
+def float16_segmenter(
+  saved_model_dir: str, height: int, width: int, preprocessing: str
+) -> serving.Segmenter:
   """A Segmenter computing in float16 with the weights of a dunet SavedModel.
 
   The SavedModel's variables are a checkpoint whose root is the exported Segmenter, so its
@@ -128,6 +141,7 @@ def float16_segmenter(saved_model_dir: str, height: int, width: int,
 @dataclasses.dataclass
 class OnnxInfo:
   """What an ONNX graph takes and is made of."""
+
   input_name: str
   input_type: str
   input_shape: List[Any]
@@ -136,30 +150,46 @@ class OnnxInfo:
   weight_types: Dict[str, int]
 
 
-_ONNX_TYPE_NAMES = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
-                    11: "float64", 16: "bfloat16"}
+_ONNX_TYPE_NAMES = {
+  1: "float32",
+  2: "uint8",
+  6: "int32",
+  7: "int64",
+  9: "bool",
+  10: "float16",
+  11: "float64",
+  16: "bfloat16",
+}
 
 
 def describe_onnx(proto) -> OnnxInfo:
   """Inputs, outputs, node-type histogram and weight types of an ONNX model."""
+
   def type_name(value_info) -> str:
     code = value_info.type.tensor_type.elem_type
     return _ONNX_TYPE_NAMES.get(code, str(code))
 
   def shape(value_info) -> List[Any]:
-    return [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
-            for dim in value_info.type.tensor_type.shape.dim]
+    return [
+      dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+      for dim in value_info.type.tensor_type.shape.dim
+    ]
 
   graph = proto.graph
   if len(graph.input) != 1:
     raise ExportError(f"expected one ONNX input, got {[i.name for i in graph.input]}")
   ops = collections.Counter(node.op_type for node in graph.node)
-  weights = collections.Counter(_ONNX_TYPE_NAMES.get(init.data_type, str(init.data_type))
-                                for init in graph.initializer)
-  return OnnxInfo(input_name=graph.input[0].name, input_type=type_name(graph.input[0]),
-                  input_shape=shape(graph.input[0]),
-                  outputs={output.name: type_name(output) for output in graph.output},
-                  op_counts=dict(sorted(ops.items())), weight_types=dict(sorted(weights.items())))
+  weights = collections.Counter(
+    _ONNX_TYPE_NAMES.get(init.data_type, str(init.data_type)) for init in graph.initializer
+  )
+  return OnnxInfo(
+    input_name=graph.input[0].name,
+    input_type=type_name(graph.input[0]),
+    input_shape=shape(graph.input[0]),
+    outputs={output.name: type_name(output) for output in graph.output},
+    op_counts=dict(sorted(ops.items())),
+    weight_types=dict(sorted(weights.items())),
+  )
 
 
 def check_deployable(proto, height: int, width: int, label: str) -> OnnxInfo:
@@ -174,20 +204,34 @@ def check_deployable(proto, height: int, width: int, label: str) -> OnnxInfo:
     onnx.checker.check_model(proto, full_check=True)
   except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
     raise ExportError(f"{label}: the ONNX checker rejects the graph: {error}") from error
-  foreign = sorted({f"{node.domain}:{node.op_type}" for node in proto.graph.node
-                    if node.domain not in ("", "ai.onnx")})
+  foreign = sorted(
+    {
+      f"{node.domain}:{node.op_type}"
+      for node in proto.graph.node
+      if node.domain not in ("", "ai.onnx")
+    }
+  )
   if foreign:
-    raise ExportError(f"{label}: non-standard ONNX nodes (TensorFlow ops tf2onnx could not "
-                      f"convert?): {foreign}")
+    raise ExportError(
+      f"{label}: non-standard ONNX nodes (TensorFlow ops tf2onnx could not convert?): {foreign}"
+    )
   info = describe_onnx(proto)
   bad = sorted(FORBIDDEN_OPS & set(info.op_counts))
   if bad:
-    raise ExportError(f"{label}: the graph contains {bad} (control flow or data-dependent "
-                      "shapes); export the SavedModel's model_size signature")
-  if info.input_type != "uint8" or len(info.input_shape) != 4 or \
-      info.input_shape[1:] != [height, width, 3] or isinstance(info.input_shape[0], int):
-    raise ExportError(f"{label}: input {info.input_name!r} is {info.input_type} "
-                      f"{info.input_shape}, expected uint8 [batch, {height}, {width}, 3]")
+    raise ExportError(
+      f"{label}: the graph contains {bad} (control flow or data-dependent "
+      "shapes); export the SavedModel's model_size signature"
+    )
+  if (
+    info.input_type != "uint8"
+    or len(info.input_shape) != 4
+    or info.input_shape[1:] != [height, width, 3]
+    or isinstance(info.input_shape[0], int)
+  ):
+    raise ExportError(
+      f"{label}: input {info.input_name!r} is {info.input_type} "
+      f"{info.input_shape}, expected uint8 [batch, {height}, {width}, 3]"
+    )
   expected_outputs = {name: "float32" for name in serving.OUTPUT_NAMES}
   if info.outputs != expected_outputs:
     raise ExportError(f"{label}: outputs {info.outputs}, expected {expected_outputs}")
@@ -213,8 +257,9 @@ def onnxruntime_session(path: str, providers: Sequence[str]):
   ort = _import_quietly("onnxruntime")
   missing = [p for p in providers if p not in ort.get_available_providers()]
   if missing:
-    raise ExportError(f"onnxruntime {ort.__version__} lacks {missing}; available: "
-                      f"{ort.get_available_providers()}")
+    raise ExportError(
+      f"onnxruntime {ort.__version__} lacks {missing}; available: {ort.get_available_providers()}"
+    )
   return ort.InferenceSession(path, providers=list(providers))
 
 

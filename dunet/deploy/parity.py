@@ -11,8 +11,9 @@ import numpy as np
 from dunet.errors import ExportError
 
 
-def parity_stats(expected: Mapping[str, np.ndarray],
-                 got: Mapping[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+def parity_stats(
+  expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
+) -> Dict[str, Dict[str, float]]:
   """Per output: the largest and mean absolute difference, and the share of pixels whose mask
   (p > 0.5) differs."""
   if set(expected) != set(got):
@@ -24,9 +25,11 @@ def parity_stats(expected: Mapping[str, np.ndarray],
     if want.shape != have.shape:
       raise ExportError(f"output {name!r} has shape {have.shape}, expected {want.shape}")
     difference = np.abs(want - have)
-    stats[name] = {"max_abs": float(np.max(difference)),
-                   "mean_abs": float(np.mean(difference)),
-                   "mask_disagreement": float(np.mean((want > 0.5) != (have > 0.5)))}
+    stats[name] = {
+      "max_abs": float(np.max(difference)),
+      "mean_abs": float(np.mean(difference)),
+      "mask_disagreement": float(np.mean((want > 0.5) != (have > 0.5))),
+    }
   return stats
 
 
@@ -34,8 +37,10 @@ def check_parity(label: str, stats: Mapping[str, Mapping[str, float]], tolerance
   """Returns the largest difference over the outputs; raises ExportError above `tolerance`."""
   worst = max(entry["max_abs"] for entry in stats.values())
   if not worst <= tolerance:  # NaN fails too
-    raise ExportError(f"{label}: largest difference from TensorFlow {worst:.3g} exceeds the "
-                      f"tolerance {tolerance:.3g} ({json.dumps(stats)})")
+    raise ExportError(
+      f"{label}: largest difference from TensorFlow {worst:.3g} exceeds the "
+      f"tolerance {tolerance:.3g} ({json.dumps(stats)})"
+    )
   return worst
 
 
@@ -43,7 +48,9 @@ def format_parity(label: str, stats: Mapping[str, Mapping[str, float]], toleranc
   """One line per output: max/mean absolute difference and mask disagreement."""
   lines = []
   for name, entry in stats.items():
-    lines.append(f"  {label:<14} {name:<18} max |diff| {entry['max_abs']:.2e}  mean "
-                 f"{entry['mean_abs']:.2e}  masks differ {100 * entry['mask_disagreement']:.3f}%"
-                 f"  (tolerance {tolerance:.0e})")
+    lines.append(
+      f"  {label:<14} {name:<18} max |diff| {entry['max_abs']:.2e}  mean "
+      f"{entry['mean_abs']:.2e}  masks differ {100 * entry['mask_disagreement']:.3f}%"
+      f"  (tolerance {tolerance:.0e})"
+    )
   return "\n".join(lines)

@@ -50,6 +50,7 @@ DEFAULT_PROFILE = tensorrt.BatchProfile(1, 8, 16)
 @dataclasses.dataclass
 class Settings:
   """What `export_trt` does (the command-line flags)."""
+
   out_dir: str
   saved_model: Optional[str] = None
   checkpoint: Optional[str] = None
@@ -84,11 +85,11 @@ def validate(settings: Settings) -> None:
     raise ConfigError("pass exactly one of --saved_model and --checkpoint")
   for precision in settings.engines:
     if precision not in ENGINE_FILES:
-      raise ConfigError(f"--engines: unknown engine precision {precision!r}; expected fp16 or "
-                        "fp32")
+      raise ConfigError(f"--engines: unknown engine precision {precision!r}; expected fp16 or fp32")
     if precision == "fp16" and not settings.fp16:
-      raise ConfigError("an fp16 engine needs the fp16 ONNX graph: drop --nofp16 or use "
-                        "--engines=fp32")
+      raise ConfigError(
+        "an fp16 engine needs the fp16 ONNX graph: drop --nofp16 or use --engines=fp32"
+      )
 
 
 def check_source(settings: Settings) -> None:
@@ -99,31 +100,48 @@ def check_source(settings: Settings) -> None:
     dunet.errors.CheckpointNotFoundError: no checkpoint at --checkpoint.
   """
   if settings.saved_model and not serving.is_saved_model(settings.saved_model):
-    raise ExportError(f"{settings.saved_model} is not a SavedModel folder (no saved_model.pb); "
-                      "export one with `python -m dunet.export` or pass --checkpoint")
+    raise ExportError(
+      f"{settings.saved_model} is not a SavedModel folder (no saved_model.pb); "
+      "export one with `python -m dunet.export` or pass --checkpoint"
+    )
   if settings.checkpoint:
     checkpoint_lib.resolve_checkpoint(settings.checkpoint, settings.prefer)
 
 
-def _saved_model_step(settings: Settings, staging: str, out_dir: str, report: Dict[str, Any],
-                      log: Callable[[str], None]) -> str:
+def _saved_model_step(
+  settings: Settings, staging: str, out_dir: str, report: Dict[str, Any], log: Callable[[str], None]
+) -> str:
   """The SavedModel to convert: the given one, or a fresh verified export; returns its folder."""
   if settings.saved_model:
     report["saved_model"] = os.path.abspath(settings.saved_model)
     return report["saved_model"]
   summary = saved_model.export_saved_model(
-      settings.checkpoint, os.path.join(staging, SAVED_MODEL_SUBDIR), prefer=settings.prefer,
-      height=settings.height, width=settings.width, preprocessing=settings.preprocessing)
+    settings.checkpoint,
+    os.path.join(staging, SAVED_MODEL_SUBDIR),
+    prefer=settings.prefer,
+    height=settings.height,
+    width=settings.width,
+    preprocessing=settings.preprocessing,
+  )
   report["saved_model"] = os.path.join(out_dir, SAVED_MODEL_SUBDIR)
   report["source_checkpoint"] = summary.source
-  log(f"SavedModel: {summary.source} -> {report['saved_model']} (reloaded, max |diff| "
-      f"{max(summary.parity.values()):.1e})")
+  log(
+    f"SavedModel: {summary.source} -> {report['saved_model']} (reloaded, max |diff| "
+    f"{max(summary.parity.values()):.1e})"
+  )
   return summary.out_dir
 
 
-def _onnx_step(settings: Settings, saved_model_dir: str, loaded: serving.LoadedSegmenter,
-               pictures: np.ndarray, expected: Dict[str, np.ndarray], staging: str,
-               out_dir: str, log: Callable[[str], None]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _onnx_step(
+  settings: Settings,
+  saved_model_dir: str,
+  loaded: serving.LoadedSegmenter,
+  pictures: np.ndarray,
+  expected: Dict[str, np.ndarray],
+  staging: str,
+  out_dir: str,
+  log: Callable[[str], None],
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Converts, checks and compares the ONNX graphs; returns (report entries, sessions)."""
   height, width = loaded.height, loaded.width
   input_spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name=serving.IMAGES)
@@ -134,8 +152,7 @@ def _onnx_step(settings: Settings, saved_model_dir: str, loaded: serving.LoadedS
       proto = onnx.saved_model_to_onnx(saved_model_dir, opset=settings.opset)
     else:
       segmenter = onnx.float16_segmenter(saved_model_dir, height, width, loaded.preprocessing)
-      proto = onnx.function_to_onnx(segmenter.serve_model_size, input_spec,
-                                    opset=settings.opset)
+      proto = onnx.function_to_onnx(segmenter.serve_model_size, input_spec, opset=settings.opset)
     onnx.name_batch_dimension(proto)
     info = onnx.check_deployable(proto, height, width, f"ONNX {precision}")
     path = os.path.join(staging, ONNX_FILES[precision])
@@ -145,34 +162,64 @@ def _onnx_step(settings: Settings, saved_model_dir: str, loaded: serving.LoadedS
     stats = parity.parity_stats(expected, onnx.run_onnx(sessions[precision], pictures))
     tolerance = settings.fp32_tolerance if precision == "fp32" else settings.fp16_tolerance
     final_path = os.path.join(out_dir, ONNX_FILES[precision])
-    log(f"ONNX {precision}: {final_path} ({os.path.getsize(path) / 2**20:.1f} MiB, converted in "
-        f"{time.perf_counter() - started:.0f} s); input {info.input_name} {info.input_type} "
-        f"{info.input_shape}; {sum(info.op_counts.values())} nodes; weights {info.weight_types}")
+    log(
+      f"ONNX {precision}: {final_path} ({os.path.getsize(path) / 2**20:.1f} MiB, converted in "
+      f"{time.perf_counter() - started:.0f} s); input {info.input_name} {info.input_type} "
+      f"{info.input_shape}; {sum(info.op_counts.values())} nodes; weights {info.weight_types}"
+    )
     log(f"  node types: {', '.join(f'{op} {n}' for op, n in info.op_counts.items())}")
     log(parity.format_parity(f"ONNX {precision}", stats, tolerance))
     worst = parity.check_parity(f"ONNX {precision} (onnxruntime)", stats, tolerance)
     entries[precision] = {
-        "file": final_path, "input": info.input_name, "input_type": info.input_type,
-        "input_shape": info.input_shape, "outputs": info.outputs, "op_counts": info.op_counts,
-        "weight_types": info.weight_types, "parity": stats, "max_abs_difference": worst,
-        "tolerance": tolerance, "onnxruntime_providers": list(settings.onnxruntime_providers)}
+      "file": final_path,
+      "input": info.input_name,
+      "input_type": info.input_type,
+      "input_shape": info.input_shape,
+      "outputs": info.outputs,
+      "op_counts": info.op_counts,
+      "weight_types": info.weight_types,
+      "parity": stats,
+      "max_abs_difference": worst,
+      "tolerance": tolerance,
+      "onnxruntime_providers": list(settings.onnxruntime_providers),
+    }
   return entries, sessions
 
 
-def _tensorrt_step(settings: Settings, trt: Optional[Any], missing: List[str], input_name: str,
-                   loaded: serving.LoadedSegmenter, pictures: np.ndarray,
-                   expected: Dict[str, np.ndarray], staging: str, out_dir: str,
-                   log: Callable[[str], None]
-                   ) -> Tuple[Dict[str, Any], Dict[str, tensorrt.EngineRunner]]:
+def _tensorrt_step(
+  settings: Settings,
+  trt: Optional[Any],
+  missing: List[str],
+  input_name: str,
+  loaded: serving.LoadedSegmenter,
+  pictures: np.ndarray,
+  expected: Dict[str, np.ndarray],
+  staging: str,
+  out_dir: str,
+  log: Callable[[str], None],
+) -> Tuple[Dict[str, Any], Dict[str, tensorrt.EngineRunner]]:
   """Builds, runs and compares the engines where TensorRT can; else says what is missing and
   prints the trtexec commands. Returns (report entry, engine runners)."""
   height, width = loaded.height, loaded.width
-  commands = {precision: tensorrt.trtexec_command(
+  commands = {
+    precision: tensorrt.trtexec_command(
       os.path.join(out_dir, ONNX_FILES[precision]),
-      os.path.join(out_dir, ENGINE_FILES[precision]), input_name, height, width,
-      settings.profile, settings.workspace_mib) for precision in settings.engines}
-  entry: Dict[str, Any] = {"engines": {}, "trtexec": commands, "built": False,
-                           "profile": dataclasses.asdict(settings.profile), "missing": missing}
+      os.path.join(out_dir, ENGINE_FILES[precision]),
+      input_name,
+      height,
+      width,
+      settings.profile,
+      settings.workspace_mib,
+    )
+    for precision in settings.engines
+  }
+  entry: Dict[str, Any] = {
+    "engines": {},
+    "trtexec": commands,
+    "built": False,
+    "profile": dataclasses.asdict(settings.profile),
+    "missing": missing,
+  }
   runners: Dict[str, tensorrt.EngineRunner] = {}
   if settings.tensorrt == "skip" or not settings.engines:
     entry["missing"] = ["skipped (--tensorrt=skip or no --engines)"]
@@ -188,33 +235,50 @@ def _tensorrt_step(settings: Settings, trt: Optional[Any], missing: List[str], i
   for precision in settings.engines:
     path = os.path.join(staging, ENGINE_FILES[precision])
     started = time.perf_counter()
-    size = tensorrt.build_engine(trt, os.path.join(staging, ONNX_FILES[precision]), path,
-                                 input_name, height, width, settings.profile,
-                                 settings.workspace_mib)
+    size = tensorrt.build_engine(
+      trt,
+      os.path.join(staging, ONNX_FILES[precision]),
+      path,
+      input_name,
+      height,
+      width,
+      settings.profile,
+      settings.workspace_mib,
+    )
     runners[precision] = tensorrt.EngineRunner(trt, path)
     stats = parity.parity_stats(expected, runners[precision](pictures))
-    log(f"TensorRT {entry['version']} {precision}: "
-        f"{os.path.join(out_dir, ENGINE_FILES[precision])} ({size / 2**20:.1f} MiB, built in "
-        f"{time.perf_counter() - started:.0f} s, batch {settings.profile.min_batch}.."
-        f"{settings.profile.max_batch})")
+    log(
+      f"TensorRT {entry['version']} {precision}: "
+      f"{os.path.join(out_dir, ENGINE_FILES[precision])} ({size / 2**20:.1f} MiB, built in "
+      f"{time.perf_counter() - started:.0f} s, batch {settings.profile.min_batch}.."
+      f"{settings.profile.max_batch})"
+    )
     log(parity.format_parity(f"TensorRT {precision}", stats, settings.engine_tolerance))
     worst = parity.check_parity(f"TensorRT {precision}", stats, settings.engine_tolerance)
     entry["engines"][precision] = {
-        "file": os.path.join(out_dir, ENGINE_FILES[precision]), "bytes": size, "parity": stats,
-        "max_abs_difference": worst, "tolerance": settings.engine_tolerance}
+      "file": os.path.join(out_dir, ENGINE_FILES[precision]),
+      "bytes": size,
+      "parity": stats,
+      "max_abs_difference": worst,
+      "tolerance": settings.engine_tolerance,
+    }
   entry["built"] = True
   return entry, runners
 
 
-def _latency_step(settings: Settings, candidates: Sequence[Tuple[str, Callable]], height: int,
-                  width: int, log: Callable[[str], None]) -> List[latency.LatencyRow]:
+def _latency_step(
+  settings: Settings,
+  candidates: Sequence[Tuple[str, Callable]],
+  height: int,
+  width: int,
+  log: Callable[[str], None],
+) -> List[latency.LatencyRow]:
   """Times every format at batch 1 and --latency_batch."""
   rows: List[latency.LatencyRow] = []
   if settings.latency_runs <= 0:
     return rows
   for batch in sorted({1, settings.latency_batch}):
-    images = saved_model.parity_pictures(batch, height, width,
-                                         seed=saved_model.PARITY_SEED + 1)
+    images = saved_model.parity_pictures(batch, height, width, seed=saved_model.PARITY_SEED + 1)
     for name, function in candidates:
       seconds = latency.measure_latency(function, images, settings.latency_runs)
       rows.append(latency.LatencyRow(name, batch, 1000 * seconds, settings.latency_runs))
@@ -241,30 +305,41 @@ def check_before_export(settings: Settings) -> Tuple[Optional[Any], List[str]]:
   if settings.tensorrt != "skip" and settings.engines:
     trt, missing = tensorrt.tensorrt_requirements()
     if missing and settings.tensorrt == "require":
-      raise ExportError("--tensorrt=require, but TensorRT cannot build here; missing: "
-                        + "; ".join(missing))
+      raise ExportError(
+        "--tensorrt=require, but TensorRT cannot build here; missing: " + "; ".join(missing)
+      )
   check_source(settings)
   return trt, missing
 
 
-def _load_model_size(saved_model_dir: str, settings: Settings, report: Dict[str, Any],
-                     log: Callable[[str], None]) -> serving.LoadedSegmenter:
+def _load_model_size(
+  saved_model_dir: str, settings: Settings, report: Dict[str, Any], log: Callable[[str], None]
+) -> serving.LoadedSegmenter:
   """The SavedModel, loaded and checked to have the model-size signature ONNX is made from."""
-  loaded = serving.load_segmenter(saved_model_dir, height=settings.height, width=settings.width,
-                                  preprocessing=settings.preprocessing)
+  loaded = serving.load_segmenter(
+    saved_model_dir,
+    height=settings.height,
+    width=settings.width,
+    preprocessing=settings.preprocessing,
+  )
   if serving.MODEL_SIZE_SIGNATURE not in loaded.module.signatures:
-    raise ExportError(f"{saved_model_dir} has no {serving.MODEL_SIZE_SIGNATURE!r} signature "
-                      "(an older export): export it again with python -m dunet.export")
+    raise ExportError(
+      f"{saved_model_dir} has no {serving.MODEL_SIZE_SIGNATURE!r} signature "
+      "(an older export): export it again with python -m dunet.export"
+    )
   report.update(height=loaded.height, width=loaded.width, preprocessing=loaded.preprocessing)
   supported, reason = tensorrt.tftrt_status()
   report["tf_trt"] = {"supported": supported, "reason": reason}
-  log(f"Model: {loaded.height}x{loaded.width}, preprocessing {loaded.preprocessing}. TF-TRT "
-      f"{'available' if supported else 'not available'} ({reason}): exporting through ONNX")
+  log(
+    f"Model: {loaded.height}x{loaded.width}, preprocessing {loaded.preprocessing}. TF-TRT "
+    f"{'available' if supported else 'not available'} ({reason}): exporting through ONNX"
+  )
   return loaded
 
 
-def serving_function(loaded: serving.LoadedSegmenter
-                     ) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+def serving_function(
+  loaded: serving.LoadedSegmenter,
+) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
   """The reference every deployed format is compared with: the SavedModel's serving signature,
   looked up by key as evaluate, predict and serving systems call it."""
   serving_default = loaded.module.signatures[serving.SERVING_SIGNATURE]
@@ -276,15 +351,25 @@ def serving_function(loaded: serving.LoadedSegmenter
   return run_tf
 
 
-def _time_every_format(settings: Settings, run_tf: Callable, sessions: Dict[str, Any],
-                       runners: Dict[str, tensorrt.EngineRunner], height: int, width: int,
-                       log: Callable[[str], None]) -> List[Dict[str, Any]]:
+def _time_every_format(
+  settings: Settings,
+  run_tf: Callable,
+  sessions: Dict[str, Any],
+  runners: Dict[str, tensorrt.EngineRunner],
+  height: int,
+  width: int,
+  log: Callable[[str], None],
+) -> List[Dict[str, Any]]:
   """The latency rows of TensorFlow, each onnxruntime session and each engine (then freed)."""
   provider = settings.onnxruntime_providers[0].replace("ExecutionProvider", "")
   candidates: List[Tuple[str, Callable]] = [("TF SavedModel (serving_default)", run_tf)]
-  candidates += [(f"ONNX {precision} (onnxruntime {provider})",
-                  lambda images, session=session: onnx.run_onnx(session, images))
-                 for precision, session in sessions.items()]
+  candidates += [
+    (
+      f"ONNX {precision} (onnxruntime {provider})",
+      lambda images, session=session: onnx.run_onnx(session, images),
+    )
+    for precision, session in sessions.items()
+  ]
   candidates += [(f"TensorRT {precision}", runner) for precision, runner in runners.items()]
   try:
     rows = _latency_step(settings, candidates, height, width, log)
@@ -318,13 +403,24 @@ def export_trt(settings: Settings, log: Callable[[str], None] = print) -> Dict[s
     run_tf = serving_function(loaded)
     pictures = saved_model.parity_pictures(settings.parity_pictures, loaded.height, loaded.width)
     expected = run_tf(pictures)
-    report["onnx"], sessions = _onnx_step(settings, saved_model_dir, loaded, pictures, expected,
-                                          staging, out_dir, log)
+    report["onnx"], sessions = _onnx_step(
+      settings, saved_model_dir, loaded, pictures, expected, staging, out_dir, log
+    )
     report["tensorrt"], runners = _tensorrt_step(
-        settings, trt, missing, report["onnx"]["fp32"]["input"], loaded, pictures, expected,
-        staging, out_dir, log)
-    report["latency"] = _time_every_format(settings, run_tf, sessions, runners, loaded.height,
-                                           loaded.width, log)
+      settings,
+      trt,
+      missing,
+      report["onnx"]["fp32"]["input"],
+      loaded,
+      pictures,
+      expected,
+      staging,
+      out_dir,
+      log,
+    )
+    report["latency"] = _time_every_format(
+      settings, run_tf, sessions, runners, loaded.height, loaded.width, log
+    )
     with open(os.path.join(staging, REPORT_FILENAME), "w") as handle:
       json.dump(report, handle, indent=2, sort_keys=True)
   log(f"Wrote {out_dir} ({REPORT_FILENAME} has every number above)")

@@ -53,6 +53,7 @@ class ExportSummary:
     tolerance: the largest difference allowed.
     info: the contents of dunet_export.json.
   """
+
   out_dir: str
   source: str
   height: int
@@ -86,22 +87,33 @@ def parity_sizes(height: int, width: int) -> List[Tuple[int, int]]:
   The larger one is shrunk with area interpolation inside `serve`, the smaller one enlarged
   bilinearly, so both resize paths (and the identity) are covered.
   """
-  return [(height, width), (height + height // 2 + 3, width + width // 4 + 5),
-          (max(16, height // 2 + 1), max(16, width * 3 // 4 - 1))]
+  return [
+    (height, width),
+    (height + height // 2 + 3, width + width // 4 + 5),
+    (max(16, height // 2 + 1), max(16, width * 3 // 4 - 1)),
+  ]
 
 
 def max_abs_difference(first: Dict[str, tf.Tensor], second: Dict[str, tf.Tensor]) -> float:
   """The largest |a - b| over the outputs both dicts share (and they must share all)."""
   if set(first) != set(second):
     raise ExportError(f"outputs differ: {sorted(first)} vs {sorted(second)}")
-  return max(float(np.max(np.abs(np.asarray(first[key]) - np.asarray(second[key]))))
-             for key in first)
+  return max(
+    float(np.max(np.abs(np.asarray(first[key]) - np.asarray(second[key])))) for key in first
+  )
 
 
-def export_saved_model(checkpoint: str, out_dir: str, *, prefer: str = "best",
-                       height: Optional[int] = None, width: Optional[int] = None,
-                       preprocessing: Optional[str] = None, overwrite: bool = False,
-                       tolerance: float = DEFAULT_TOLERANCE) -> ExportSummary:
+def export_saved_model(
+  checkpoint: str,
+  out_dir: str,
+  *,
+  prefer: str = "best",
+  height: Optional[int] = None,
+  width: Optional[int] = None,
+  preprocessing: Optional[str] = None,
+  overwrite: bool = False,
+  tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportSummary:
   """Exports a checkpoint as a verified SavedModel, atomically.
 
   Args:
@@ -130,43 +142,56 @@ def export_saved_model(checkpoint: str, out_dir: str, *, prefer: str = "best",
   out_dir = os.path.abspath(out_dir)
   fileio.check_out_dir(out_dir, overwrite)  # before the slow part
   if serving.is_saved_model(checkpoint):
-    raise ExportError(f"{checkpoint} is already a SavedModel; pass the training workdir or "
-                      "checkpoint it came from")
-  loaded = serving.load_segmenter(checkpoint, prefer=prefer, height=height, width=width,
-                                  preprocessing=preprocessing)
+    raise ExportError(
+      f"{checkpoint} is already a SavedModel; pass the training workdir or checkpoint it came from"
+    )
+  loaded = serving.load_segmenter(
+    checkpoint, prefer=prefer, height=height, width=width, preprocessing=preprocessing
+  )
   segmenter = loaded.module
   with fileio.staged_directory(out_dir, overwrite, purpose="export") as staging:
     tf.saved_model.save(segmenter, staging, signatures=segmenter.signatures())
     parity = verify_saved_model(staging, segmenter)
     info = {
-        "source_checkpoint": os.path.abspath(loaded.source),
-        "height": loaded.height,
-        "width": loaded.width,
-        "preprocessing": loaded.preprocessing,
-        "signatures": {
-            serving.SERVING_SIGNATURE: "uint8 [B, h, w, 3] any size -> probabilities at h x w",
-            serving.MODEL_SIZE_SIGNATURE: (f"uint8 [B, {loaded.height}, {loaded.width}, 3] -> "
-                                           "probabilities, no resizing (ONNX/TensorRT)"),
-        },
-        "outputs": list(serving.OUTPUT_NAMES),
-        "tensorflow_version": tf.__version__,
-        "parity_max_abs_difference": parity,
-        "parity_tolerance": tolerance,
+      "source_checkpoint": os.path.abspath(loaded.source),
+      "height": loaded.height,
+      "width": loaded.width,
+      "preprocessing": loaded.preprocessing,
+      "signatures": {
+        serving.SERVING_SIGNATURE: "uint8 [B, h, w, 3] any size -> probabilities at h x w",
+        serving.MODEL_SIZE_SIGNATURE: (
+          f"uint8 [B, {loaded.height}, {loaded.width}, 3] -> "
+          "probabilities, no resizing (ONNX/TensorRT)"
+        ),
+      },
+      "outputs": list(serving.OUTPUT_NAMES),
+      "tensorflow_version": tf.__version__,
+      "parity_max_abs_difference": parity,
+      "parity_tolerance": tolerance,
     }
     worst = max(parity.values())
     if not worst <= tolerance:  # also catches NaN
       raise ExportError(
-          f"the reloaded SavedModel differs from the model by {worst:.3g} (> tolerance "
-          f"{tolerance:.3g}): {json.dumps(parity)}; nothing was written to {out_dir}")
+        f"the reloaded SavedModel differs from the model by {worst:.3g} (> tolerance "
+        f"{tolerance:.3g}): {json.dumps(parity)}; nothing was written to {out_dir}"
+      )
     with open(os.path.join(staging, EXPORT_INFO_FILENAME), "w") as handle:
       json.dump(info, handle, indent=2, sort_keys=True)
-  return ExportSummary(out_dir=out_dir, source=loaded.source, height=loaded.height,
-                       width=loaded.width, preprocessing=loaded.preprocessing, parity=parity,
-                       tolerance=tolerance, info=info)
+  return ExportSummary(
+    out_dir=out_dir,
+    source=loaded.source,
+    height=loaded.height,
+    width=loaded.width,
+    preprocessing=loaded.preprocessing,
+    parity=parity,
+    tolerance=tolerance,
+    info=info,
+  )
 
 
-def verify_saved_model(path: str, segmenter: serving.Segmenter,
-                       count: int = PARITY_PICTURES) -> Dict[str, float]:
+def verify_saved_model(
+  path: str, segmenter: serving.Segmenter, count: int = PARITY_PICTURES
+) -> Dict[str, float]:
   """Reloads the SavedModel at `path` and compares it with `segmenter`.
 
   Both signatures (looked up by key, as a serving system would) are compared at every size of
@@ -184,8 +209,11 @@ def verify_saved_model(path: str, segmenter: serving.Segmenter,
     ExportError: a signature or output is missing.
   """
   reloaded = tf.saved_model.load(path)
-  missing = [key for key in (serving.SERVING_SIGNATURE, serving.MODEL_SIZE_SIGNATURE)
-             if key not in reloaded.signatures]
+  missing = [
+    key
+    for key in (serving.SERVING_SIGNATURE, serving.MODEL_SIZE_SIGNATURE)
+    if key not in reloaded.signatures
+  ]
   if missing:
     raise ExportError(f"{path}: the reloaded SavedModel has no signature {missing}")
   parity: Dict[str, float] = {}
@@ -198,5 +226,6 @@ def verify_saved_model(path: str, segmenter: serving.Segmenter,
     for key in signatures:
       got = reloaded.signatures[key](**{serving.IMAGES: tf.constant(pictures)})
       parity[f"{key} {height}x{width}"] = max_abs_difference(
-          expected, {name: value.numpy() for name, value in got.items()})
+        expected, {name: value.numpy() for name, value in got.items()}
+      )
   return parity

@@ -65,8 +65,10 @@ def tensorrt_requirements(library: str = CUDA_DRIVER_LIBRARY) -> Tuple[Optional[
     import tensorrt  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     tensorrt = None
-    missing.append(f"the `tensorrt` Python package ({error}); install the wheel matching the "
-                   "GPU machine's CUDA, e.g. `pip install tensorrt`")
+    missing.append(
+      f"the `tensorrt` Python package ({error}); install the wheel matching the "
+      "GPU machine's CUDA, e.g. `pip install tensorrt`"
+    )
   count, reason = cuda_device_count(library)
   if not count:
     missing.append(f"a CUDA GPU ({reason})")
@@ -76,40 +78,67 @@ def tensorrt_requirements(library: str = CUDA_DRIVER_LIBRARY) -> Tuple[Optional[
 @dataclasses.dataclass(frozen=True)
 class BatchProfile:
   """The batch sizes an engine is built for (TensorRT optimization profile)."""
+
   min_batch: int
   opt_batch: int
   max_batch: int
 
   def __post_init__(self):
     if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-      raise ConfigError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {self.min_batch}, "
-                       f"{self.opt_batch}, {self.max_batch}")
+      raise ConfigError(
+        f"need 1 <= min_batch <= opt_batch <= max_batch, got {self.min_batch}, "
+        f"{self.opt_batch}, {self.max_batch}"
+      )
 
   def shapes(self, height: int, width: int) -> Tuple[Tuple[int, ...], ...]:
     """(min, opt, max) input shapes [batch, height, width, 3]."""
-    return tuple((batch, height, width, 3)
-                 for batch in (self.min_batch, self.opt_batch, self.max_batch))
+    return tuple(
+      (batch, height, width, 3) for batch in (self.min_batch, self.opt_batch, self.max_batch)
+    )
 
 
-def trtexec_command(onnx_path: str, engine_path: str, input_name: str, height: int, width: int,
-                    profile: BatchProfile, workspace_mib: int) -> str:
+def trtexec_command(
+  onnx_path: str,
+  engine_path: str,
+  input_name: str,
+  height: int,
+  width: int,
+  profile: BatchProfile,
+  workspace_mib: int,
+) -> str:
   """The trtexec command line that builds the same engine as `build_engine`.
 
   --stronglyTyped takes the precision from the ONNX types (required on TensorRT 10.x for that,
   the default and only mode on 11.x, where the old --fp16 flag is gone).
   """
+
   def shape(spec):
     return f"{input_name}:{'x'.join(str(size) for size in spec)}"
+
   smallest, optimal, largest = profile.shapes(height, width)
-  arguments = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-               "--stronglyTyped", f"--minShapes={shape(smallest)}",
-               f"--optShapes={shape(optimal)}", f"--maxShapes={shape(largest)}",
-               f"--memPoolSize=workspace:{workspace_mib}M"]
+  arguments = [
+    "trtexec",
+    f"--onnx={onnx_path}",
+    f"--saveEngine={engine_path}",
+    "--stronglyTyped",
+    f"--minShapes={shape(smallest)}",
+    f"--optShapes={shape(optimal)}",
+    f"--maxShapes={shape(largest)}",
+    f"--memPoolSize=workspace:{workspace_mib}M",
+  ]
   return " ".join(shlex.quote(argument) for argument in arguments)
 
 
-def build_engine(trt: Any, onnx_path: str, engine_path: str, input_name: str, height: int,
-                 width: int, profile: BatchProfile, workspace_mib: int) -> int:
+def build_engine(
+  trt: Any,
+  onnx_path: str,
+  engine_path: str,
+  input_name: str,
+  height: int,
+  width: int,
+  profile: BatchProfile,
+  workspace_mib: int,
+) -> int:
   """Builds and serializes a TensorRT engine from an ONNX file with TensorRT's own parser.
 
   The network is strongly typed (the ONNX graph's types decide each layer's precision; the flag
@@ -152,8 +181,9 @@ def build_engine(trt: Any, onnx_path: str, engine_path: str, input_name: str, he
   config.add_optimization_profile(optimization_profile)
   serialized = builder.build_serialized_network(network, config)
   if serialized is None:
-    raise ExportError(f"TensorRT could not build an engine from {onnx_path} (its log above "
-                      "says why)")
+    raise ExportError(
+      f"TensorRT could not build an engine from {onnx_path} (its log above says why)"
+    )
   data = memoryview(serialized).tobytes()
   fileio.write_bytes_atomic(engine_path, data)
   return len(data)
@@ -183,8 +213,9 @@ class CudaDriver:
     handle = ctypes.c_int()
     self._check(lib.cuDeviceGet(ctypes.byref(handle), device), "cuDeviceGet")
     context = ctypes.c_void_p()
-    self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle),
-                "cuDevicePrimaryCtxRetain")
+    self._check(
+      lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle), "cuDevicePrimaryCtxRetain"
+    )
     self._check(lib.cuCtxSetCurrent(context), "cuCtxSetCurrent")
 
   @staticmethod
@@ -202,12 +233,10 @@ class CudaDriver:
 
   def to_device(self, pointer: int, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array)
-    self._check(self._lib.cuMemcpyHtoD_v2(pointer, array.ctypes.data, array.nbytes),
-                "cuMemcpyHtoD")
+    self._check(self._lib.cuMemcpyHtoD_v2(pointer, array.ctypes.data, array.nbytes), "cuMemcpyHtoD")
 
   def to_host(self, array: np.ndarray, pointer: int) -> None:
-    self._check(self._lib.cuMemcpyDtoH_v2(array.ctypes.data, pointer, array.nbytes),
-                "cuMemcpyDtoH")
+    self._check(self._lib.cuMemcpyDtoH_v2(array.ctypes.data, pointer, array.nbytes), "cuMemcpyDtoH")
 
   def synchronize(self) -> None:
     self._check(self._lib.cuCtxSynchronize(), "cuCtxSynchronize")
@@ -232,8 +261,9 @@ class EngineRunner:
       raise ExportError(f"TensorRT could not deserialize {engine_path}")
     self._context = self._engine.create_execution_context()
     self._names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-    inputs = [name for name in self._names
-              if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
+    inputs = [
+      name for name in self._names if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+    ]
     if len(inputs) != 1:
       raise ExportError(f"{engine_path}: expected one input, got {inputs}")
     self._input = inputs[0]

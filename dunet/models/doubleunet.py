@@ -29,6 +29,7 @@ SIZE_DIVISOR = 16
 
 class DoubleUNetOutputs(NamedTuple):
   """Both heads as float32 logits, [B, H, W, 1] each."""
+
   logits1: tf.Tensor
   logits2: tf.Tensor
 
@@ -40,19 +41,21 @@ class DoubleUNetOutputs(NamedTuple):
 class Decoder(tf.Module):
   """Four stages of (bilinear x2 -> concat with skips -> ConvBlock), deepest skip first."""
 
-  def __init__(self,
-               input_channels: int,
-               skip_channels_per_stage: Sequence[int],
-               filters: Sequence[int] = DECODER_FILTERS,
-               batch_norm_momentum: float = 0.99,
-               compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    input_channels: int,
+    skip_channels_per_stage: Sequence[int],
+    filters: Sequence[int] = DECODER_FILTERS,
+    batch_norm_momentum: float = 0.99,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     """Args:
-      input_channels: channels of the decoder input (the ASPP output).
-      skip_channels_per_stage: total channels concatenated at each stage, deepest first.
-      filters: ConvBlock widths per stage.
-      compute_dtype: dtype of the arithmetic and of the output.
-      name: module name.
+    input_channels: channels of the decoder input (the ASPP output).
+    skip_channels_per_stage: total channels concatenated at each stage, deepest first.
+    filters: ConvBlock widths per stage.
+    compute_dtype: dtype of the arithmetic and of the output.
+    name: module name.
     """
     super().__init__(name=name)
     if len(skip_channels_per_stage) != len(filters):
@@ -61,13 +64,20 @@ class Decoder(tf.Module):
       self.blocks = []
       channels = input_channels
       for stage, (skip_channels, width) in enumerate(zip(skip_channels_per_stage, filters)):
-        self.blocks.append(ConvBlock(channels + skip_channels, width,
-                                     batch_norm_momentum=batch_norm_momentum,
-                                     compute_dtype=compute_dtype, name=f"block{stage}"))
+        self.blocks.append(
+          ConvBlock(
+            channels + skip_channels,
+            width,
+            batch_norm_momentum=batch_norm_momentum,
+            compute_dtype=compute_dtype,
+            name=f"block{stage}",
+          )
+        )
         channels = width
 
-  def __call__(self, inputs: tf.Tensor, skips_per_stage: Sequence[Sequence[tf.Tensor]],
-               is_training: bool) -> tf.Tensor:
+  def __call__(
+    self, inputs: tf.Tensor, skips_per_stage: Sequence[Sequence[tf.Tensor]], is_training: bool
+  ) -> tf.Tensor:
     """Args:
       inputs: [B, H/16, W/16, C] bottleneck features.
       skips_per_stage: for each stage (deepest first) the tensors concatenated after upsampling.
@@ -87,19 +97,33 @@ class Decoder(tf.Module):
 class Encoder2(tf.Module):
   """Network 2's encoder: for each width, ConvBlock (kept as a skip) then 2x2 max pool."""
 
-  def __init__(self, input_channels: int = 3, filters: Sequence[int] = ENCODER2_FILTERS,
-               batch_norm_momentum: float = 0.99, compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    input_channels: int = 3,
+    filters: Sequence[int] = ENCODER2_FILTERS,
+    batch_norm_momentum: float = 0.99,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     super().__init__(name=name)
     with self.name_scope:
       self.blocks = []
       channels = input_channels
       for stage, width in enumerate(filters):
-        self.blocks.append(ConvBlock(channels, width, batch_norm_momentum=batch_norm_momentum,
-                                     compute_dtype=compute_dtype, name=f"block{stage}"))
+        self.blocks.append(
+          ConvBlock(
+            channels,
+            width,
+            batch_norm_momentum=batch_norm_momentum,
+            compute_dtype=compute_dtype,
+            name=f"block{stage}",
+          )
+        )
         channels = width
 
-  def __call__(self, inputs: tf.Tensor, is_training: bool) -> Tuple[tf.Tensor, Tuple[tf.Tensor, ...]]:
+  def __call__(
+    self, inputs: tf.Tensor, is_training: bool
+  ) -> Tuple[tf.Tensor, Tuple[tf.Tensor, ...]]:
     """Args: inputs [B, H, W, 3]; is_training: BatchNorm mode.
 
     Returns: (pooled features [B, H/16, W/16, filters[-1]], skips shallowest first).
@@ -126,12 +150,14 @@ class DoubleUNet(tf.Module):
     mask = outputs.probabilities().logits2 > 0.5
   """
 
-  def __init__(self,
-               compute_dtype: tf.DType = tf.float32,
-               aspp_filters: int = 64,
-               batch_norm_momentum: float = 0.99,
-               vgg19_kernel_init: str = "glorot_uniform",
-               name: Optional[str] = "double_u_net"):
+  def __init__(
+    self,
+    compute_dtype: tf.DType = tf.float32,
+    aspp_filters: int = 64,
+    batch_norm_momentum: float = 0.99,
+    vgg19_kernel_init: str = "glorot_uniform",
+    name: Optional[str] = "double_u_net",
+  ):
     """Builds every variable.
 
     Args:
@@ -148,7 +174,9 @@ class DoubleUNet(tf.Module):
     super().__init__(name=name)
     compute_dtype = tf.as_dtype(compute_dtype)
     if compute_dtype not in (tf.float32, tf.float16, tf.bfloat16):
-      raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype.name}")
+      raise ValueError(
+        f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype.name}"
+      )
     self.compute_dtype = compute_dtype
     kw = dict(compute_dtype=compute_dtype)
     bn = dict(batch_norm_momentum=batch_norm_momentum)
@@ -156,8 +184,7 @@ class DoubleUNet(tf.Module):
       # Network 1.
       self.vgg19 = VGG19Encoder(name="vgg19", kernel_init=vgg19_kernel_init, **kw)
       self.aspp1 = ASPP(VGG_BOTTLENECK_CHANNELS, aspp_filters, name="aspp1", **bn, **kw)
-      self.decoder1 = Decoder(aspp_filters, VGG_SKIP_CHANNELS[::-1], name="decoder1", **bn,
-                             **kw)
+      self.decoder1 = Decoder(aspp_filters, VGG_SKIP_CHANNELS[::-1], name="decoder1", **bn, **kw)
       self.head1 = Conv2D(DECODER_FILTERS[-1], 1, 1, with_bias=True, name="head1", **kw)
       # Network 2.
       self.encoder2 = Encoder2(3, ENCODER2_FILTERS, name="encoder2", **bn, **kw)
@@ -213,5 +240,6 @@ def check_input_shape(shape: tf.TensorShape) -> None:
     if size is not None and size % SIZE_DIVISOR:
       lower = size // SIZE_DIVISOR * SIZE_DIVISOR
       raise ValueError(
-          f"image {axis_name} {size} is not divisible by {SIZE_DIVISOR} (DoubleU-Net pools four "
-          f"times); resize to {lower or SIZE_DIVISOR} or {lower + SIZE_DIVISOR}")
+        f"image {axis_name} {size} is not divisible by {SIZE_DIVISOR} (DoubleU-Net pools four "
+        f"times); resize to {lower or SIZE_DIVISOR} or {lower + SIZE_DIVISOR}"
+      )

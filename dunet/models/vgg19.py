@@ -17,14 +17,18 @@ from dunet.nn.resize import max_pool_2x2
 
 # (block, number of 3x3 convs, filters) for VGG19's five blocks.
 VGG19_BLOCKS: Tuple[Tuple[int, int, int], ...] = (
-    (1, 2, 64), (2, 2, 128), (3, 4, 256), (4, 4, 512), (5, 4, 512))
+  (1, 2, 64),
+  (2, 2, 128),
+  (3, 4, 256),
+  (4, 4, 512),
+  (5, 4, 512),
+)
 # Layer names as Keras' VGG19 (and its weight files) call them, in order.
 VGG19_LAYER_NAMES: Tuple[str, ...] = tuple(
-    f"block{block}_conv{index}" for block, count, _ in VGG19_BLOCKS
-    for index in range(1, count + 1))
+  f"block{block}_conv{index}" for block, count, _ in VGG19_BLOCKS for index in range(1, count + 1)
+)
 # Outputs DoubleU-Net takes as skip connections (shallowest first).
-SKIP_LAYER_NAMES: Tuple[str, ...] = ("block1_conv2", "block2_conv2", "block3_conv4",
-                                     "block4_conv4")
+SKIP_LAYER_NAMES: Tuple[str, ...] = ("block1_conv2", "block2_conv2", "block3_conv4", "block4_conv4")
 # The file Keras downloads for VGG19(include_top=False, weights="imagenet"). dunet never
 # downloads it; users pass its path.
 IMAGENET_NOTOP_FILENAME = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -37,6 +41,7 @@ class EncoderOutputs(NamedTuple):
     skips: block1_conv2 (H), block2_conv2 (H/2), block3_conv4 (H/4), block4_conv4 (H/8).
     bottleneck: block5_conv4 output at H/16 with 512 channels.
   """
+
   skips: Tuple[tf.Tensor, ...]
   bottleneck: tf.Tensor
 
@@ -49,15 +54,19 @@ class VGG19Encoder(tf.Module):
   by name.
   """
 
-  def __init__(self, compute_dtype: tf.DType = tf.float32, name: Optional[str] = "vgg19",
-               kernel_init: str = "glorot_uniform"):
+  def __init__(
+    self,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = "vgg19",
+    kernel_init: str = "glorot_uniform",
+  ):
     """Args:
-      compute_dtype: dtype of the arithmetic and of the outputs.
-      name: module name.
-      kernel_init: initialiser of the 16 kernels when no ImageNet weights are loaded
-        (dunet.nn.initializers.KERNEL_INITIALIZERS): "glorot_uniform" as Keras' VGG19 (the
-        reference); "he_normal" keeps the activations' scale through the 16 ReLU layers, which
-        Glorot halves at every layer (the bottleneck starts about 2^-8 smaller than the input).
+    compute_dtype: dtype of the arithmetic and of the outputs.
+    name: module name.
+    kernel_init: initialiser of the 16 kernels when no ImageNet weights are loaded
+      (dunet.nn.initializers.KERNEL_INITIALIZERS): "glorot_uniform" as Keras' VGG19 (the
+      reference); "he_normal" keeps the activations' scale through the 16 ReLU layers, which
+      Glorot halves at every layer (the bottleneck starts about 2^-8 smaller than the input).
     """
     super().__init__(name=name)
     self.compute_dtype = tf.as_dtype(compute_dtype)
@@ -69,9 +78,19 @@ class VGG19Encoder(tf.Module):
       for block, count, filters in VGG19_BLOCKS:
         for index in range(1, count + 1):
           layer_name = f"block{block}_conv{index}"
-          setattr(self, layer_name, Conv2D(input_channels, filters, 3, with_bias=True,
-                                           kernel_init=kernel_initializer,
-                                           compute_dtype=compute_dtype, name=layer_name))
+          setattr(
+            self,
+            layer_name,
+            Conv2D(
+              input_channels,
+              filters,
+              3,
+              with_bias=True,
+              kernel_init=kernel_initializer,
+              compute_dtype=compute_dtype,
+              name=layer_name,
+            ),
+          )
           input_channels = filters
 
   def layer(self, layer_name: str) -> Conv2D:
@@ -108,7 +127,8 @@ _INIT_TITLES = {"glorot_uniform": "Glorot-uniform", "he_normal": "He-normal"}
 
 
 class WeightFileError(errors.CheckpointError):
-  """The weight file is missing, unreadable, or not the VGG19 notop layout; the message says which."""
+  """The weight file is missing, unreadable, or not the VGG19 notop layout (the message says
+  which)."""
 
 
 def read_imagenet_weights(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
@@ -131,16 +151,18 @@ def read_imagenet_weights(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]
 
   if not os.path.isfile(path):
     raise WeightFileError(
-        f"VGG19 weight file not found: {path!r}. dunet never downloads weights: get "
-        f"{IMAGENET_NOTOP_FILENAME} (Keras' VGG19 ImageNet weights without the top) and pass its "
-        "path.")
+      f"VGG19 weight file not found: {path!r}. dunet never downloads weights: get "
+      f"{IMAGENET_NOTOP_FILENAME} (Keras' VGG19 ImageNet weights without the top) and pass its "
+      "path."
+    )
   try:
     h5 = h5py.File(path, "r")
   except OSError as error:
     raise WeightFileError(f"cannot read VGG19 weight file {path!r} as HDF5: {error}") from error
   weights: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
   with h5:
-    # Full-model saves nest the layers under 'model_weights'; weight-only saves keep them at the root.
+    # Full-model saves nest the layers under 'model_weights'; weight-only saves keep them at the
+    # root.
     root = h5["model_weights"] if "model_weights" in h5 else h5
     input_channels = 3
     for block, count, filters in VGG19_BLOCKS:
@@ -149,18 +171,22 @@ def read_imagenet_weights(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]
         expected = ((3, 3, input_channels, filters), (filters,))
         input_channels = filters
         if layer_name not in root:
-          raise WeightFileError(f"{path}: layer {layer_name!r} is missing (is this the VGG19 "
-                                f"notop file?); layers present: {sorted(root.keys())[:20]}")
+          raise WeightFileError(
+            f"{path}: layer {layer_name!r} is missing (is this the VGG19 "
+            f"notop file?); layers present: {sorted(root.keys())[:20]}"
+          )
         group = root[layer_name]
         arrays = _layer_arrays(group)
         if len(arrays) != 2:
-          raise WeightFileError(f"{path}: layer {layer_name!r} holds {len(arrays)} arrays; "
-                                "expected a kernel and a bias")
+          raise WeightFileError(
+            f"{path}: layer {layer_name!r} holds {len(arrays)} arrays; expected a kernel and a bias"
+          )
         kernel, bias = arrays
         for what, array, shape in (("kernel", kernel, expected[0]), ("bias", bias, expected[1])):
           if tuple(array.shape) != shape:
-            raise WeightFileError(f"{path}: {layer_name} {what} has shape {tuple(array.shape)}; "
-                                  f"VGG19 needs {shape}")
+            raise WeightFileError(
+              f"{path}: {layer_name} {what} has shape {tuple(array.shape)}; VGG19 needs {shape}"
+            )
         weights[layer_name] = (kernel.astype(np.float32), bias.astype(np.float32))
   return weights
 
@@ -172,8 +198,9 @@ def _layer_arrays(group) -> List[np.ndarray]:
     return [np.asarray(group[_decode(name)]) for name in names]
   # Files without the attribute: collect datasets, kernel (rank 4) before bias.
   arrays: List[np.ndarray] = []
-  group.visititems(lambda _, item: arrays.append(np.asarray(item))
-                   if hasattr(item, "shape") else None)
+  group.visititems(
+    lambda _, item: arrays.append(np.asarray(item)) if hasattr(item, "shape") else None
+  )
   return sorted(arrays, key=lambda array: -array.ndim)
 
 
@@ -198,8 +225,10 @@ def load_imagenet_weights(encoder_or_model: tf.Module, path: str) -> int:
   """
   encoder = getattr(encoder_or_model, "vgg19", encoder_or_model)
   if not isinstance(encoder, VGG19Encoder):
-    raise TypeError(f"expected a VGG19Encoder or a model with a .vgg19 encoder, got "
-                    f"{type(encoder_or_model).__name__}")
+    raise TypeError(
+      f"expected a VGG19Encoder or a model with a .vgg19 encoder, got "
+      f"{type(encoder_or_model).__name__}"
+    )
   weights = read_imagenet_weights(path)
   loaded = 0
   for layer_name, (kernel, bias) in weights.items():
@@ -224,8 +253,11 @@ def maybe_load_imagenet_weights(encoder_or_model: tf.Module, path: Optional[str]
   if not path:
     encoder = getattr(encoder_or_model, "vgg19", encoder_or_model)
     init_name = getattr(encoder, "kernel_init", "glorot_uniform")
-    logging.info("No VGG19 weight file given: network 1's encoder starts from the %s "
-                 "initialisers, not ImageNet (pass --vgg19_weights=%s to start from ImageNet).",
-                 _INIT_TITLES.get(init_name, init_name), IMAGENET_NOTOP_FILENAME)
+    logging.info(
+      "No VGG19 weight file given: network 1's encoder starts from the %s "
+      "initialisers, not ImageNet (pass --vgg19_weights=%s to start from ImageNet).",
+      _INIT_TITLES.get(init_name, init_name),
+      IMAGENET_NOTOP_FILENAME,
+    )
     return 0
   return load_imagenet_weights(encoder_or_model, path)

@@ -18,44 +18,69 @@ class ASPP(tf.Module):
   dilation 6, 12 and 18 (no bias). The concatenation goes through a 1x1 conv (no bias), BN, ReLU.
   """
 
-  def __init__(self,
-               input_channels: int,
-               filters: int = 64,
-               rates: Sequence[int] = (6, 12, 18),
-               batch_norm_momentum: float = 0.99,
-               compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    input_channels: int,
+    filters: int = 64,
+    rates: Sequence[int] = (6, 12, 18),
+    batch_norm_momentum: float = 0.99,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     """Args:
-      input_channels: channels of the input feature map.
-      filters: channels of every branch and of the output.
-      rates: dilation rates of the 3x3 branches.
-      batch_norm_momentum: decay of the BatchNorm moving statistics.
-      compute_dtype: dtype of the arithmetic and of the output.
-      name: module name.
+    input_channels: channels of the input feature map.
+    filters: channels of every branch and of the output.
+    rates: dilation rates of the 3x3 branches.
+    batch_norm_momentum: decay of the BatchNorm moving statistics.
+    compute_dtype: dtype of the arithmetic and of the output.
+    name: module name.
     """
     super().__init__(name=name)
     self.input_channels = input_channels
     self.filters = filters
     self.rates = tuple(rates)
     with self.name_scope:
-      self.pool_conv = Conv2D(input_channels, filters, 1, with_bias=True,
-                              compute_dtype=compute_dtype, name="pool_conv")
-      self.pool_bn = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype, name="pool_bn")
-      self.conv_1x1 = Conv2D(input_channels, filters, 1, with_bias=False,
-                             compute_dtype=compute_dtype, name="conv_1x1")
-      self.bn_1x1 = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype, name="bn_1x1")
+      self.pool_conv = Conv2D(
+        input_channels, filters, 1, with_bias=True, compute_dtype=compute_dtype, name="pool_conv"
+      )
+      self.pool_bn = BatchNorm(
+        filters, batch_norm_momentum, compute_dtype=compute_dtype, name="pool_bn"
+      )
+      self.conv_1x1 = Conv2D(
+        input_channels, filters, 1, with_bias=False, compute_dtype=compute_dtype, name="conv_1x1"
+      )
+      self.bn_1x1 = BatchNorm(
+        filters, batch_norm_momentum, compute_dtype=compute_dtype, name="bn_1x1"
+      )
       self.atrous_convs = [
-          Conv2D(input_channels, filters, 3, dilation_rate=rate, with_bias=False,
-                 compute_dtype=compute_dtype, name=f"atrous_conv_r{rate}") for rate in self.rates
+        Conv2D(
+          input_channels,
+          filters,
+          3,
+          dilation_rate=rate,
+          with_bias=False,
+          compute_dtype=compute_dtype,
+          name=f"atrous_conv_r{rate}",
+        )
+        for rate in self.rates
       ]
       self.atrous_bns = [
-          BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype,
-                    name=f"atrous_bn_r{rate}")
-          for rate in self.rates
+        BatchNorm(
+          filters, batch_norm_momentum, compute_dtype=compute_dtype, name=f"atrous_bn_r{rate}"
+        )
+        for rate in self.rates
       ]
-      self.project = Conv2D(filters * (2 + len(self.rates)), filters, 1, with_bias=False,
-                            compute_dtype=compute_dtype, name="project")
-      self.project_bn = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype, name="project_bn")
+      self.project = Conv2D(
+        filters * (2 + len(self.rates)),
+        filters,
+        1,
+        with_bias=False,
+        compute_dtype=compute_dtype,
+        name="project",
+      )
+      self.project_bn = BatchNorm(
+        filters, batch_norm_momentum, compute_dtype=compute_dtype, name="project_bn"
+      )
 
   def __call__(self, inputs: tf.Tensor, is_training: bool) -> tf.Tensor:
     """Args: inputs [B, H, W, input_channels]; is_training: BatchNorm mode.

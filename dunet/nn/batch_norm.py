@@ -55,12 +55,14 @@ class BatchNorm(tf.Module):
   batch norm.
   """
 
-  def __init__(self,
-               num_channels: int,
-               momentum: float = 0.99,
-               epsilon: float = 1e-3,
-               compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    num_channels: int,
+    momentum: float = 0.99,
+    epsilon: float = 1e-3,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     """Creates gamma, beta (trainable) and moving mean/variance (not trainable), all [C] float32.
 
     Args:
@@ -75,16 +77,20 @@ class BatchNorm(tf.Module):
     self.momentum = momentum
     self.epsilon = epsilon
     self.compute_dtype = tf.as_dtype(compute_dtype)
-    moving_kwargs = dict(trainable=False,
-                         synchronization=tf.VariableSynchronization.ON_READ,
-                         aggregation=tf.VariableAggregation.MEAN)
+    moving_kwargs = dict(
+      trainable=False,
+      synchronization=tf.VariableSynchronization.ON_READ,
+      aggregation=tf.VariableAggregation.MEAN,
+    )
     with self.name_scope:
       self.gamma = tf.Variable(initializers.ones([num_channels]), name="gamma")
       self.beta = tf.Variable(initializers.zeros([num_channels]), name="beta")
-      self.moving_mean = tf.Variable(initializers.zeros([num_channels]), name="moving_mean",
-                                     **moving_kwargs)
-      self.moving_variance = tf.Variable(initializers.ones([num_channels]),
-                                         name="moving_variance", **moving_kwargs)
+      self.moving_mean = tf.Variable(
+        initializers.zeros([num_channels]), name="moving_mean", **moving_kwargs
+      )
+      self.moving_variance = tf.Variable(
+        initializers.ones([num_channels]), name="moving_variance", **moving_kwargs
+      )
 
   def __call__(self, inputs: tf.Tensor, is_training: bool) -> tf.Tensor:
     """Normalises `inputs`; in training also updates the moving statistics.
@@ -100,11 +106,18 @@ class BatchNorm(tf.Module):
     inputs = tf.cast(inputs, self.compute_dtype)
     if not is_training:
       outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-          inputs, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
-          epsilon=self.epsilon, is_training=False)
+        inputs,
+        self.gamma,
+        self.beta,
+        mean=self.moving_mean,
+        variance=self.moving_variance,
+        epsilon=self.epsilon,
+        is_training=False,
+      )
       return outputs
     outputs, batch_mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
-        inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
+      inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+    )
     # The fused kernel returns the Bessel-corrected variance; Keras moves its statistics with the
     # biased one, so undo the n / (n - 1) factor.
     shape = tf.shape(inputs)

@@ -21,15 +21,17 @@ class Conv2D(tf.Module):
   float32).
   """
 
-  def __init__(self,
-               input_channels: int,
-               output_channels: int,
-               kernel_size: int = 3,
-               dilation_rate: int = 1,
-               with_bias: bool = True,
-               kernel_init: Initializer = initializers.glorot_uniform,
-               compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    input_channels: int,
+    output_channels: int,
+    kernel_size: int = 3,
+    dilation_rate: int = 1,
+    with_bias: bool = True,
+    kernel_init: Initializer = initializers.glorot_uniform,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     """Creates the kernel [k, k, input_channels, output_channels] and bias [output_channels].
 
     Args:
@@ -52,8 +54,9 @@ class Conv2D(tf.Module):
     shape = [kernel_size, kernel_size, input_channels, output_channels]
     with self.name_scope:
       self.kernel = tf.Variable(kernel_init(shape), name="kernel")
-      self.bias = (tf.Variable(initializers.zeros([output_channels]), name="bias")
-                   if with_bias else None)
+      self.bias = (
+        tf.Variable(initializers.zeros([output_channels]), name="bias") if with_bias else None
+      )
 
   def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
     """Applies the convolution.
@@ -75,9 +78,12 @@ class Conv2D(tf.Module):
       # atrous trick) is exact and uses only undilated convolutions, but costs 2-4x the direct
       # oneDNN kernel (profiling/results/dilated_conv.md), so it is used only there.
       outputs = tf.nn.with_space_to_batch(
-          inputs, dilations, "SAME",
-          lambda x, num_spatial_dims, padding: tf.nn.conv2d(x, kernel, 1, padding),
-          filter_shape=kernel.shape[:2])
+        inputs,
+        dilations,
+        "SAME",
+        lambda x, num_spatial_dims, padding: tf.nn.conv2d(x, kernel, 1, padding),
+        filter_shape=kernel.shape[:2],
+      )
     else:
       outputs = tf.nn.conv2d(inputs, kernel, strides=1, padding="SAME", dilations=dilations)
     if self.bias is not None:
@@ -101,6 +107,7 @@ def _has_gpu() -> bool:
 def _onednn_enabled() -> bool:
   try:
     from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+
     return bool(_pywrap_util_port.IsMklEnabled())
   except (ImportError, AttributeError):  # not exported by this TF build: read the switch itself
     return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
@@ -118,6 +125,6 @@ def _drop_taps_outside(kernel: tf.Tensor, dilations, spatial_shape):
   for axis, size in enumerate(spatial_shape):
     if size is not None and dilations[axis] >= size:
       # A slice (not a gather) keeps the kernel's gradient dense.
-      kernel = kernel[centre:centre + 1] if axis == 0 else kernel[:, centre:centre + 1]
+      kernel = kernel[centre : centre + 1] if axis == 0 else kernel[:, centre : centre + 1]
       dilations[axis] = 1
   return kernel, dilations

@@ -14,31 +14,31 @@ from dunet.nn.squeeze_excite import SqueezeExcite
 class ConvBlock(tf.Module):
   """2 x (3x3 conv with bias -> BatchNorm -> ReLU) -> SqueezeExcite(ratio 8)."""
 
-  def __init__(self,
-               input_channels: int,
-               filters: int,
-               se_ratio: int = 8,
-               batch_norm_momentum: float = 0.99,
-               compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    input_channels: int,
+    filters: int,
+    se_ratio: int = 8,
+    batch_norm_momentum: float = 0.99,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     """Args:
-      input_channels: channels of the input.
-      filters: channels of both convolutions and of the output.
-      se_ratio: squeeze-excite reduction ratio.
-      batch_norm_momentum: decay of the BatchNorm moving statistics.
-      compute_dtype: dtype of the arithmetic and of the output.
-      name: module name.
+    input_channels: channels of the input.
+    filters: channels of both convolutions and of the output.
+    se_ratio: squeeze-excite reduction ratio.
+    batch_norm_momentum: decay of the BatchNorm moving statistics.
+    compute_dtype: dtype of the arithmetic and of the output.
+    name: module name.
     """
     super().__init__(name=name)
     self.input_channels = input_channels
     self.filters = filters
     with self.name_scope:
       self.conv1 = Conv2D(input_channels, filters, 3, compute_dtype=compute_dtype, name="conv1")
-      self.bn1 = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype,
-                           name="bn1")
+      self.bn1 = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype, name="bn1")
       self.conv2 = Conv2D(filters, filters, 3, compute_dtype=compute_dtype, name="conv2")
-      self.bn2 = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype,
-                           name="bn2")
+      self.bn2 = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype, name="bn2")
       self.se = SqueezeExcite(filters, se_ratio, compute_dtype=compute_dtype, name="se")
 
   def __call__(self, inputs: tf.Tensor, is_training: bool) -> tf.Tensor:

@@ -12,13 +12,15 @@ from dunet.nn import initializers
 class Dense(tf.Module):
   """y = x @ W (+ b): the squeeze-excite block's two projections."""
 
-  def __init__(self,
-               input_size: int,
-               output_size: int,
-               with_bias: bool = True,
-               kernel_init: Callable[..., tf.Tensor] = initializers.glorot_uniform,
-               compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    input_size: int,
+    output_size: int,
+    with_bias: bool = True,
+    kernel_init: Callable[..., tf.Tensor] = initializers.glorot_uniform,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     """Creates the kernel [input_size, output_size] and, if asked, the bias [output_size].
 
     Args:
@@ -35,8 +37,7 @@ class Dense(tf.Module):
     self.compute_dtype = tf.as_dtype(compute_dtype)
     with self.name_scope:
       self.kernel = tf.Variable(kernel_init([input_size, output_size]), name="kernel")
-      self.bias = (tf.Variable(initializers.zeros([output_size]), name="bias")
-                   if with_bias else None)
+      self.bias = tf.Variable(initializers.zeros([output_size]), name="bias") if with_bias else None
 
   def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
     """Args: inputs [..., input_size]. Returns: [..., output_size] in `compute_dtype`."""

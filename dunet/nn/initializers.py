@@ -51,8 +51,8 @@ def ones(shape: Sequence[int], dtype: tf.DType = tf.float32) -> tf.Tensor:
 Initializer = Callable[..., tf.Tensor]
 # The kernel initialisers a model can be asked for by name (e.g. --vgg19_init).
 KERNEL_INITIALIZERS: Dict[str, Initializer] = {
-    "glorot_uniform": glorot_uniform,
-    "he_normal": he_normal,
+  "glorot_uniform": glorot_uniform,
+  "he_normal": he_normal,
 }
 
 

@@ -45,12 +45,14 @@ def max_pool_2x2(inputs: tf.Tensor) -> tf.Tensor:
   if (height is not None and height % 2) or (width is not None and width % 2):
     raise ValueError(f"max_pool_2x2 needs an even height and width, got {height}x{width}")
   dynamic = tf.shape(inputs)
-  windows = tf.reshape(inputs, [dynamic[0], dynamic[1] // 2, 2, dynamic[2] // 2, 2,
-                                inputs.shape[-1]])
+  windows = tf.reshape(
+    inputs, [dynamic[0], dynamic[1] // 2, 2, dynamic[2] // 2, 2, inputs.shape[-1]]
+  )
   return tf.reduce_max(windows, axis=[2, 4])
 
 
 def _op_determinism_enabled() -> bool:
   # Not exported under tf.config in TF 2.21; read at trace time, like the ops it concerns.
   from tensorflow.python.framework import config  # pylint: disable=g-import-not-at-top
+
   return bool(getattr(config, "is_op_determinism_enabled", lambda: False)())

@@ -1,4 +1,4 @@
-"""Squeeze-and-excitation channel attention (Hu et al. 2018), as DoubleU-Net's conv blocks use it."""
+"""Squeeze-and-excitation channel attention (Hu et al. 2018), as DoubleU-Net's blocks use it."""
 
 from __future__ import annotations
 
@@ -17,16 +17,18 @@ class SqueezeExcite(tf.Module):
   Both dense kernels start from he_normal, as in the reference code.
   """
 
-  def __init__(self,
-               num_channels: int,
-               ratio: int = 8,
-               compute_dtype: tf.DType = tf.float32,
-               name: Optional[str] = None):
+  def __init__(
+    self,
+    num_channels: int,
+    ratio: int = 8,
+    compute_dtype: tf.DType = tf.float32,
+    name: Optional[str] = None,
+  ):
     """Args:
-      num_channels: channels of the input and output.
-      ratio: bottleneck reduction; the hidden size is num_channels // ratio.
-      compute_dtype: dtype of the arithmetic and of the output.
-      name: module name.
+    num_channels: channels of the input and output.
+    ratio: bottleneck reduction; the hidden size is num_channels // ratio.
+    compute_dtype: dtype of the arithmetic and of the output.
+    name: module name.
     """
     super().__init__(name=name)
     if num_channels // ratio < 1:
@@ -35,12 +37,22 @@ class SqueezeExcite(tf.Module):
     self.ratio = ratio
     self.compute_dtype = tf.as_dtype(compute_dtype)
     with self.name_scope:
-      self.squeeze = Dense(num_channels, num_channels // ratio, with_bias=False,
-                           kernel_init=initializers.he_normal, compute_dtype=compute_dtype,
-                           name="squeeze")
-      self.excite = Dense(num_channels // ratio, num_channels, with_bias=False,
-                          kernel_init=initializers.he_normal, compute_dtype=compute_dtype,
-                          name="excite")
+      self.squeeze = Dense(
+        num_channels,
+        num_channels // ratio,
+        with_bias=False,
+        kernel_init=initializers.he_normal,
+        compute_dtype=compute_dtype,
+        name="squeeze",
+      )
+      self.excite = Dense(
+        num_channels // ratio,
+        num_channels,
+        with_bias=False,
+        kernel_init=initializers.he_normal,
+        compute_dtype=compute_dtype,
+        name="excite",
+      )
 
   def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
     """Args: inputs [B, H, W, C]. Returns: [B, H, W, C] in `compute_dtype`."""

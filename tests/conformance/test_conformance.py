@@ -39,8 +39,9 @@ def test_xla_compiles_and_matches_eager(descriptor, is_training):
   for variable, value in zip(module.variables, snapshot):
     variable.assign(value)
   compiled = tf.function(lambda x: descriptor.apply(module, x, is_training), jit_compile=True)
-  _assert_nests_close(eager, compiled(inputs),
-                      atol=descriptor.xla_training_atol if is_training else 1e-4)
+  _assert_nests_close(
+    eager, compiled(inputs), atol=descriptor.xla_training_atol if is_training else 1e-4
+  )
 
 
 @pytest.mark.parametrize("descriptor", DESCRIPTORS, ids=_IDS)
@@ -54,8 +55,9 @@ def test_checkpoint_round_trip(descriptor, tmp_path):
   for original, loaded in zip(module.variables, restored.variables):
     np.testing.assert_array_equal(original.numpy(), loaded.numpy())
   inputs = _inputs(descriptor)
-  _assert_nests_close(descriptor.apply(module, inputs, False),
-                      descriptor.apply(restored, inputs, False))
+  _assert_nests_close(
+    descriptor.apply(module, inputs, False), descriptor.apply(restored, inputs, False)
+  )
 
 
 @pytest.mark.parametrize("descriptor", DESCRIPTORS, ids=_IDS)
@@ -63,8 +65,9 @@ def test_saved_model_round_trip(descriptor, tmp_path):
   module = descriptor.create()
   inputs = _inputs(descriptor)
   module.serve = tf.function(
-      lambda x: descriptor.apply(module, x, False),
-      input_signature=[tf.TensorSpec([None, *descriptor.input_shape[1:]], tf.float32)])
+    lambda x: descriptor.apply(module, x, False),
+    input_signature=[tf.TensorSpec([None, *descriptor.input_shape[1:]], tf.float32)],
+  )
   tf.saved_model.save(module, str(tmp_path / "saved"))
   loaded = tf.saved_model.load(str(tmp_path / "saved"))
   _assert_nests_close(descriptor.apply(module, inputs, False), loaded.serve(inputs))
@@ -83,7 +86,8 @@ def test_mirrored_replicas_match_single_device(descriptor):
   half = descriptor.input_shape[0] // 2
   shards = (inputs[:half], inputs[half:])
   per_replica = strategy.experimental_distribute_values_from_function(
-      lambda context: shards[context.replica_id_in_sync_group])
+    lambda context: shards[context.replica_id_in_sync_group]
+  )
 
   @tf.function
   def run(is_training):
@@ -91,8 +95,9 @@ def test_mirrored_replicas_match_single_device(descriptor):
 
   inference = run(False)
   for replica, shard in enumerate(shards):
-    local = tf.nest.map_structure(lambda t: strategy.experimental_local_results(t)[replica],
-                                  inference)
+    local = tf.nest.map_structure(
+      lambda t, replica=replica: strategy.experimental_local_results(t)[replica], inference
+    )
     _assert_nests_close(descriptor.apply(reference, shard, False), local, atol=1e-4)
 
   # Training mode updates the BatchNorm statistics per replica; reads average them.

@@ -18,7 +18,7 @@ def picture(seed: int, size: Tuple[int, int] = SIZE) -> Tuple[np.ndarray, np.nda
   image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
   mask = np.zeros((height, width), np.uint8)
   top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-  mask[top:top + height // 3, left:left + width // 3] = 1
+  mask[top : top + height // 3, left : left + width // 3] = 1
   return image, mask
 
 
@@ -37,9 +37,16 @@ def write_mask(path: Path, mask: np.ndarray, value: int = 255) -> Path:
   return path
 
 
-def make_pairs(image_dir: Path, mask_dir: Path, stems: Iterable[str], *, image_ext: str = ".png",
-               mask_ext: str = ".png", mask_name=lambda stem: stem,
-               seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+def make_pairs(
+  image_dir: Path,
+  mask_dir: Path,
+  stems: Iterable[str],
+  *,
+  image_ext: str = ".png",
+  mask_ext: str = ".png",
+  mask_name=lambda stem: stem,
+  seed: int = 0,
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """Writes one image/mask pair per stem; returns what was written."""
   written = {}
   for index, stem in enumerate(stems):
@@ -50,8 +57,8 @@ def make_pairs(image_dir: Path, mask_dir: Path, stems: Iterable[str], *, image_e
   return written
 
 
-def make_generic(root: Path, count: int = 10, **kwargs) -> Dict[str, Tuple[np.ndarray,
-                                                                         np.ndarray]]:
+def make_generic(root: Path, count: int = 10, **kwargs) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """Writes `count` pairs in the generic layout (root/images, root/masks); returns them."""
-  return make_pairs(root / "images", root / "masks", [f"img{i:02d}" for i in range(count)],
-                    **kwargs)
+  return make_pairs(
+    root / "images", root / "masks", [f"img{i:02d}" for i in range(count)], **kwargs
+  )

@@ -11,14 +11,20 @@ from dunet.data.augment import AugmentConfig, augment
 
 NONE = AugmentConfig.none()
 GEOMETRIC = {
-    "flip_horizontal": dict(p_flip_horizontal=1.0),
-    "flip_vertical": dict(p_flip_vertical=1.0),
-    "rotate90": dict(p_rotate90=1.0),
-    "affine": dict(p_affine=1.0, max_rotation_degrees=30.0, min_scale=0.8, max_scale=1.3),
-    "crop": dict(p_crop=1.0, min_crop_fraction=0.5),
-    "elastic": dict(p_elastic=1.0, elastic_magnitude=0.04),
-    "all": dict(p_flip_horizontal=0.5, p_flip_vertical=0.5, p_rotate90=0.5, p_affine=1.0,
-                p_crop=1.0, p_elastic=1.0),
+  "flip_horizontal": dict(p_flip_horizontal=1.0),
+  "flip_vertical": dict(p_flip_vertical=1.0),
+  "rotate90": dict(p_rotate90=1.0),
+  "affine": dict(p_affine=1.0, max_rotation_degrees=30.0, min_scale=0.8, max_scale=1.3),
+  "crop": dict(p_crop=1.0, min_crop_fraction=0.5),
+  "elastic": dict(p_elastic=1.0, elastic_magnitude=0.04),
+  "all": dict(
+    p_flip_horizontal=0.5,
+    p_flip_vertical=0.5,
+    p_rotate90=0.5,
+    p_affine=1.0,
+    p_crop=1.0,
+    p_elastic=1.0,
+  ),
 }
 
 
@@ -104,14 +110,17 @@ def test_rotate90_of_a_non_square_image_is_a_half_turn():
   np.testing.assert_array_equal(out_mask, mask[::-1, ::-1])
 
 
-@pytest.mark.parametrize("name, probabilities", [
+@pytest.mark.parametrize(
+  "name, probabilities",
+  [
     ("brightness", dict(p_brightness=1.0, brightness_delta=0.3)),
     ("contrast", dict(p_contrast=1.0, min_contrast=0.5, max_contrast=1.5)),
     ("saturation", dict(p_saturation=1.0, min_saturation=0.3, max_saturation=1.7)),
     ("hue", dict(p_hue=1.0, hue_delta=0.2)),
     ("grayscale", dict(p_grayscale=1.0)),
     ("cutout", dict(p_cutout=1.0, cutout_fraction=0.3, cutout_count=2)),
-])
+  ],
+)
 def test_photometric_changes_the_image_only(name, probabilities):
   mask = shapes_mask()
   image = np.random.default_rng(2).integers(30, 220, (64, 64, 3), dtype=np.uint8)
@@ -124,8 +133,9 @@ def test_photometric_changes_the_image_only(name, probabilities):
   if name == "cutout":
     changed = np.any(np.abs(out_image - image) > 1e-3, axis=2)
     filled = out_image[changed]
-    np.testing.assert_allclose(filled, np.broadcast_to(image.reshape(-1, 3).mean(0), filled.shape),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+      filled, np.broadcast_to(image.reshape(-1, 3).mean(0), filled.shape), atol=1e-3
+    )
     assert 0.05 < changed.mean() < 0.25
 
 
@@ -144,7 +154,8 @@ def _measured_jitter(name, before, after):
     # tf.image.adjust_contrast: (x - channel mean) * factor + channel mean.
     centred = before - before.mean(axis=(0, 1))
     deltas = (after - after.mean(axis=(0, 1)))[np.abs(centred) > 0.05] / centred[
-        np.abs(centred) > 0.05]
+      np.abs(centred) > 0.05
+    ]
   else:
     hue_before, saturation_before, value_before = _hsv(before)
     hue_after, saturation_after, value_after = _hsv(after)
@@ -161,25 +172,34 @@ def _measured_jitter(name, before, after):
 
 # Settings wider than the defaults; the image stays in [90, 165] (saturation <= 0.45), so none of
 # these settings clips a value and each jitter can be read back exactly from input and output.
-@pytest.mark.parametrize("name, probabilities, low, high", [
+@pytest.mark.parametrize(
+  "name, probabilities, low, high",
+  [
     ("brightness", dict(p_brightness=1.0, brightness_delta=0.3), -0.3, 0.3),
     ("contrast", dict(p_contrast=1.0, min_contrast=0.5, max_contrast=1.5), 0.5, 1.5),
     ("saturation", dict(p_saturation=1.0, min_saturation=0.3, max_saturation=2.0), 0.3, 2.0),
     ("hue", dict(p_hue=1.0, hue_delta=0.2), -0.2, 0.2),
-])
+  ],
+)
 def test_colour_jitter_stays_within_its_bounds_and_reaches_them(name, probabilities, low, high):
   image = np.random.default_rng(3).integers(90, 166, (16, 16, 3), dtype=np.uint8)
   config = only(**probabilities)
   mask = np.zeros((16, 16), np.uint8)
-  measured = [_measured_jitter(name, image / 255.0, run(config, [seed, 7], image, mask)[0] / 255.0)
-              for seed in range(60)]
-  assert low - 1e-3 <= min(measured) and max(measured) <= high + 1e-3, (min(measured),
-                                                                         max(measured))
+  measured = [
+    _measured_jitter(name, image / 255.0, run(config, [seed, 7], image, mask)[0] / 255.0)
+    for seed in range(60)
+  ]
+  assert low - 1e-3 <= min(measured) and max(measured) <= high + 1e-3, (
+    min(measured),
+    max(measured),
+  )
   # Uniform draws: 60 of them come within a tenth of the range of each end (each misses with
   # probability 0.9**60 = 0.2%; the seeds are fixed, so this is checked once and for all).
   margin = 0.1 * (high - low)
-  assert min(measured) < low + margin and max(measured) > high - margin, (min(measured),
-                                                                          max(measured))
+  assert min(measured) < low + margin and max(measured) > high - margin, (
+    min(measured),
+    max(measured),
+  )
 
 
 def test_same_seed_same_result_other_seed_other_result():
@@ -199,7 +219,8 @@ def test_tf_data_graph_gives_the_eager_result():
   image = derived_image(mask)
   config = AugmentConfig(p_elastic=0.5)
   dataset = tf.data.Dataset.range(3).map(
-      lambda i: augment(image, mask[..., None], config, tf.stack([i, i + 1])))
+    lambda i: augment(image, mask[..., None], config, tf.stack([i, i + 1]))
+  )
   for index, (out_image, out_mask) in enumerate(dataset):
     eager = run(config, [index, index + 1], image, mask)
     np.testing.assert_allclose(out_image.numpy(), eager[0], atol=1e-2)  # graph rewrites
@@ -209,9 +230,12 @@ def test_tf_data_graph_gives_the_eager_result():
 def test_compiles_with_xla_and_is_deterministic_there():
   mask = shapes_mask()
   image = derived_image(mask)
-  config = dataclasses.replace(AugmentConfig(), **{
-      field.name: 1.0 for field in dataclasses.fields(AugmentConfig)
-      if field.name.startswith("p_")})
+  config = dataclasses.replace(
+    AugmentConfig(),
+    **{
+      field.name: 1.0 for field in dataclasses.fields(AugmentConfig) if field.name.startswith("p_")
+    },
+  )
   compiled = tf.function(lambda i, m, s: augment(i, m, config, s), jit_compile=True)
   first = compiled(image, mask[..., None], tf.constant([1, 2]))
   second = compiled(image, mask[..., None], tf.constant([1, 2]))
@@ -220,12 +244,15 @@ def test_compiles_with_xla_and_is_deterministic_there():
   assert set(np.unique(first[1].numpy())) <= {0.0, 1.0}
 
 
-@pytest.mark.parametrize("fields, message", [
+@pytest.mark.parametrize(
+  "fields, message",
+  [
     (dict(p_crop=1.5), "p_crop=1.5 must be a probability"),
     (dict(min_scale=1.2, max_scale=1.1), "min_scale <= max_scale"),
     (dict(hue_delta=0.7), "hue_delta"),
     (dict(cutout_count=0), "cutout_count"),
-])
+  ],
+)
 def test_config_is_validated(fields, message):
   with pytest.raises(ValueError, match=message):
     AugmentConfig(**fields)

@@ -10,14 +10,14 @@ from dunet.data import demo, layouts, pipeline, prepare
 
 
 def files(folder):
-  return {path.relative_to(folder).as_posix(): path.read_bytes()
-          for path in sorted(folder.rglob("*.png"))}
+  return {
+    path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*.png"))
+  }
 
 
 def test_same_seed_same_bytes_and_pictures_independent_of_count(tmp_path):
   first = files(demo.generate_demo_dataset(tmp_path / "a", count=6, height=64, width=64, seed=1))
-  second = files(demo.generate_demo_dataset(tmp_path / "b", count=6, height=64, width=64,
-                                            seed=1))
+  second = files(demo.generate_demo_dataset(tmp_path / "b", count=6, height=64, width=64, seed=1))
   fewer = files(demo.generate_demo_dataset(tmp_path / "c", count=3, height=64, width=64, seed=1))
   other = files(demo.generate_demo_dataset(tmp_path / "d", count=6, height=64, width=64, seed=2))
   assert len(first) == 12 and first == second
@@ -53,8 +53,21 @@ def test_colour_alone_does_not_find_the_polyps():
   colours = np.concatenate([image.reshape(-1, 3) for image, _ in pictures]) / 255.0
   truth = np.concatenate([mask.reshape(-1) for _, mask in pictures]).astype(bool)
   red, green, blue = colours.T
-  features = np.stack([red, green, blue, red ** 2, green ** 2, blue ** 2, red * green,
-                       red * blue, green * blue, np.ones_like(red)], axis=1)
+  features = np.stack(
+    [
+      red,
+      green,
+      blue,
+      red**2,
+      green**2,
+      blue**2,
+      red * green,
+      red * blue,
+      green * blue,
+      np.ones_like(red),
+    ],
+    axis=1,
+  )
   weights, *_ = np.linalg.lstsq(features, truth.astype(float), rcond=None)
   scores = features @ weights
   best = 0.0

@@ -30,8 +30,12 @@ def test_defaults_give_the_default_config():
 
 
 def test_flags_set_fields_and_noaugment_turns_all_off():
-  values = parsed("--aug_p_crop=0.7", "--aug_max_rotation_degrees=5", "--preprocessing=unit",
-                  "--aug_cutout_count=3")
+  values = parsed(
+    "--aug_p_crop=0.7",
+    "--aug_max_rotation_degrees=5",
+    "--preprocessing=unit",
+    "--aug_cutout_count=3",
+  )
   config = data_flags.augment_config_from_flags(values)
   assert (config.p_crop, config.max_rotation_degrees, config.cutout_count) == (0.7, 5.0, 3)
   assert values.preprocessing == "unit"

@@ -24,10 +24,21 @@ def test_generic_pairs_by_stem_sorted(tmp_path):
 
 def test_generic_accepts_mixed_case_extensions_and_mask_suffixes(tmp_path):
   make_pairs(tmp_path / "images", tmp_path / "masks", ["a"], image_ext=".JPG", mask_ext=".PNG")
-  make_pairs(tmp_path / "images", tmp_path / "masks", ["b"], image_ext=".tif",
-             mask_name=lambda stem: stem + "_segmentation")
-  make_pairs(tmp_path / "images", tmp_path / "masks", ["c"], image_ext=".jpeg",
-             mask_ext=".TIFF", mask_name=lambda stem: stem + "_mask")
+  make_pairs(
+    tmp_path / "images",
+    tmp_path / "masks",
+    ["b"],
+    image_ext=".tif",
+    mask_name=lambda stem: stem + "_segmentation",
+  )
+  make_pairs(
+    tmp_path / "images",
+    tmp_path / "masks",
+    ["c"],
+    image_ext=".jpeg",
+    mask_ext=".TIFF",
+    mask_name=lambda stem: stem + "_mask",
+  )
   (tmp_path / "images" / ".DS_Store").write_text("junk")
   (tmp_path / "masks" / "README.txt").write_text("ignored")
   pairs = layouts.find_pairs(tmp_path)
@@ -37,23 +48,39 @@ def test_generic_accepts_mixed_case_extensions_and_mask_suffixes(tmp_path):
 
 
 def test_cvc_layout(tmp_path):
-  make_pairs(tmp_path / "Original", tmp_path / "Ground Truth", ["1", "2", "10"], image_ext=".tif",
-             mask_ext=".tif")
+  make_pairs(
+    tmp_path / "Original",
+    tmp_path / "Ground Truth",
+    ["1", "2", "10"],
+    image_ext=".tif",
+    mask_ext=".tif",
+  )
   assert layouts.detect_layout(tmp_path) == "cvc"
   assert stems(layouts.find_pairs(tmp_path)) == ["1", "10", "2"]
 
 
 def test_kvasir_layout_detected_by_its_bounding_box_file(tmp_path):
-  make_pairs(tmp_path / "images", tmp_path / "masks", ["cju0qkwl35piu0993l0dewei2"],
-             image_ext=".jpg", mask_ext=".jpg")
+  make_pairs(
+    tmp_path / "images",
+    tmp_path / "masks",
+    ["cju0qkwl35piu0993l0dewei2"],
+    image_ext=".jpg",
+    mask_ext=".jpg",
+  )
   (tmp_path / "kavsir_bboxes.json").write_text("{}")
   assert layouts.detect_layout(tmp_path) == "kvasir"
   assert stems(layouts.find_pairs(tmp_path)) == ["cju0qkwl35piu0993l0dewei2"]
 
 
 def test_etis_layout_as_distributed(tmp_path):
-  make_pairs(tmp_path, tmp_path / "GroundTruth", ["1", "2"], image_ext=".tif", mask_ext=".tif",
-             mask_name=lambda stem: "p" + stem)
+  make_pairs(
+    tmp_path,
+    tmp_path / "GroundTruth",
+    ["1", "2"],
+    image_ext=".tif",
+    mask_ext=".tif",
+    mask_name=lambda stem: "p" + stem,
+  )
   assert layouts.detect_layout(tmp_path) == "etis"
   pairs = layouts.find_pairs(tmp_path)
   assert stems(pairs) == ["1", "2"]
@@ -66,9 +93,13 @@ def test_etis_repackaged_as_images_and_masks_reads_with_the_etis_name(tmp_path):
 
 
 def test_isic2018_layout(tmp_path):
-  make_pairs(tmp_path / "ISIC2018_Task1-2_Training_Input",
-             tmp_path / "ISIC2018_Task1_Training_GroundTruth", ["ISIC_0000000", "ISIC_0000001"],
-             image_ext=".jpg", mask_name=lambda stem: stem + "_segmentation")
+  make_pairs(
+    tmp_path / "ISIC2018_Task1-2_Training_Input",
+    tmp_path / "ISIC2018_Task1_Training_GroundTruth",
+    ["ISIC_0000000", "ISIC_0000001"],
+    image_ext=".jpg",
+    mask_name=lambda stem: stem + "_segmentation",
+  )
   (tmp_path / "ISIC2018_Task1-2_Training_Input" / "LICENSE.txt").write_text("licence")
   assert layouts.detect_layout(tmp_path) == "isic2018"
   assert stems(layouts.find_pairs(tmp_path)) == ["ISIC_0000000", "ISIC_0000001"]
@@ -126,8 +157,10 @@ def test_missing_mask_and_missing_image_name_the_file(tmp_path):
     layouts.find_pairs(tmp_path)
   scan = layouts.scan(tmp_path)
   assert stems(scan.pairs) == ["img00"]
-  problems = {Path(problem.path).relative_to(tmp_path).as_posix(): problem.problem
-              for problem in scan.problems}
+  problems = {
+    Path(problem.path).relative_to(tmp_path).as_posix(): problem.problem
+    for problem in scan.problems
+  }
   assert set(problems) == {"images/img01.png", "masks/img02.png"}
   assert "no image for this mask" in problems["masks/img02.png"]
   assert stems(layouts.find_pairs(tmp_path, on_error="skip")) == ["img00"]

@@ -14,14 +14,16 @@ NONE = AugmentConfig.none()
 
 
 def digests(batches, key="image"):
-  return [hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
-          for batch in batches for image in np.asarray(batch[key])]
+  return [
+    hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+    for batch in batches
+    for image in np.asarray(batch[key])
+  ]
 
 
 def train_records(data_dir):
   """Digests of every training image, read through the (unshuffled) eval pipeline."""
-  return digests(pipeline.make_eval_dataset(data_dir, "train", batch_size=8,
-                                            preprocessing="unit"))
+  return digests(pipeline.make_eval_dataset(data_dir, "train", batch_size=8, preprocessing="unit"))
 
 
 def test_info_and_counts(demo_prepared):
@@ -43,8 +45,9 @@ def test_train_batches_shapes_and_binary_masks(demo_prepared):
 
 
 def test_an_epoch_visits_training_examples_once(demo_prepared):
-  epoch = pipeline.make_train_dataset(demo_prepared, batch_size=8, preprocessing="unit",
-                                      augment_config=NONE, epoch=0, seed=1)
+  epoch = pipeline.make_train_dataset(
+    demo_prepared, batch_size=8, preprocessing="unit", augment_config=NONE, epoch=0, seed=1
+  )
   seen = digests(epoch.as_numpy_iterator())
   assert len(seen) == 32 and len(set(seen)) == 32
   assert sorted(seen) == sorted(train_records(demo_prepared))
@@ -52,9 +55,17 @@ def test_an_epoch_visits_training_examples_once(demo_prepared):
 
 def test_order_depends_only_on_seed_and_epoch(demo_prepared):
   def order(seed, epoch):
-    return digests(pipeline.make_train_dataset(
-        demo_prepared, batch_size=8, preprocessing="unit", augment_config=NONE, seed=seed,
-        epoch=epoch).as_numpy_iterator())
+    return digests(
+      pipeline.make_train_dataset(
+        demo_prepared,
+        batch_size=8,
+        preprocessing="unit",
+        augment_config=NONE,
+        seed=seed,
+        epoch=epoch,
+      ).as_numpy_iterator()
+    )
+
   assert order(1, 0) == order(1, 0)
   assert order(1, 0) != order(1, 1)
   assert order(1, 0) != order(2, 0)
@@ -64,6 +75,7 @@ def test_order_depends_only_on_seed_and_epoch(demo_prepared):
 def global_seed():
   """Sets TF's global seed (tf.random.set_seed) for one test; the previous one is put back."""
   from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+
   previous = context.global_seed()
   yield tf.random.set_seed
   tf.random.set_seed(previous)
@@ -71,25 +83,31 @@ def global_seed():
 
 # A bug found in dunet/data/pipeline.py (reported, not fixed here: not this test file's module):
 # `dataset.shuffle(seed=<tensor>)` builds its seed pair from the process's global seed too.
-_GLOBAL_SEED_BUG = ("pipeline.py one_epoch: Dataset.shuffle's seed pair is (global seed, seed), "
-                    "so the order follows tf.random.set_seed, and global seed 0 breaks the "
-                    "endless dataset (TF's get_seed compares the seed tensor with 0 in Python)")
+_GLOBAL_SEED_BUG = (
+  "pipeline.py one_epoch: Dataset.shuffle's seed pair is (global seed, seed), "
+  "so the order follows tf.random.set_seed, and global seed 0 breaks the "
+  "endless dataset (TF's get_seed compares the seed tensor with 0 in Python)"
+)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=_GLOBAL_SEED_BUG)
 def test_order_does_not_depend_on_the_global_seed(demo_prepared, global_seed):
   def order():
-    return digests(pipeline.make_train_dataset(
-        demo_prepared, batch_size=8, preprocessing="unit", augment_config=NONE, seed=1,
-        epoch=0).as_numpy_iterator())
+    return digests(
+      pipeline.make_train_dataset(
+        demo_prepared, batch_size=8, preprocessing="unit", augment_config=NONE, seed=1, epoch=0
+      ).as_numpy_iterator()
+    )
+
   global_seed(1)
   first = order()
   global_seed(2)
   assert order() == first
 
 
-@pytest.mark.xfail(strict=True, raises=tf.errors.OperatorNotAllowedInGraphError,
-                   reason=_GLOBAL_SEED_BUG)
+@pytest.mark.xfail(
+  strict=True, raises=tf.errors.OperatorNotAllowedInGraphError, reason=_GLOBAL_SEED_BUG
+)
 def test_endless_dataset_with_global_seed_zero(demo_prepared, global_seed):
   global_seed(0)
   dataset = pipeline.make_train_dataset(demo_prepared, batch_size=8, seed=5, epoch=None)
@@ -98,8 +116,12 @@ def test_endless_dataset_with_global_seed_zero(demo_prepared, global_seed):
 
 def test_augmentation_is_reproducible(demo_prepared):
   def run(deterministic):
-    return list(pipeline.make_train_dataset(demo_prepared, batch_size=8, seed=3, epoch=2,
-                                            deterministic=deterministic).as_numpy_iterator())
+    return list(
+      pipeline.make_train_dataset(
+        demo_prepared, batch_size=8, seed=3, epoch=2, deterministic=deterministic
+      ).as_numpy_iterator()
+    )
+
   first, second = run(True), run(True)
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -109,8 +131,10 @@ def test_augmentation_is_reproducible(demo_prepared):
 
 def test_endless_dataset_is_the_epochs_in_sequence(demo_prepared, global_seed):
   global_seed(1)  # not 0, whatever an earlier test in this process set (_GLOBAL_SEED_BUG)
+
   def make(epoch):
     return pipeline.make_train_dataset(demo_prepared, batch_size=8, seed=5, epoch=epoch)
+
   endless = list(make(None).take(12).as_numpy_iterator())
   by_epoch = [b for e in range(3) for b in make(e).as_numpy_iterator()]
   assert len(by_epoch) == 12
@@ -119,16 +143,25 @@ def test_endless_dataset_is_the_epochs_in_sequence(demo_prepared, global_seed):
 
 
 def test_input_pipelines_partition_each_epoch(demo_prepared):
-  whole = digests(pipeline.make_train_dataset(
-      demo_prepared, global_batch_size=8, preprocessing="unit", augment_config=NONE,
-      seed=1, epoch=0).as_numpy_iterator())
+  whole = digests(
+    pipeline.make_train_dataset(
+      demo_prepared, global_batch_size=8, preprocessing="unit", augment_config=NONE, seed=1, epoch=0
+    ).as_numpy_iterator()
+  )
   parts = []
   for pipeline_id in range(2):
-    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
-                                         num_replicas_in_sync=2)
+    context = tf.distribute.InputContext(
+      num_input_pipelines=2, input_pipeline_id=pipeline_id, num_replicas_in_sync=2
+    )
     dataset = pipeline.make_train_dataset(
-        demo_prepared, global_batch_size=8, preprocessing="unit", augment_config=NONE, seed=1,
-        epoch=0, input_context=context)
+      demo_prepared,
+      global_batch_size=8,
+      preprocessing="unit",
+      augment_config=NONE,
+      seed=1,
+      epoch=0,
+      input_context=context,
+    )
     assert dataset.element_spec["image"].shape[0] == 4  # per-replica batch
     batches = list(dataset.as_numpy_iterator())
     assert len(batches) == 32 // 8  # every pipeline makes the trainer's steps per epoch
@@ -143,8 +176,10 @@ def test_distribute_datasets_from_function_on_two_devices(demo_prepared):
     pytest.fail("tests/conftest.py should provide two logical CPUs")
   strategy = tf.distribute.MirroredStrategy(devices)
   distributed = strategy.distribute_datasets_from_function(
-      lambda context: pipeline.make_train_dataset(demo_prepared, global_batch_size=8, seed=1,
-                                                  epoch=0, input_context=context))
+    lambda context: pipeline.make_train_dataset(
+      demo_prepared, global_batch_size=8, seed=1, epoch=0, input_context=context
+    )
+  )
   steps = 0
   for batch in distributed:
     local = strategy.experimental_local_results(batch["image"])
@@ -166,25 +201,31 @@ def test_no_python_functions_in_the_training_graph(demo_prepared, global_seed):
 
 def test_eval_dataset_is_every_example_once_in_order(demo_prepared):
   split = splits.read_split(demo_prepared / "split.json")
-  batches = list(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=3,
-                                            preprocessing="caffe").as_numpy_iterator())
+  batches = list(
+    pipeline.make_eval_dataset(
+      demo_prepared, "valid", batch_size=3, preprocessing="caffe"
+    ).as_numpy_iterator()
+  )
   assert [len(b["name"]) for b in batches] == [3, 1]
   names = [name.decode() for b in batches for name in b["name"]]
   assert names == split["valid"]
   for batch in batches:
     assert batch["image"].shape[1:] == (64, 64, 3) and batch["mask"].shape[1:] == (64, 64, 1)
-    for png, height, width, mask in zip(batch["original_mask_png"], batch["original_height"],
-                                        batch["original_width"], batch["mask"]):
+    for png, height, width, mask in zip(
+      batch["original_mask_png"], batch["original_height"], batch["original_width"], batch["mask"]
+    ):
       original = records.decode_mask_png(png)
       assert original.shape == (height, width) == (64, 64)
       np.testing.assert_array_equal(original, mask[..., 0])  # prepared at the raw size
 
 
 def test_eval_dataset_without_preprocessing_gives_the_prepared_pixels(demo_prepared):
-  raw = next(iter(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2,
-                                             preprocessing=None)))
-  unit = next(iter(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2,
-                                              preprocessing="unit")))
+  raw = next(
+    iter(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2, preprocessing=None))
+  )
+  unit = next(
+    iter(pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2, preprocessing="unit"))
+  )
   assert raw["image"].dtype == tf.uint8
   np.testing.assert_allclose(raw["image"].numpy() / 255.0, unit["image"].numpy(), atol=1e-6)
   np.testing.assert_array_equal(raw["mask"].numpy(), unit["mask"].numpy())

@@ -24,10 +24,13 @@ def read_records(path):
   examples = []
   for serialized in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
     features = tf.train.Example.FromString(serialized).features.feature
-    example = {key: (value.bytes_list.value[0] if value.bytes_list.value
-                     else value.int64_list.value[0]) for key, value in features.items()}
-    example["image"] = cv2.imdecode(np.frombuffer(example["image_png"], np.uint8),
-                                    cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+    example = {
+      key: (value.bytes_list.value[0] if value.bytes_list.value else value.int64_list.value[0])
+      for key, value in features.items()
+    }
+    example["image"] = cv2.imdecode(
+      np.frombuffer(example["image_png"], np.uint8), cv2.IMREAD_UNCHANGED
+    )[:, :, ::-1]
     example["mask"] = records.decode_mask_png(example["mask_png"])
     examples.append(example)
   return examples
@@ -50,12 +53,18 @@ def nearest(mask, height, width):
 def test_prepare_writes_checked_records_split_and_summary(tmp_path):
   written = make_generic(tmp_path / "raw", count=10)
   out = tmp_path / "prepared"
-  summary = prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, num_shards=2,
-                                    progress=False)
+  summary = prepare.prepare_dataset(
+    tmp_path / "raw", out, height=24, width=32, num_shards=2, progress=False
+  )
   assert sorted(os.listdir(out)) == [
-      "raw_files.json", "split.json", "summary.json", "test-00000-of-00001.tfrecord",
-      "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
-      "valid-00000-of-00001.tfrecord"]
+    "raw_files.json",
+    "split.json",
+    "summary.json",
+    "test-00000-of-00001.tfrecord",
+    "train-00000-of-00002.tfrecord",
+    "train-00001-of-00002.tfrecord",
+    "valid-00000-of-00001.tfrecord",
+  ]
   split = splits.read_split(out / "split.json")
   assert split == splits.make_split(list(written), seed=42)
   assert summary["counts"] == {"train": 8, "valid": 1, "test": 1}
@@ -65,8 +74,7 @@ def test_prepare_writes_checked_records_split_and_summary(tmp_path):
 
   fractions = []
   for name in splits.SPLITS:
-    examples = [e for shard in summary["splits"][name]["shards"]
-                for e in read_records(out / shard)]
+    examples = [e for shard in summary["splits"][name]["shards"] for e in read_records(out / shard)]
     assert [e["name"].decode() for e in examples] == split[name]
     for example in examples:
       image, mask = written[example["name"].decode()]
@@ -78,12 +86,10 @@ def test_prepare_writes_checked_records_split_and_summary(tmp_path):
       if name == "train":
         assert "original_mask_png" not in example
       else:
-        np.testing.assert_array_equal(records.decode_mask_png(example["original_mask_png"]),
-                                      mask)
+        np.testing.assert_array_equal(records.decode_mask_png(example["original_mask_png"]), mask)
       fractions.append(example["mask"].mean())
     assert summary["splits"][name]["count"] == len(examples)
-  assert summary["splits"]["train"]["foreground_fraction"] == pytest.approx(
-      np.mean(fractions[:8]))
+  assert summary["splits"]["train"]["foreground_fraction"] == pytest.approx(np.mean(fractions[:8]))
 
 
 def assert_nearest_neighbour(resized, mask):
@@ -92,6 +98,7 @@ def assert_nearest_neighbour(resized, mask):
   Where two source centres are equally near (e.g. output column 4 of 64 -> 96 maps to 3.0),
   either may be taken: OpenCV's fixed point takes the lower one at some such ties, TF the upper.
   """
+
   def choices(size_in, size_out):
     # Source coordinate (2i + 1) * size_in / (2 * size_out), in exact integer arithmetic.
     numerators = (2 * np.arange(size_out) + 1) * size_in
@@ -115,7 +122,7 @@ def bilinear(image, height, width):
   top, bottom, dy = taps(image.shape[0], height)
   left, right, dx = taps(image.shape[1], width)
   pixels = image.astype(np.float64)
-  rows = (pixels[top] * (1 - dy)[:, None, None] + pixels[bottom] * dy[:, None, None])
+  rows = pixels[top] * (1 - dy)[:, None, None] + pixels[bottom] * dy[:, None, None]
   return rows[:, left] * (1 - dx)[None, :, None] + rows[:, right] * dx[None, :, None]
 
 
@@ -147,7 +154,7 @@ def test_resize_mask_thresholds_grey_levels_after_nearest(height, width):
   assert resized.dtype == np.uint8 and set(np.unique(resized)) == {0, 1}
   assert_nearest_neighbour(resized, (grey > 0).astype(np.uint8))
   # OpenCV's legacy nearest (no pixel-centre offset) picks other pixels of this noise.
-  legacy = (cv2.resize(grey, (width, height), interpolation=cv2.INTER_NEAREST) > 0)
+  legacy = cv2.resize(grey, (width, height), interpolation=cv2.INTER_NEAREST) > 0
   with pytest.raises(AssertionError):
     assert_nearest_neighbour(legacy.astype(np.uint8), (grey > 0).astype(np.uint8))
 
@@ -156,8 +163,9 @@ def test_thresholded_masks_and_conversions_are_counted(tmp_path):
   make_generic(tmp_path / "raw", count=3)
   _, mask = picture(0)
   cv2.imwrite(str(tmp_path / "raw" / "masks" / "img00.png"), mask * 200 + 20)
-  summary = prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
-                                    progress=False)
+  summary = prepare.prepare_dataset(
+    tmp_path / "raw", tmp_path / "out", height=24, width=32, progress=False
+  )
   assert summary["thresholded_masks"]["count"] == 1
   assert "img00.png" in summary["thresholded_masks"]["files"][0]
 
@@ -183,8 +191,9 @@ def test_skip_mode_counts_and_lists_bad_files(tmp_path):
   (tmp_path / "raw" / "masks" / "img07.png").unlink()
   image, mask = picture(3)
   write_mask(tmp_path / "raw" / "masks" / "img08.png", mask[:10])
-  summary = prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
-                                    on_error="skip", progress=False)
+  summary = prepare.prepare_dataset(
+    tmp_path / "raw", tmp_path / "out", height=24, width=32, on_error="skip", progress=False
+  )
   skipped = {Path(entry["file"]).name: entry["reason"] for entry in summary["skipped"]["files"]}
   assert summary["skipped"]["count"] == 3
   assert set(skipped) == {"img05.png", "img07.png", "img08.png"}
@@ -207,8 +216,9 @@ def test_interrupted_run_leaves_no_usable_output(tmp_path, monkeypatch):
 
   monkeypatch.setattr(records, "serialize_example", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
-                            progress=False, workers=1)
+    prepare.prepare_dataset(
+      tmp_path / "raw", tmp_path / "out", height=24, width=32, progress=False, workers=1
+    )
   assert sorted(os.listdir(tmp_path)) == ["raw"]
   with pytest.raises(DataError, match="not a prepared data set"):
     prepare.read_summary(tmp_path / "out")
@@ -220,19 +230,38 @@ def test_existing_output_needs_overwrite(tmp_path):
   prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, progress=False)
   with pytest.raises(DataError, match=f"{out}: already exists"):
     prepare.prepare_dataset(tmp_path / "raw", out, height=16, width=16, progress=False)
-  prepare.prepare_dataset(tmp_path / "raw", out, height=16, width=16, progress=False,
-                          overwrite=True)
+  prepare.prepare_dataset(
+    tmp_path / "raw", out, height=16, width=16, progress=False, overwrite=True
+  )
   assert prepare.read_summary(out)["height"] == 16
   assert sorted(os.listdir(tmp_path)) == ["out", "raw"]
 
 
 def test_separate_test_data_set(tmp_path):
-  make_pairs(tmp_path / "cvc" / "Original", tmp_path / "cvc" / "Ground Truth",
-             [str(i) for i in range(1, 21)], image_ext=".tif", mask_ext=".tif")
-  make_pairs(tmp_path / "etis", tmp_path / "etis" / "GroundTruth", ["1", "2", "3"],
-             image_ext=".tif", mask_ext=".tif", mask_name=lambda stem: "p" + stem, seed=50)
-  summary = prepare.prepare_dataset(tmp_path / "cvc", tmp_path / "out", height=24, width=32,
-                                    test_raw_dir=tmp_path / "etis", progress=False)
+  make_pairs(
+    tmp_path / "cvc" / "Original",
+    tmp_path / "cvc" / "Ground Truth",
+    [str(i) for i in range(1, 21)],
+    image_ext=".tif",
+    mask_ext=".tif",
+  )
+  make_pairs(
+    tmp_path / "etis",
+    tmp_path / "etis" / "GroundTruth",
+    ["1", "2", "3"],
+    image_ext=".tif",
+    mask_ext=".tif",
+    mask_name=lambda stem: "p" + stem,
+    seed=50,
+  )
+  summary = prepare.prepare_dataset(
+    tmp_path / "cvc",
+    tmp_path / "out",
+    height=24,
+    width=32,
+    test_raw_dir=tmp_path / "etis",
+    progress=False,
+  )
   assert summary["counts"] == {"train": 18, "valid": 2, "test": 3}
   assert (summary["layout"], summary["test_raw"]["layout"]) == ("cvc", "etis")
   split = splits.read_split(tmp_path / "out" / "split.json", allow_shared_test=True)
@@ -243,16 +272,24 @@ def test_separate_test_data_set(tmp_path):
 def test_user_split_file(tmp_path):
   make_generic(tmp_path / "raw", count=6)
   split_file = tmp_path / "mine.json"
-  split_file.write_text(json.dumps({"train": ["img00", "img01", "img02"], "valid": ["img03"],
-                                    "test": ["img04"]}))
-  summary = prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out", height=24, width=32,
-                                    split_file=split_file, progress=False)
+  split_file.write_text(
+    json.dumps({"train": ["img00", "img01", "img02"], "valid": ["img03"], "test": ["img04"]})
+  )
+  summary = prepare.prepare_dataset(
+    tmp_path / "raw", tmp_path / "out", height=24, width=32, split_file=split_file, progress=False
+  )
   assert summary["counts"] == {"train": 3, "valid": 1, "test": 1}
   assert summary["unassigned"] == 1
   split_file.write_text(json.dumps({"train": ["img00", "nope"], "valid": [], "test": []}))
   with pytest.raises(DataError, match=f"{split_file}: 1 names are not in"):
-    prepare.prepare_dataset(tmp_path / "raw", tmp_path / "out2", height=24, width=32,
-                            split_file=split_file, progress=False)
+    prepare.prepare_dataset(
+      tmp_path / "raw",
+      tmp_path / "out2",
+      height=24,
+      width=32,
+      split_file=split_file,
+      progress=False,
+    )
 
 
 def test_fingerprint_detects_changed_raw_data(tmp_path):
@@ -270,8 +307,9 @@ def test_raw_changes_are_named_file_by_file(tmp_path):
   out = tmp_path / "out"
   prepare.prepare_dataset(raw, out, height=24, width=32, progress=False)
   listing = json.loads((out / "raw_files.json").read_text())
-  assert sorted(listing["raw"]) == sorted(f"{kind}/img{i:02d}.png" for i in range(10)
-                                          for kind in ("images", "masks"))
+  assert sorted(listing["raw"]) == sorted(
+    f"{kind}/img{i:02d}.png" for i in range(10) for kind in ("images", "masks")
+  )
   assert prepare.raw_data_changes(out) is None
 
   _, mask = picture(50)
@@ -281,9 +319,11 @@ def test_raw_changes_are_named_file_by_file(tmp_path):
   make_pairs(raw / "images", raw / "masks", ["img99"], seed=99)
   change = prepare.raw_data_changes(out)
   assert change.path == str(raw.resolve())
-  assert (f"changed since {out} was prepared (1 modified: masks/img03.png; 2 added: "
-          "images/img99.png, masks/img99.png; 2 removed: images/img07.png, masks/img07.png)"
-          in change.problem)
+  assert (
+    f"changed since {out} was prepared (1 modified: masks/img03.png; 2 added: "
+    "images/img99.png, masks/img99.png; 2 removed: images/img07.png, masks/img07.png)"
+    in change.problem
+  )
   assert prepare.check_fresh(out) == str(change)
 
   # A touched file (same bytes, newer time) counts too: only size and time are compared.
@@ -303,8 +343,9 @@ def test_raw_changes_are_named_file_by_file(tmp_path):
 def test_summary_records_each_shard_and_verify_shards_compares(tmp_path):
   make_generic(tmp_path / "raw", count=10)
   out = tmp_path / "out"
-  summary = prepare.prepare_dataset(tmp_path / "raw", out, height=24, width=32, num_shards=2,
-                                    progress=False)
+  summary = prepare.prepare_dataset(
+    tmp_path / "raw", out, height=24, width=32, num_shards=2, progress=False
+  )
   checks = summary["splits"]["train"]["shard_checks"]
   assert sorted(checks) == summary["splits"]["train"]["shards"]
   for name, check in checks.items():
@@ -320,8 +361,10 @@ def test_summary_records_each_shard_and_verify_shards_compares(tmp_path):
   shard = out / "train-00001-of-00002.tfrecord"
   original = shard.read_bytes()
   shard.write_bytes(original[:-10])
-  with pytest.raises(DataError, match=f"^{shard}: is {len(original) - 10} bytes but was "
-                     f"{len(original)} when prepared"):
+  with pytest.raises(
+    DataError,
+    match=f"^{shard}: is {len(original) - 10} bytes but was {len(original)} when prepared",
+  ):
     prepare.verify_shards(out, ["train"])
   prepare.verify_shards(out, ["valid", "test"])
 
@@ -330,8 +373,9 @@ def test_summary_records_each_shard_and_verify_shards_compares(tmp_path):
   flipped[len(flipped) // 2] ^= 0x01
   shard.write_bytes(bytes(flipped))
   prepare.verify_shards(out)
-  with pytest.raises(DataError, match=f"^{shard}: corrupt TFRecord shard \\(record \\d+: "
-                     "corrupted record at"):
+  with pytest.raises(
+    DataError, match=f"^{shard}: corrupt TFRecord shard \\(record \\d+: corrupted record at"
+  ):
     prepare.verify_shards(out, content=True)
 
   # Valid records of the same size, other content: only the digest shows it.
@@ -359,16 +403,47 @@ def test_summary_records_each_shard_and_verify_shards_compares(tmp_path):
 def test_cli_help_documents_every_flag_and_errors_name_the_file(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   # --help lists the essential flags (grouped), --helpfull every one.
-  result = subprocess.run([sys.executable, "tools/prepare_data.py", "--helpfull"], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=120)
-  for flag in ("raw_dir", "out_dir", "layout", "height", "width", "split_file", "test_raw_dir",
-               "on_error", "seed", "num_shards", "overwrite", "valid_fraction", "test_fraction"):
+  result = subprocess.run(
+    [sys.executable, "tools/prepare_data.py", "--helpfull"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
+  for flag in (
+    "raw_dir",
+    "out_dir",
+    "layout",
+    "height",
+    "width",
+    "split_file",
+    "test_raw_dir",
+    "on_error",
+    "seed",
+    "num_shards",
+    "overwrite",
+    "valid_fraction",
+    "test_fraction",
+  ):
     assert f"--{flag}" in result.stdout, flag
   bad = bad_raw(tmp_path / "raw")
   result = subprocess.run(
-      [sys.executable, "tools/prepare_data.py", f"--raw_dir={tmp_path / 'raw'}",
-       f"--out_dir={tmp_path / 'out'}", "--height=16", "--width=16", "--noprogress"],
-      cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    [
+      sys.executable,
+      "tools/prepare_data.py",
+      f"--raw_dir={tmp_path / 'raw'}",
+      f"--out_dir={tmp_path / 'out'}",
+      "--height=16",
+      "--width=16",
+      "--noprogress",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
   assert result.returncode == 1
   assert f"error: {bad}: truncated PNG" in result.stderr
 
@@ -381,9 +456,15 @@ def test_cli_verify_names_a_damaged_shard(tmp_path):
   raw = bytearray(shard.read_bytes())
   raw[-20] ^= 0x01
   shard.write_bytes(bytes(raw))
-  result = subprocess.run([sys.executable, "tools/prepare_data.py", "--verify",
-                           f"--out_dir={out}"], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=120)
+  result = subprocess.run(
+    [sys.executable, "tools/prepare_data.py", "--verify", f"--out_dir={out}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    timeout=120,
+  )
   assert result.returncode == 1, result.stderr[-2000:]
   assert f"error: {shard}: corrupt TFRecord shard (record 0: corrupted record at " in (
-      result.stderr)
+    result.stderr
+  )

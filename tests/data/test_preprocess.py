@@ -16,15 +16,17 @@ def reference_numpy(image_rgb):
 @pytest.mark.parametrize("shape", [(5, 7, 3), (6, 4, 3), (64, 64, 3)])
 def test_reference_median_shift_matches_numpy(shape):
   image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
-  np.testing.assert_allclose(preprocess.preprocess(image, "reference").numpy(),
-                             reference_numpy(image), atol=1e-6)
+  np.testing.assert_allclose(
+    preprocess.preprocess(image, "reference").numpy(), reference_numpy(image), atol=1e-6
+  )
 
 
 def test_reference_median_of_dark_and_bright_images():
   dark = np.full((4, 4, 3), 10, np.uint8)
   dark[0, 0] = 250
-  np.testing.assert_allclose(preprocess.preprocess(dark, "reference").numpy(),
-                             reference_numpy(dark), atol=1e-6)
+  np.testing.assert_allclose(
+    preprocess.preprocess(dark, "reference").numpy(), reference_numpy(dark), atol=1e-6
+  )
   assert preprocess.preprocess(dark, "reference").numpy()[1, 1, 0] == pytest.approx(127 / 255)
 
 
@@ -38,14 +40,14 @@ def test_reference_batched_uses_each_images_own_median():
 
 def test_reference_rounds_float_inputs_to_8_bit_first():
   image = np.random.default_rng(1).uniform(0, 255, (6, 6, 3)).astype(np.float32)
-  np.testing.assert_allclose(preprocess.preprocess(image, "reference").numpy(),
-                             reference_numpy(np.round(image)), atol=1e-6)
+  np.testing.assert_allclose(
+    preprocess.preprocess(image, "reference").numpy(), reference_numpy(np.round(image)), atol=1e-6
+  )
 
 
 def test_unit_and_caffe():
   image = np.random.default_rng(2).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
-  np.testing.assert_allclose(preprocess.preprocess(image, "unit").numpy(), image / 255.0,
-                             atol=1e-7)
+  np.testing.assert_allclose(preprocess.preprocess(image, "unit").numpy(), image / 255.0, atol=1e-7)
   caffe = image[..., ::-1].astype(np.float64) - [103.939, 116.779, 123.68]
   np.testing.assert_allclose(preprocess.preprocess(image, "caffe").numpy(), caffe, atol=1e-4)
 
@@ -73,13 +75,14 @@ def test_unknown_mode():
 def _median_cases():
   rng = np.random.RandomState(7)
   cases = {
-      "random": rng.randint(0, 256, (3, 16, 12, 3)),
-      "odd count": rng.randint(0, 256, (2, 5, 7, 3)),
-      "constant": np.full((2, 8, 8, 3), 200),
-      "extremes": rng.choice([0, 255], (4, 6, 6, 3)),
-      "two levels, even split": np.concatenate(
-          [np.full((1, 4, 4, 3), 10), np.full((1, 4, 4, 3), 11)], axis=1),
-      "skewed": np.minimum(rng.exponential(20, (2, 32, 32, 3)), 255),
+    "random": rng.randint(0, 256, (3, 16, 12, 3)),
+    "odd count": rng.randint(0, 256, (2, 5, 7, 3)),
+    "constant": np.full((2, 8, 8, 3), 200),
+    "extremes": rng.choice([0, 255], (4, 6, 6, 3)),
+    "two levels, even split": np.concatenate(
+      [np.full((1, 4, 4, 3), 10), np.full((1, 4, 4, 3), 11)], axis=1
+    ),
+    "skewed": np.minimum(rng.exponential(20, (2, 32, 32, 3)), 255),
   }
   return {name: value.astype(np.uint8) for name, value in cases.items()}
 
@@ -100,17 +103,28 @@ def test_export_friendly_preprocessing_is_the_same_bit_for_bit(mode):
   images[1] = np.minimum(images[1], 90)  # a darker picture: a different median
   for batch in (images, images[1]):  # batched and one image
     np.testing.assert_array_equal(
-        preprocess.preprocess(tf.constant(batch), mode, export_friendly=True).numpy(),
-        preprocess.preprocess(tf.constant(batch), mode).numpy())
+      preprocess.preprocess(tf.constant(batch), mode, export_friendly=True).numpy(),
+      preprocess.preprocess(tf.constant(batch), mode).numpy(),
+    )
 
 
 def test_median_by_counting_uses_no_histogram_ops():
   """The point of the counting median: a graph ONNX converters map to TensorRT-friendly ops."""
   function = tf.function(preprocess.median_uint8_by_counting).get_concrete_function(
-      tf.TensorSpec([None, 16, 16, 3], tf.uint8))
+    tf.TensorSpec([None, 16, 16, 3], tf.uint8)
+  )
   op_types = {op.type for op in function.graph.get_operations()}
-  assert not op_types & {"Bincount", "DenseBincount", "Cumsum", "Sort", "TopKV2", "While", "If",
-                         "StatelessIf", "StatelessWhile"}, op_types
+  assert not op_types & {
+    "Bincount",
+    "DenseBincount",
+    "Cumsum",
+    "Sort",
+    "TopKV2",
+    "While",
+    "If",
+    "StatelessIf",
+    "StatelessWhile",
+  }, op_types
 
 
 def test_standardize_gives_each_image_mean_zero_and_unit_deviation():

@@ -46,7 +46,7 @@ def test_16_bit_is_scaled_to_8_bit(tmp_path):
 
 
 def test_16_bit_tiff(tmp_path):
-  values = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20)
+  values = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20
   path = tmp_path / "deep.tif"
   cv2.imwrite(str(path), values)
   decoded, _ = readers.read_image(path)
@@ -66,7 +66,7 @@ def test_truncated_file(tmp_path, extension):
   image = picture(3)[0]
   path = write_rgb(tmp_path / f"cut{extension}", image)
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   with pytest.raises(DataError, match=f"{path}: truncated"):
     readers.read_image(path)
 
@@ -134,8 +134,9 @@ def test_size_mismatch_names_the_mask(tmp_path):
 
 def test_read_pair(tmp_path):
   image, mask = picture(8)
-  example = readers.read_pair(Pair("x", write_rgb(tmp_path / "i.tif", image),
-                                   (write_mask(tmp_path / "m.tif", mask),)))
+  example = readers.read_pair(
+    Pair("x", write_rgb(tmp_path / "i.tif", image), (write_mask(tmp_path / "m.tif", mask),))
+  )
   np.testing.assert_array_equal(example.image, image)
   np.testing.assert_array_equal(example.mask, mask)
   assert example.stem == "x"

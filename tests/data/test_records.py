@@ -48,8 +48,10 @@ def test_a_cut_off_header_is_found_although_tensorflow_ignores_it(shards):
   assert _records_in(path) == records_before  # TensorFlow reads on as if nothing were wrong
   count, problem = records.check_shard(str(path))
   assert count == records_before
-  assert problem == (f"truncated: 6 stray bytes after record {count - 1} (byte {len(full)}) are "
-                     "the start of a record cut off")
+  assert problem == (
+    f"truncated: 6 stray bytes after record {count - 1} (byte {len(full)}) are "
+    "the start of a record cut off"
+  )
   assert length < len(full)
 
 
@@ -66,12 +68,26 @@ def test_a_picture_that_does_not_decode_is_named(tmp_path):
   path = tmp_path / "bad.tfrecord"
   good = np.zeros([4, 4, 3], np.uint8)
   with tf.io.TFRecordWriter(str(path)) as writer:
-    writer.write(records.serialize_example(name="a", source="a.png", image=good,
-                                           mask=good[:, :, 0], original_height=4,
-                                           original_width=4))
-    example = tf.train.Example.FromString(records.serialize_example(
-        name="b", source="b.png", image=good, mask=good[:, :, 0], original_height=4,
-        original_width=4))
+    writer.write(
+      records.serialize_example(
+        name="a",
+        source="a.png",
+        image=good,
+        mask=good[:, :, 0],
+        original_height=4,
+        original_width=4,
+      )
+    )
+    example = tf.train.Example.FromString(
+      records.serialize_example(
+        name="b",
+        source="b.png",
+        image=good,
+        mask=good[:, :, 0],
+        original_height=4,
+        original_width=4,
+      )
+    )
     example.features.feature["image_png"].bytes_list.value[0] = b"not a png"
     writer.write(example.SerializeToString())
   count, problem = records.check_shard(str(path))

@@ -12,16 +12,132 @@ from dunet.errors import DataError
 #   train, test = train_test_split(paths, test_size=n, random_state=42)
 #   train, valid = train_test_split(train, test_size=n, random_state=42)
 # for CVC-ClinicDB's names 1.png ... 612.png.
-CVC_TEST = ["100", "108", "125", "126", "149", "162", "169", "172", "173", "190", "193", "217",
-            "232", "237", "239", "246", "258", "272", "275", "276", "283", "289", "29", "296",
-            "303", "307", "31", "313", "319", "324", "333", "337", "340", "360", "361", "369",
-            "388", "389", "419", "424", "439", "441", "444", "454", "481", "486", "504", "524",
-            "534", "544", "556", "565", "572", "59", "592", "61", "72", "82", "89", "95", "96"]
-CVC_VALID = ["107", "113", "130", "163", "175", "176", "182", "195", "222", "230", "236", "247",
-             "251", "263", "264", "265", "267", "269", "27", "277", "286", "288", "295", "297",
-             "311", "321", "330", "331", "336", "338", "349", "352", "372", "374", "378", "390",
-             "436", "448", "451", "457", "474", "478", "487", "489", "490", "498", "518", "526",
-             "536", "537", "584", "60", "610", "612", "62", "78", "85", "86", "88", "92", "99"]
+CVC_TEST = [
+  "100",
+  "108",
+  "125",
+  "126",
+  "149",
+  "162",
+  "169",
+  "172",
+  "173",
+  "190",
+  "193",
+  "217",
+  "232",
+  "237",
+  "239",
+  "246",
+  "258",
+  "272",
+  "275",
+  "276",
+  "283",
+  "289",
+  "29",
+  "296",
+  "303",
+  "307",
+  "31",
+  "313",
+  "319",
+  "324",
+  "333",
+  "337",
+  "340",
+  "360",
+  "361",
+  "369",
+  "388",
+  "389",
+  "419",
+  "424",
+  "439",
+  "441",
+  "444",
+  "454",
+  "481",
+  "486",
+  "504",
+  "524",
+  "534",
+  "544",
+  "556",
+  "565",
+  "572",
+  "59",
+  "592",
+  "61",
+  "72",
+  "82",
+  "89",
+  "95",
+  "96",
+]
+CVC_VALID = [
+  "107",
+  "113",
+  "130",
+  "163",
+  "175",
+  "176",
+  "182",
+  "195",
+  "222",
+  "230",
+  "236",
+  "247",
+  "251",
+  "263",
+  "264",
+  "265",
+  "267",
+  "269",
+  "27",
+  "277",
+  "286",
+  "288",
+  "295",
+  "297",
+  "311",
+  "321",
+  "330",
+  "331",
+  "336",
+  "338",
+  "349",
+  "352",
+  "372",
+  "374",
+  "378",
+  "390",
+  "436",
+  "448",
+  "451",
+  "457",
+  "474",
+  "478",
+  "487",
+  "489",
+  "490",
+  "498",
+  "518",
+  "526",
+  "536",
+  "537",
+  "584",
+  "60",
+  "610",
+  "612",
+  "62",
+  "78",
+  "85",
+  "86",
+  "88",
+  "92",
+  "99",
+]
 
 
 def test_cvc_clinicdb_split_matches_the_reference_code():
@@ -76,14 +192,17 @@ def test_read_accepts_plain_lists_with_file_names(tmp_path):
   assert splits.read_split(path) == {"train": ["a", "b"], "valid": ["c"], "test": []}
 
 
-@pytest.mark.parametrize("content, message", [
+@pytest.mark.parametrize(
+  "content, message",
+  [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "JSON object with a 'train' list"),
     ('{"train": ["a"], "tests": []}', "unknown keys"),
     ('{"train": [1]}', "'train' must be a list of non-empty strings"),
     ('{"train": ["a", "a"]}', "lists \\['a'\\] more than once"),
     ('{"train": ["a", "b"], "test": ["b"]}', "both 'train' and 'test'.*leak"),
-])
+  ],
+)
 def test_bad_split_files_name_the_file(tmp_path, content, message):
   path = tmp_path / "bad.json"
   path.write_text(content)
@@ -99,7 +218,9 @@ def test_shared_test_names_allowed_for_a_separate_test_set(tmp_path):
 
 def test_split_listing_unknown_names(tmp_path):
   with pytest.raises(DataError, match="bad.json: 1 names are not in"):
-    splits.check_split_covers({"train": ["a"], "valid": ["zzz"], "test": []}, ["a", "b"],
-                              tmp_path / "bad.json", tmp_path)
-  assert splits.check_split_covers({"train": ["a"], "valid": [], "test": []}, ["a", "b"],
-                                   "s.json", tmp_path) == ["b"]
+    splits.check_split_covers(
+      {"train": ["a"], "valid": ["zzz"], "test": []}, ["a", "b"], tmp_path / "bad.json", tmp_path
+    )
+  assert splits.check_split_covers(
+    {"train": ["a"], "valid": [], "test": []}, ["a", "b"], "s.json", tmp_path
+  ) == ["b"]

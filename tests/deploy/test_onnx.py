@@ -19,20 +19,33 @@ from dunet.models import DoubleUNet
 def _tiny_onnx(op="Relu", input_type=TensorProto.UINT8, shape=("batch", 4, 4, 3)):
   nodes = [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT)]
   if op == "If":
-    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["y_branch"])], "branch", [],
-                               [helper.make_tensor_value_info("y_branch", TensorProto.FLOAT,
-                                                              list(shape))])
-    nodes += [helper.make_node("Constant", [], ["c"], value=helper.make_tensor(
-                  "c", TensorProto.BOOL, [], [True])),
-              helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)]
+    branch = helper.make_graph(
+      [helper.make_node("Identity", ["x"], ["y_branch"])],
+      "branch",
+      [],
+      [helper.make_tensor_value_info("y_branch", TensorProto.FLOAT, list(shape))],
+    )
+    nodes += [
+      helper.make_node(
+        "Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])
+      ),
+      helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch),
+    ]
   else:
     nodes.append(helper.make_node(op, ["x"], ["y"]))
-  nodes += [helper.make_node("Sigmoid", ["y"], ["probability"]),
-            helper.make_node("Sigmoid", ["y"], ["probability_head1"])]
+  nodes += [
+    helper.make_node("Sigmoid", ["y"], ["probability"]),
+    helper.make_node("Sigmoid", ["y"], ["probability_head1"]),
+  ]
   graph = helper.make_graph(
-      nodes, "tiny", [helper.make_tensor_value_info("images", input_type, list(shape))],
-      [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
-       for name in ("probability", "probability_head1")])
+    nodes,
+    "tiny",
+    [helper.make_tensor_value_info("images", input_type, list(shape))],
+    [
+      helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+      for name in ("probability", "probability_head1")
+    ],
+  )
   return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -46,8 +46,14 @@ def _run_tool(*args):
   program quiets TensorFlow's start-up itself).
   """
   env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-  return subprocess.run([sys.executable, TOOL, *args], cwd=os.path.dirname(REPO_ROOT),
-                        capture_output=True, text=True, timeout=900, env=env)
+  return subprocess.run(
+    [sys.executable, TOOL, *args],
+    cwd=os.path.dirname(REPO_ROOT),
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=env,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +68,21 @@ def tool_run(tmp_path_factory, model):
   run_dir = root / "run"
   write_run(run_dir, model, preprocessing="reference")
   out_dir = root / "deploy"
-  result = _run_tool(f"--checkpoint={run_dir}", f"--out_dir={out_dir}", "--latency_runs=1",
-                     "--latency_batch=2", "--parity_pictures=2", "--max_batch=4",
-                     "--opt_batch=2")
+  result = _run_tool(
+    f"--checkpoint={run_dir}",
+    f"--out_dir={out_dir}",
+    "--latency_runs=1",
+    "--latency_batch=2",
+    "--parity_pictures=2",
+    "--max_batch=4",
+    "--opt_batch=2",
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   with open(out_dir / pipeline.REPORT_FILENAME) as handle:
     report = json.load(handle)
-  return types.SimpleNamespace(root=root, run_dir=run_dir, out_dir=out_dir, stdout=result.stdout,
-                               report=report)
+  return types.SimpleNamespace(
+    root=root, run_dir=run_dir, out_dir=out_dir, stdout=result.stdout, report=report
+  )
 
 
 def _pictures(count, seed):
@@ -82,15 +95,18 @@ def _pictures(count, seed):
 def _tensorflow_reference(model, pictures):
   """float32 TensorFlow, through dunet.data.preprocess (histogram median), not dunet.serving."""
   outputs = model(preprocess.preprocess(tf.constant(pictures), "reference"), is_training=False)
-  return {"probability": tf.sigmoid(outputs.logits2).numpy(),
-          "probability_head1": tf.sigmoid(outputs.logits1).numpy()}
+  return {
+    "probability": tf.sigmoid(outputs.logits2).numpy(),
+    "probability_head1": tf.sigmoid(outputs.logits1).numpy(),
+  }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-5), ("fp16", FP16_TEST_TOLERANCE)])
 def test_onnx_parity_with_onnxruntime(tool_run, model, precision, tolerance):
-  session = ort.InferenceSession(str(tool_run.out_dir / pipeline.ONNX_FILES[precision]),
-                                 providers=["CPUExecutionProvider"])
+  session = ort.InferenceSession(
+    str(tool_run.out_dir / pipeline.ONNX_FILES[precision]), providers=["CPUExecutionProvider"]
+  )
   pictures = _pictures(3, seed=41)  # batch 3: the batch dimension is dynamic
   names = [output.name for output in session.get_outputs()]
   got = dict(zip(names, session.run(names, {"images": pictures})))
@@ -111,10 +127,20 @@ def test_onnx_graphs_are_deployable(tool_run):
     onnx.checker.check_model(proto, full_check=True)
     info = onnx_lib.describe_onnx(proto)
     assert (info.input_name, info.input_type, info.input_shape) == (
-        "images", "uint8", ["batch", SIZE, SIZE, 3])
+      "images",
+      "uint8",
+      ["batch", SIZE, SIZE, 3],
+    )
     assert info.outputs == {"probability": "float32", "probability_head1": "float32"}
-    assert not set(info.op_counts) & {"If", "Loop", "Scan", "Unique", "Compress", "NonZero",
-                                      "ScatterND"}, info.op_counts
+    assert not set(info.op_counts) & {
+      "If",
+      "Loop",
+      "Scan",
+      "Unique",
+      "Compress",
+      "NonZero",
+      "ScatterND",
+    }, info.op_counts
     assert info.op_counts["Conv"] == 54
     conv_weights = {node.input[1] for node in proto.graph.node if node.op_type == "Conv"}
     weight_types = {init.data_type for init in proto.graph.initializer if init.name in conv_weights}
@@ -126,11 +152,14 @@ def test_onnx_graphs_are_deployable(tool_run):
 def test_tool_output_report_and_trtexec_line(tool_run):
   out_dir, report, stdout = tool_run.out_dir, tool_run.report, tool_run.stdout
   assert sorted(os.listdir(out_dir)) == sorted(
-      ["saved_model", "dunet_fp32.onnx", "dunet_fp16.onnx", "export_trt.json"])
+    ["saved_model", "dunet_fp32.onnx", "dunet_fp16.onnx", "export_trt.json"]
+  )
   assert leftovers(tool_run.root) == []
   assert serving.is_saved_model(str(out_dir / "saved_model"))
-  for precision, tolerance in (("fp32", pipeline.DEFAULT_FP32_TOLERANCE),
-                               ("fp16", pipeline.DEFAULT_FP16_TOLERANCE)):
+  for precision, tolerance in (
+    ("fp32", pipeline.DEFAULT_FP32_TOLERANCE),
+    ("fp16", pipeline.DEFAULT_FP16_TOLERANCE),
+  ):
     entry = report["onnx"][precision]
     assert entry["tolerance"] == tolerance
     assert 0 <= entry["max_abs_difference"] <= tolerance
@@ -142,19 +171,32 @@ def test_tool_output_report_and_trtexec_line(tool_run):
   command = report["tensorrt"]["trtexec"]["fp16"]
   assert command in stdout
   assert shlex.split(command) == [
-      "trtexec", f"--onnx={out_dir / 'dunet_fp16.onnx'}",
-      f"--saveEngine={out_dir / 'dunet_fp16.plan'}", "--stronglyTyped",
-      f"--minShapes=images:1x{SIZE}x{SIZE}x3", f"--optShapes=images:2x{SIZE}x{SIZE}x3",
-      f"--maxShapes=images:4x{SIZE}x{SIZE}x3", "--memPoolSize=workspace:4096M"]
+    "trtexec",
+    f"--onnx={out_dir / 'dunet_fp16.onnx'}",
+    f"--saveEngine={out_dir / 'dunet_fp16.plan'}",
+    "--stronglyTyped",
+    f"--minShapes=images:1x{SIZE}x{SIZE}x3",
+    f"--optShapes=images:2x{SIZE}x{SIZE}x3",
+    f"--maxShapes=images:4x{SIZE}x{SIZE}x3",
+    "--memPoolSize=workspace:4096M",
+  ]
   assert report["tf_trt"]["supported"] == bool(
-      tf.sysconfig.get_build_info().get("is_tensorrt_build", False))
+    tf.sysconfig.get_build_info().get("is_tensorrt_build", False)
+  )
   names = {(row["name"], row["batch"]) for row in report["latency"]}
-  assert names == {(name, batch) for batch in (1, 2) for name in (
-      "TF SavedModel (serving_default)", "ONNX fp32 (onnxruntime CPU)",
-      "ONNX fp16 (onnxruntime CPU)")}
+  assert names == {
+    (name, batch)
+    for batch in (1, 2)
+    for name in (
+      "TF SavedModel (serving_default)",
+      "ONNX fp32 (onnxruntime CPU)",
+      "ONNX fp16 (onnxruntime CPU)",
+    )
+  }
   assert all(row["ms_per_image"] > 0 for row in report["latency"])
-  assert latency.format_latency_table(
-      [latency.LatencyRow(**row) for row in report["latency"]]) in stdout
+  assert (
+    latency.format_latency_table([latency.LatencyRow(**row) for row in report["latency"]]) in stdout
+  )
 
 
 def _error_line(result):
@@ -166,12 +208,14 @@ def _error_line(result):
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
   usage = _run_tool(f"--out_dir={tmp_path / 'out'}")
   assert usage.returncode == 2
-  assert _error_line(usage) == ("dunet-export-trt: error: pass exactly one of --saved_model and "
-                                "--checkpoint (see --help)")
+  assert _error_line(usage) == (
+    "dunet-export-trt: error: pass exactly one of --saved_model and --checkpoint (see --help)"
+  )
   missing = _run_tool(f"--checkpoint={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'out'}")
   assert missing.returncode == 1
   assert _error_line(missing).startswith(
-      f"dunet-export-trt: error: no checkpoint at '{tmp_path / 'nothing'}'")
+    f"dunet-export-trt: error: no checkpoint at '{tmp_path / 'nothing'}'"
+  )
   assert os.listdir(tmp_path) == []
 
 
@@ -185,21 +229,39 @@ def test_a_folder_that_is_no_saved_model_is_named(tmp_path):
 def test_require_tensorrt_fails_before_converting(tmp_path):
   if tensorrt.tensorrt_requirements()[0] is not None:
     pytest.skip("TensorRT and a GPU are present here")
-  settings = pipeline.Settings(out_dir=str(tmp_path / "out"), checkpoint=str(tmp_path / "run"),
-                                 tensorrt="require")
+  settings = pipeline.Settings(
+    out_dir=str(tmp_path / "out"), checkpoint=str(tmp_path / "run"), tensorrt="require"
+  )
   # The checkpoint does not exist either: TensorRT is checked first, before any slow step.
-  with pytest.raises(ExportError,
-                     match="--tensorrt=require, but TensorRT cannot build here; missing: "):
+  with pytest.raises(
+    ExportError, match="--tensorrt=require, but TensorRT cannot build here; missing: "
+  ):
     pipeline.export_trt(settings)
   assert os.listdir(tmp_path) == []
 
 
 def test_cli_help_documents_every_flag():
   result = _run_tool("--helpfull")  # --help shows the essential ones, grouped
-  for flag in ("saved_model", "checkpoint", "out_dir", "overwrite", "fp16_tolerance",
-               "fp32_tolerance", "engine_tolerance", "tensorrt", "engines", "min_batch",
-               "opt_batch", "max_batch", "workspace_mib", "latency_batch", "latency_runs",
-               "onnxruntime_providers", "opset", "parity_pictures"):
+  for flag in (
+    "saved_model",
+    "checkpoint",
+    "out_dir",
+    "overwrite",
+    "fp16_tolerance",
+    "fp32_tolerance",
+    "engine_tolerance",
+    "tensorrt",
+    "engines",
+    "min_batch",
+    "opt_batch",
+    "max_batch",
+    "workspace_mib",
+    "latency_batch",
+    "latency_runs",
+    "onnxruntime_providers",
+    "opset",
+    "parity_pictures",
+  ):
     assert f"--{flag}" in result.stdout
 
 
@@ -207,6 +269,7 @@ def test_settings_are_checked_before_anything_else(tmp_path):
   with pytest.raises(ConfigError, match="exactly one of --saved_model and --checkpoint"):
     pipeline.export_trt(pipeline.Settings(out_dir=str(tmp_path / "out")))
   with pytest.raises(ConfigError, match="an fp16 engine needs the fp16 ONNX graph"):
-    pipeline.export_trt(pipeline.Settings(out_dir=str(tmp_path / "out"), checkpoint="x",
-                                          fp16=False))
+    pipeline.export_trt(
+      pipeline.Settings(out_dir=str(tmp_path / "out"), checkpoint="x", fp16=False)
+    )
   assert os.listdir(tmp_path) == []

@@ -23,12 +23,25 @@ from tests.export_helpers import write_run
 
 
 def test_trtexec_command_quotes_paths_and_uses_the_input_name():
-  command = tensorrt.trtexec_command("/data/my models/m.onnx", "/data/e.plan", "images", 288,
-                                       384, tensorrt.BatchProfile(1, 8, 32), 2048)
+  command = tensorrt.trtexec_command(
+    "/data/my models/m.onnx",
+    "/data/e.plan",
+    "images",
+    288,
+    384,
+    tensorrt.BatchProfile(1, 8, 32),
+    2048,
+  )
   assert shlex.split(command) == [
-      "trtexec", "--onnx=/data/my models/m.onnx", "--saveEngine=/data/e.plan", "--stronglyTyped",
-      "--minShapes=images:1x288x384x3", "--optShapes=images:8x288x384x3",
-      "--maxShapes=images:32x288x384x3", "--memPoolSize=workspace:2048M"]
+    "trtexec",
+    "--onnx=/data/my models/m.onnx",
+    "--saveEngine=/data/e.plan",
+    "--stronglyTyped",
+    "--minShapes=images:1x288x384x3",
+    "--optShapes=images:8x288x384x3",
+    "--maxShapes=images:32x288x384x3",
+    "--memPoolSize=workspace:2048M",
+  ]
 
 
 @pytest.mark.parametrize("batches", [(0, 1, 1), (2, 1, 4), (1, 8, 4)])
@@ -79,6 +92,7 @@ class _Recorder:
 
     class Flag:
       pass
+
     if strongly_typed:
       Flag.STRONGLY_TYPED = 5
 
@@ -131,8 +145,12 @@ class _Recorder:
         return bytearray(recorder.ENGINE) if build_ok else None
 
     self.module = types.SimpleNamespace(
-        Logger=Logger, Builder=Builder, OnnxParser=Parser, NetworkDefinitionCreationFlag=Flag,
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
+      Logger=Logger,
+      Builder=Builder,
+      OnnxParser=Parser,
+      NetworkDefinitionCreationFlag=Flag,
+      MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"),
+    )
 
 
 def test_build_engine_makes_the_builder_calls_and_writes_what_it_returns(tmp_path):
@@ -141,15 +159,28 @@ def test_build_engine_makes_the_builder_calls_and_writes_what_it_returns(tmp_pat
   # (test_real_engine_matches_the_saved_model does that where a GPU is).
   fake = _Recorder()
   engine_path = str(tmp_path / "m.plan")
-  size = tensorrt.build_engine(fake.module, "/x/m.onnx", engine_path, "images", 288, 384,
-                                 tensorrt.BatchProfile(1, 4, 16), workspace_mib=512)
+  size = tensorrt.build_engine(
+    fake.module,
+    "/x/m.onnx",
+    engine_path,
+    "images",
+    288,
+    384,
+    tensorrt.BatchProfile(1, 4, 16),
+    workspace_mib=512,
+  )
   assert size == len(_Recorder.ENGINE)
   with open(engine_path, "rb") as handle:
     assert handle.read() == _Recorder.ENGINE  # the stand-in's bytes, written as returned
   assert ("create_network", 1 << 5) in fake.calls  # strongly typed
   assert ("parse_from_file", "/x/m.onnx") in fake.calls
-  assert ("set_shape", "images", (1, 288, 384, 3), (4, 288, 384, 3), (16, 288, 384, 3)) \
-      in fake.calls
+  assert (
+    "set_shape",
+    "images",
+    (1, 288, 384, 3),
+    (4, 288, 384, 3),
+    (16, 288, 384, 3),
+  ) in fake.calls
   assert ("set_memory_pool_limit", "workspace", 512 << 20) in fake.calls
   names = [call[0] for call in fake.calls]
   assert names.index("add_optimization_profile") < names.index("build_serialized_network")
@@ -159,20 +190,40 @@ def test_build_engine_makes_the_builder_calls_and_writes_what_it_returns(tmp_pat
 def test_build_engine_without_the_strongly_typed_flag(tmp_path):
   # A TensorRT whose networks are always strongly typed and has dropped the flag.
   fake = _Recorder(strongly_typed=False)
-  tensorrt.build_engine(fake.module, "m.onnx", str(tmp_path / "m.plan"), "images", 64, 64,
-                          tensorrt.BatchProfile(1, 1, 1), workspace_mib=1)
+  tensorrt.build_engine(
+    fake.module,
+    "m.onnx",
+    str(tmp_path / "m.plan"),
+    "images",
+    64,
+    64,
+    tensorrt.BatchProfile(1, 1, 1),
+    workspace_mib=1,
+  )
   assert ("create_network", 0) in fake.calls
 
 
-@pytest.mark.parametrize("recorder,message", [
+@pytest.mark.parametrize(
+  "recorder,message",
+  [
     (_Recorder(parse_ok=False), "ONNX parser rejected m.onnx: parser error 0; parser error 1"),
     (_Recorder(build_ok=False), "could not build an engine from m.onnx"),
     (_Recorder(input_name="input_1"), r"TensorRT sees inputs \['input_1'\]"),
-], ids=["parser", "builder", "input"])
+  ],
+  ids=["parser", "builder", "input"],
+)
 def test_build_engine_failures_are_explained(tmp_path, recorder, message):
   with pytest.raises(ExportError, match=message):
-    tensorrt.build_engine(recorder.module, "m.onnx", str(tmp_path / "m.plan"), "images", 64,
-                            64, tensorrt.BatchProfile(1, 2, 4), workspace_mib=1)
+    tensorrt.build_engine(
+      recorder.module,
+      "m.onnx",
+      str(tmp_path / "m.plan"),
+      "images",
+      64,
+      64,
+      tensorrt.BatchProfile(1, 2, 4),
+      workspace_mib=1,
+    )
   assert os.listdir(tmp_path) == []
 
 
@@ -211,8 +262,11 @@ def _fake_engine_module(cuda):
   """A stand-in `tensorrt` whose "engine" computes, from uint8 images [B, H, W, 3], the channel
   mean / 255 (probability) and its square (probability_head1): enough to check that EngineRunner
   moves the right bytes to and from the right tensors."""
-  io = {"images": ("INPUT", "UINT8"), "probability": ("OUTPUT", "FLOAT"),
-        "probability_head1": ("OUTPUT", "FLOAT")}
+  io = {
+    "images": ("INPUT", "UINT8"),
+    "probability": ("OUTPUT", "FLOAT"),
+    "probability_head1": ("OUTPUT", "FLOAT"),
+  }
 
   class Context:
     def __init__(self):
@@ -233,7 +287,7 @@ def _fake_engine_module(cuda):
       assert stream == 0
       images = cuda.memory[self.addresses["images"]].reshape(self.shape)
       mean = images.astype(np.float32).mean(axis=-1, keepdims=True) / 255
-      for name, value in (("probability", mean), ("probability_head1", mean ** 2)):
+      for name, value in (("probability", mean), ("probability_head1", mean**2)):
         cuda.memory[self.addresses[name]][:] = np.frombuffer(value.tobytes(), np.uint8)
       return True
 
@@ -261,9 +315,11 @@ def _fake_engine_module(cuda):
       return Engine()
 
   return types.SimpleNamespace(
-      Logger=_Recorder().module.Logger, Runtime=Runtime,
-      TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
-      nptype=lambda dtype: {"UINT8": np.uint8, "FLOAT": np.float32}[dtype])
+    Logger=_Recorder().module.Logger,
+    Runtime=Runtime,
+    TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
+    nptype=lambda dtype: {"UINT8": np.uint8, "FLOAT": np.float32}[dtype],
+  )
 
 
 def test_engine_runner_moves_inputs_and_outputs(tmp_path):
@@ -275,7 +331,7 @@ def test_engine_runner_moves_inputs_and_outputs(tmp_path):
   for _ in range(2):  # buffers are reused for the same shape
     outputs = runner(images)
     np.testing.assert_allclose(outputs["probability"], expected, rtol=1e-6)
-    np.testing.assert_allclose(outputs["probability_head1"], expected ** 2, rtol=1e-6)
+    np.testing.assert_allclose(outputs["probability_head1"], expected**2, rtol=1e-6)
   assert len(cuda.memory) == 3
   runner(images[:1])
   assert len(cuda.memory) == 6
@@ -299,24 +355,37 @@ ENGINE_FP32_TEST_TOLERANCE = 1e-3
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_TRT_MODULE is None, reason="needs TensorRT and a CUDA GPU; missing: "
-                    + "; ".join(_TRT_MISSING))
+@pytest.mark.skipif(
+  _TRT_MODULE is None, reason="needs TensorRT and a CUDA GPU; missing: " + "; ".join(_TRT_MISSING)
+)
 def test_real_engine_matches_the_saved_model(tmp_path):
   run_dir = tmp_path / "run"
   write_run(run_dir, make_model(seed=7), preprocessing="reference")
   out_dir = tmp_path / "deploy"
-  report = pipeline.export_trt(pipeline.Settings(
-      out_dir=str(out_dir), checkpoint=str(run_dir), tensorrt="require",
-      engines=("fp32", "fp16"), profile=tensorrt.BatchProfile(1, 2, 4), workspace_mib=1024,
-      parity_pictures=2, latency_runs=1, latency_batch=2), log=lambda line: None)
+  report = pipeline.export_trt(
+    pipeline.Settings(
+      out_dir=str(out_dir),
+      checkpoint=str(run_dir),
+      tensorrt="require",
+      engines=("fp32", "fp16"),
+      profile=tensorrt.BatchProfile(1, 2, 4),
+      workspace_mib=1024,
+      parity_pictures=2,
+      latency_runs=1,
+      latency_batch=2,
+    ),
+    log=lambda line: None,
+  )
   assert report["tensorrt"]["built"] is True
   # Recomputed here: the engine on new pictures against the SavedModel's serving signature.
   signature = tf.saved_model.load(str(out_dir / "saved_model")).signatures["serving_default"]
   pictures = np.random.RandomState(3).randint(0, 256, (3, SIZE, SIZE, 3)).astype(np.uint8)
   outputs = signature(images=tf.constant(pictures))
   expected = {name: value.numpy() for name, value in outputs.items()}
-  for precision, tolerance in (("fp32", ENGINE_FP32_TEST_TOLERANCE),
-                               ("fp16", pipeline.DEFAULT_ENGINE_TOLERANCE)):
+  for precision, tolerance in (
+    ("fp32", ENGINE_FP32_TEST_TOLERANCE),
+    ("fp16", pipeline.DEFAULT_ENGINE_TOLERANCE),
+  ):
     runner = tensorrt.EngineRunner(_TRT_MODULE, str(out_dir / pipeline.ENGINE_FILES[precision]))
     try:
       got = runner(pictures)
@@ -324,5 +393,6 @@ def test_real_engine_matches_the_saved_model(tmp_path):
       runner.close()
     for name in serving.OUTPUT_NAMES:
       assert got[name].shape == (3, SIZE, SIZE, 1) and got[name].dtype == np.float32
-      np.testing.assert_allclose(got[name], expected[name], atol=tolerance,
-                                 err_msg=f"{precision} {name}")
+      np.testing.assert_allclose(
+        got[name], expected[name], atol=tolerance, err_msg=f"{precision} {name}"
+      )

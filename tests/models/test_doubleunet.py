@@ -44,10 +44,13 @@ def test_both_heads_have_input_size_and_counts_do_not_change(model, height, widt
 
 def test_positional_training_argument(model):
   images = tf.random.uniform([1, 32, 32, 3])
-  np.testing.assert_allclose(model(images, False).logits2.numpy(),
-                             model(images, is_training=False).logits2.numpy())
-  np.testing.assert_allclose(model.predict_probabilities(images).logits2.numpy(),
-                             tf.sigmoid(model(images, False).logits2).numpy())
+  np.testing.assert_allclose(
+    model(images, False).logits2.numpy(), model(images, is_training=False).logits2.numpy()
+  )
+  np.testing.assert_allclose(
+    model.predict_probabilities(images).logits2.numpy(),
+    tf.sigmoid(model(images, False).logits2).numpy(),
+  )
 
 
 @pytest.mark.parametrize("is_training", [True, False])
@@ -57,8 +60,9 @@ def test_gradients_reach_every_trainable_variable(model, is_training):
   snapshot = [v.numpy() for v in model.variables]
   with tf.GradientTape() as tape:
     outputs = model(images, is_training=is_training)
-    loss = sum(tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(masks, logits))
-               for logits in outputs)
+    loss = sum(
+      tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(masks, logits)) for logits in outputs
+    )
   grads = tape.gradient(loss, model.trainable_variables)
   for variable, value in zip(model.variables, snapshot):
     variable.assign(value)
@@ -104,10 +108,15 @@ def test_low_precision_compute_is_close_to_float32(model, dtype, tolerance):
     assert float(np.abs(ref.numpy() - got.numpy()).max()) / scale < tolerance
 
 
-@pytest.mark.parametrize("shape,message", [([1, 40, 32, 3], "height 40 is not divisible by 16"),
-                                           ([1, 32, 20, 3], "width 20"),
-                                           ([1, 32, 32, 1], "3 channels"),
-                                           ([32, 32, 3], "batch, height, width")])
+@pytest.mark.parametrize(
+  "shape,message",
+  [
+    ([1, 40, 32, 3], "height 40 is not divisible by 16"),
+    ([1, 32, 20, 3], "width 20"),
+    ([1, 32, 32, 1], "3 channels"),
+    ([32, 32, 3], "batch, height, width"),
+  ],
+)
 def test_bad_input_shapes_are_rejected_clearly(model, shape, message):
   with pytest.raises(ValueError, match=message):
     model(tf.zeros(shape), is_training=False)
@@ -120,6 +129,7 @@ def test_bad_compute_dtype():
 
 def test_batch_norm_momentum_reaches_every_batch_norm():
   from dunet.nn.batch_norm import BatchNorm
+
   model = DoubleUNet(batch_norm_momentum=0.9)
   norms = [m for m in model.submodules if isinstance(m, BatchNorm)]
   assert len(norms) == 36  # as many as the reference model's BatchNormalization layers

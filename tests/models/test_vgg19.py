@@ -1,6 +1,5 @@
 """VGG19 encoder and the ImageNet weight loader, on h5 files written in Keras' layout."""
 
-
 import h5py
 import numpy as np
 import pytest
@@ -23,9 +22,13 @@ def _layer_shapes():
 def _known_weights(seed=0):
   """Different random values for every layer: a swapped layer or transpose cannot go unnoticed."""
   rng = np.random.default_rng(seed)
-  return {name: (rng.normal(0, 0.05, kernel).astype(np.float32),
-                 rng.normal(0, 0.05, bias).astype(np.float32))
-          for name, (kernel, bias) in _layer_shapes().items()}
+  return {
+    name: (
+      rng.normal(0, 0.05, kernel).astype(np.float32),
+      rng.normal(0, 0.05, bias).astype(np.float32),
+    )
+    for name, (kernel, bias) in _layer_shapes().items()
+  }
 
 
 def write_keras_notop_h5(path, weights, nested=False, skip=(), shape_override=None):
@@ -87,8 +90,12 @@ def test_loaded_first_layer_computes_the_keras_convolution(tmp_path):
 
 def test_encoder_outputs():
   outputs = vgg19.VGG19Encoder()(tf.zeros([1, 32, 48, 3]))
-  assert [s.shape.as_list() for s in outputs.skips] == [[1, 32, 48, 64], [1, 16, 24, 128],
-                                                        [1, 8, 12, 256], [1, 4, 6, 512]]
+  assert [s.shape.as_list() for s in outputs.skips] == [
+    [1, 32, 48, 64],
+    [1, 16, 24, 128],
+    [1, 8, 12, 256],
+    [1, 4, 6, 512],
+  ]
   assert outputs.bottleneck.shape == (1, 2, 3, 512)
 
 
@@ -114,8 +121,9 @@ def test_missing_layer_is_named(tmp_path, model):
 def test_wrong_shape_is_named(tmp_path, model):
   path = tmp_path / "vgg16ish.h5"
   write_keras_notop_h5(path, _known_weights(), shape_override={"block3_conv1": (3, 3, 64, 256)})
-  with pytest.raises(vgg19.WeightFileError,
-                     match=r"block3_conv1 kernel has shape \(3, 3, 64, 256\)"):
+  with pytest.raises(
+    vgg19.WeightFileError, match=r"block3_conv1 kernel has shape \(3, 3, 64, 256\)"
+  ):
     vgg19.load_imagenet_weights(model, str(path))
 
 
@@ -154,8 +162,10 @@ def test_he_normal_initialisation_keeps_the_activation_scale(monkeypatch):
   fan_in = int(np.prod(kernel.shape[:3]))
   assert np.std(kernel) == pytest.approx(np.sqrt(2.0 / fan_in), rel=0.05)
   images = tf.random.stateless_uniform([2, 64, 64, 3], seed=[0, 1])
-  rms = {name: float(tf.sqrt(tf.reduce_mean(tf.square(encoder(images).bottleneck))))
-         for name, encoder in (("glorot", glorot), ("he", he))}
+  rms = {
+    name: float(tf.sqrt(tf.reduce_mean(tf.square(encoder(images).bottleneck))))
+    for name, encoder in (("glorot", glorot), ("he", he))
+  }
   assert rms["he"] > 30 * rms["glorot"], rms
   lines = []
   monkeypatch.setattr(vgg19.logging, "info", lambda message, *args: lines.append(message % args))

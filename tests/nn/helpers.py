@@ -5,8 +5,9 @@ from typing import Optional
 import numpy as np
 
 
-def numpy_conv_same(x: np.ndarray, kernel: np.ndarray, bias: Optional[np.ndarray],
-                    dilation: int) -> np.ndarray:
+def numpy_conv_same(
+  x: np.ndarray, kernel: np.ndarray, bias: Optional[np.ndarray], dilation: int
+) -> np.ndarray:
   """Direct 'same' convolution: out[b,i,j,o] = sum x[b, i+d*(p-c), j+d*(q-c), :] k[p,q,:,o].
 
   Args:

@@ -58,13 +58,15 @@ def test_no_gradient_into_statistics_but_into_gamma_beta():
     tape.watch([bn.moving_mean, bn.moving_variance])
     loss = tf.reduce_sum(bn(tf.constant(x), is_training=True) * weights)
   grad_mean, grad_variance, grad_gamma, grad_beta = tape.gradient(
-      loss, [bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta])
+    loss, [bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta]
+  )
   for grad in (grad_mean, grad_variance):
     assert grad is None or not np.any(grad.numpy())
   normalised = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-3)
   np.testing.assert_allclose(grad_beta.numpy(), weights.sum(axis=(0, 1, 2)), rtol=1e-5)
-  np.testing.assert_allclose(grad_gamma.numpy(), (normalised * weights).sum(axis=(0, 1, 2)),
-                             rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(
+    grad_gamma.numpy(), (normalised * weights).sum(axis=(0, 1, 2)), rtol=1e-3, atol=1e-3
+  )
   trainable = {id(v) for v in bn.trainable_variables}
   assert id(bn.moving_mean) not in trainable and id(bn.moving_variance) not in trainable
 
@@ -77,8 +79,7 @@ def test_statistics_change_only_by_the_momentum_update():
     x = _numpy_inputs(10 + step)
     with tf.GradientTape() as tape:
       loss = tf.reduce_sum(tf.square(bn(tf.constant(x), is_training=True) - 1.0))
-    for variable, grad in zip(bn.trainable_variables,
-                              tape.gradient(loss, bn.trainable_variables)):
+    for variable, grad in zip(bn.trainable_variables, tape.gradient(loss, bn.trainable_variables)):
       variable.assign_sub(0.01 * grad)
     expected_mean = 0.8 * expected_mean + 0.2 * x.mean(axis=(0, 1, 2))
     expected_variance = 0.8 * expected_variance + 0.2 * x.var(axis=(0, 1, 2))

@@ -9,15 +9,17 @@ from dunet.nn.conv import Conv2D
 from tests.nn.helpers import numpy_conv_same
 
 
-@pytest.mark.parametrize("kernel_size,dilation,with_bias", [(3, 1, True), (3, 6, False),
-                                                            (1, 1, True)])
+@pytest.mark.parametrize(
+  "kernel_size,dilation,with_bias", [(3, 1, True), (3, 6, False), (1, 1, True)]
+)
 def test_matches_numpy(kernel_size, dilation, with_bias):
   conv = Conv2D(3, 5, kernel_size, dilation_rate=dilation, with_bias=with_bias)
   if with_bias:
     conv.bias.assign(np.arange(5, dtype=np.float32))
   x = np.random.default_rng(0).normal(size=(2, 9, 11, 3)).astype(np.float32)
-  expected = numpy_conv_same(x, conv.kernel.numpy(), conv.bias.numpy() if with_bias else None,
-                             dilation)
+  expected = numpy_conv_same(
+    x, conv.kernel.numpy(), conv.bias.numpy() if with_bias else None, dilation
+  )
   np.testing.assert_allclose(conv(x).numpy(), expected, atol=1e-4)
 
 
@@ -66,7 +68,8 @@ def test_both_dilated_forms_match_numpy_values_and_gradients(monkeypatch, space_
     unit = np.zeros_like(kernel)
     unit[p, q, i, o] = 1
     expected_kernel_grad[p, q, i, o] = np.sum(
-        2 * y.numpy()[..., o] * numpy_conv_same(x.numpy(), unit, None, 3)[..., o])
+      2 * y.numpy()[..., o] * numpy_conv_same(x.numpy(), unit, None, 3)[..., o]
+    )
   np.testing.assert_allclose(grad_kernel.numpy(), expected_kernel_grad, rtol=1e-3, atol=1e-3)
   assert grad_x.shape == x.shape
 

@@ -23,8 +23,9 @@ def numpy_bilinear_half_pixel(x, factor):
 
 def test_upsample_matches_half_pixel_bilinear():
   x = np.random.default_rng(0).normal(size=(2, 3, 5, 4)).astype(np.float32)
-  np.testing.assert_allclose(upsample_bilinear(x, 2).numpy(), numpy_bilinear_half_pixel(x, 2),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    upsample_bilinear(x, 2).numpy(), numpy_bilinear_half_pixel(x, 2), atol=1e-5
+  )
 
 
 def test_upsample_keeps_dtype():
@@ -50,6 +51,7 @@ def _pool_and_gradient(x, jit_compile):
       pooled = max_pool_2x2(tf.nn.relu(x))
       loss = tf.reduce_sum(pooled * tf.range(pooled.shape[-1], dtype=x.dtype))
     return pooled, tape.gradient(loss, x)
+
   return run(tf.constant(x))
 
 

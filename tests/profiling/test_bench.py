@@ -11,16 +11,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _bench(*args):
-  return subprocess.run([sys.executable, "-m", "profiling.bench", *args], capture_output=True,
-                        text=True,
-                        timeout=600, cwd=REPO)
+  return subprocess.run(
+    [sys.executable, "-m", "profiling.bench", *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=REPO,
+  )
 
 
 @pytest.mark.slow
 def test_last_line_is_json_and_record_writes_table_and_file(tmp_path):
-  result = _bench("--height=32", "--width=32", "--batch=2", "--steps=1", "--windows=2",
-                  "--warmup=1", "--precision=float32", "--jit_compile=false", "--record",
-                  f"--results_dir={tmp_path}", "--note=test run")
+  result = _bench(
+    "--height=32",
+    "--width=32",
+    "--batch=2",
+    "--steps=1",
+    "--windows=2",
+    "--warmup=1",
+    "--precision=float32",
+    "--jit_compile=false",
+    "--record",
+    f"--results_dir={tmp_path}",
+    "--note=test run",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   measured = json.loads(result.stdout.strip().splitlines()[-1])
   for key in ("train_images_per_s", "infer_images_per_s", "peak_rss_mb", "mfu"):

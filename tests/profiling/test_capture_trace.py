@@ -16,9 +16,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_traces_training_steps_and_prints_the_convolution_share(tmp_path):
   data_dir = demo.ensure_demo_data(tmp_path / "demo", count=12, height=32, width=32, seed=3)
   logdir = tmp_path / "profile"
-  command = [sys.executable, "-m", "profiling.capture_trace",
-             f"--data_dir={data_dir}", f"--logdir={logdir}", "--batch_size=4",
-             "--preprocessing=unit", "--skip_steps=1", "--trace_steps=2", "--top=5"]
+  command = [
+    sys.executable,
+    "-m",
+    "profiling.capture_trace",
+    f"--data_dir={data_dir}",
+    f"--logdir={logdir}",
+    "--batch_size=4",
+    "--preprocessing=unit",
+    "--skip_steps=1",
+    "--trace_steps=2",
+    "--top=5",
+  ]
   result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "trace of steps 2-3" in result.stdout

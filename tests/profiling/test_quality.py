@@ -8,8 +8,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _quality(*args):
-  return subprocess.run([sys.executable, "-m", "profiling.quality", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "profiling.quality", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_unknown_recipe_is_named_with_the_valid_ones():

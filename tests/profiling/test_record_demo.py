@@ -13,11 +13,22 @@ SCRIPT = ["-m", "profiling.record_demo"]
 
 @pytest.mark.slow
 def test_runs_the_demo_config_and_appends_a_row(tmp_path):
-  extra = ["--demo_count=24", "--height=32", "--width=32", "--epochs=1", "--batch_size=4",
-           f"--data_dir={tmp_path / 'data'}", "--precision=float32"]
+  extra = [
+    "--demo_count=24",
+    "--height=32",
+    "--width=32",
+    "--epochs=1",
+    "--batch_size=4",
+    f"--data_dir={tmp_path / 'data'}",
+    "--precision=float32",
+  ]
   completed = subprocess.run(
-      [sys.executable, *SCRIPT, "--record", f"--results_dir={tmp_path}", "--note=tiny", "--",
-       *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+    [sys.executable, *SCRIPT, "--record", f"--results_dir={tmp_path}", "--note=tiny", "--", *extra],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
   # The numbers are the run's own: the same as its workdir's metrics.json.
@@ -27,11 +38,20 @@ def test_runs_the_demo_config_and_appends_a_row(tmp_path):
   assert result["final_valid_dsc_head1"] == round(metrics["valid"]["head1/per_image/dsc"], 4)
   assert result["precision"] == "float32" and result["wall_s"] > 0
   rows = (tmp_path / "demo_training.md").read_text().splitlines()
-  assert rows[-1].count("|") == 13 and "--epochs=1" in rows[-1] and "| tiny; head 1 final valid DSC " in rows[-1]
+  assert (
+    rows[-1].count("|") == 13
+    and "--epochs=1" in rows[-1]
+    and "| tiny; head 1 final valid DSC " in rows[-1]
+  )
 
 
 def test_rejects_stray_arguments():
-  completed = subprocess.run([sys.executable, *SCRIPT, "--", "epochs=1"], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+  completed = subprocess.run(
+    [sys.executable, *SCRIPT, "--", "epochs=1"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert completed.returncode != 0
   assert "must look like --name=value" in completed.stderr

@@ -16,10 +16,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_summary_shares_exclude_idle_and_rank_by_self_time():
   rows = [
-      {"type": "IDLE", "operation": "IDLE", "total_self_time": 1000.0},
-      {"type": "Conv2DBackpropFilter", "operation": "a", "total_self_time": 50.0},
-      {"type": "Conv2D", "operation": "b", "total_self_time": 30.0},
-      {"type": "Relu", "operation": "c", "total_self_time": 20.0},
+    {"type": "IDLE", "operation": "IDLE", "total_self_time": 1000.0},
+    {"type": "Conv2DBackpropFilter", "operation": "a", "total_self_time": 50.0},
+    {"type": "Conv2D", "operation": "b", "total_self_time": 30.0},
+    {"type": "Relu", "operation": "c", "total_self_time": 20.0},
   ]
   summary = summarize_trace.summarize(rows, top=2)
   assert summary["total_self_time_us"] == 100.0
@@ -31,8 +31,10 @@ def test_summary_shares_exclude_idle_and_rank_by_self_time():
 
 
 def test_hlo_tables_use_their_own_column_names():
-  rows = [{"category": "convolution", "hlo_op_name": "conv.1", "total_self_time_us": 3.0},
-          {"category": "fusion", "hlo_op_name": "fusion.2", "total_self_time_us": 1.0}]
+  rows = [
+    {"category": "convolution", "hlo_op_name": "conv.1", "total_self_time_us": 3.0},
+    {"category": "fusion", "hlo_op_name": "fusion.2", "total_self_time_us": 1.0},
+  ]
   summary = summarize_trace.summarize(rows, top=5)
   assert summary["convolution_share"] == pytest.approx(0.75)
   assert summary["top"][0]["name"] == "conv.1"
@@ -65,8 +67,12 @@ def test_reads_a_real_trace_with_xprof(conv_heavy_trace):
 
 
 def test_command_line_prints_the_table(conv_heavy_trace):
-  result = subprocess.run([sys.executable, "-m", "profiling.summarize_trace",
-                           f"--logdir={conv_heavy_trace}", "--top=3"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+  result = subprocess.run(
+    [sys.executable, "-m", "profiling.summarize_trace", f"--logdir={conv_heavy_trace}", "--top=3"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+  )
   assert result.returncode == 0, result.stderr
   assert "convolutions" in result.stdout and "Conv2D" in result.stdout

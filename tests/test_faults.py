@@ -26,14 +26,13 @@ import tensorflow as tf
 from dunet import checkpoint as checkpoint_lib
 from dunet import train
 from dunet import trainer as trainer_lib
-from dunet.config import TrainConfig
 from dunet.data import demo
 from dunet.data import prepare
-from dunet.data.augment import AugmentConfig
 from dunet.errors import ConfigError
 from dunet.errors import DataError
 from dunet.errors import DivergedError
 from dunet.models import DoubleUNet
+from tests import testing_utils
 from tests.data.helpers import make_generic, picture, write_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,23 +262,9 @@ def test_disk_full_while_saving_stops_clearly_and_keeps_the_previous_checkpoint(
 
 def run_training(workdir, data_dir, **overrides):
   """dunet.train.train in this process (no TF start-up to pay) with test-sized settings."""
-  settings = dict(
-    data_dir=str(data_dir),
-    batch_size=4,
-    epochs=1,
-    learning_rate=1e-3,
-    optimizer="adam",
-    lr_schedule="constant",
-    batch_norm_momentum=0.9,
-    seed=7,
-    log_every_steps=1,
-    summary_images=0,
-    augment=AugmentConfig.none(),
-    preprocessing="unit",
-    precision="float32",
-  )
+  settings = dict(epochs=1, summary_images=0)
   settings.update(overrides)
-  return train.train(TrainConfig().updated(**settings), str(workdir))
+  return train.train(testing_utils.small_train_config(data_dir, **settings), str(workdir))
 
 
 def test_unwritable_workdir_fails_before_any_work(tmp_path, data_dir, monkeypatch):

@@ -17,7 +17,6 @@ from dunet import checkpoint as checkpoint_lib
 from dunet import losses
 from dunet import train
 from dunet.config import TrainConfig
-from dunet.data.augment import AugmentConfig
 from dunet.data import demo
 from dunet.data import pipeline
 from dunet.models import DoubleUNet
@@ -36,29 +35,7 @@ def data_dir(tmp_path_factory):
   )
 
 
-def test_config(data_dir, **overrides):
-  """A TrainConfig with test-sized defaults, changed by setting name (`epochs=3`)."""
-  settings = dict(
-    data_dir=str(data_dir),
-    batch_size=4,
-    epochs=2,
-    learning_rate=1e-3,
-    optimizer="adam",
-    lr_schedule="constant",
-    batch_norm_momentum=0.9,
-    seed=7,
-    log_every_steps=1,
-    summary_images=2,
-    augment=AugmentConfig.none(),
-    preprocessing="unit",
-    precision="float32",
-  )
-  settings.update(overrides)
-  if settings["augment"] is True:
-    settings["augment"] = AugmentConfig()
-  return TrainConfig().updated(**settings)
-
-
+test_config = testing_utils.small_train_config
 test_config.__test__ = False  # a helper, not a test
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from dunet import distribute
+from dunet.config import TrainConfig
+from dunet.data.augment import AugmentConfig
 from dunet.data import preprocess
 from dunet.models import DoubleUNet
 
@@ -91,3 +93,27 @@ def reserved_ports(count: int) -> Iterator[List[int]]:
   finally:
     for reserving in sockets:
       reserving.close()
+
+
+def small_train_config(data_dir, **overrides) -> TrainConfig:
+  """A TrainConfig with test-sized settings (batch 4, 2 epochs, float32, no augmentation),
+  changed by setting name (`epochs=3`; `augment=True` for the default augmentation)."""
+  settings = dict(
+    data_dir=str(data_dir),
+    batch_size=4,
+    epochs=2,
+    learning_rate=1e-3,
+    optimizer="adam",
+    lr_schedule="constant",
+    batch_norm_momentum=0.9,
+    seed=7,
+    log_every_steps=1,
+    summary_images=2,
+    augment=AugmentConfig.none(),
+    preprocessing="unit",
+    precision="float32",
+  )
+  settings.update(overrides)
+  if settings["augment"] is True:
+    settings["augment"] = AugmentConfig()
+  return TrainConfig().updated(**settings)

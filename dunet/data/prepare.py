@@ -434,7 +434,11 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Nearest neighbour (pixel-centre exact, as TF's), then thresholded: stays {0, 1}."""
+  """Nearest neighbour by pixel centres, then thresholded: stays {0, 1}.
+
+  OpenCV's INTER_NEAREST_EXACT: where a centre falls exactly between two source pixels it takes
+  the lower one (TF's nearest resize takes the upper one), so the two differ only at such ties.
+  """
   if mask.shape == (height, width):
     return mask
   resized = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)

@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import tensorflow as tf
 
+from dunet import errors
+
 STRATEGY_NAMES = ("default", "mirrored", "multi_worker")
 
 
@@ -108,50 +110,52 @@ def check_tf_config(tf_config: Optional[str]) -> Dict[str, Any]:
     The parsed configuration.
 
   Raises:
-    ValueError: naming what is missing or wrong.
+    dunet.errors.ConfigError: naming what is missing or wrong.
   """
   example = (
     '{"cluster": {"worker": ["host0:port", "host1:port"]}, "task": {"type": "worker", "index": 0}}'
   )
   if not tf_config:
-    raise ValueError(
+    raise errors.ConfigError(
       f"the multi_worker strategy needs the TF_CONFIG environment variable, e.g. "
       f"TF_CONFIG='{example}'"
     )
   try:
     config = json.loads(tf_config)
   except json.JSONDecodeError as error:
-    raise ValueError(f"TF_CONFIG is not valid JSON ({error}): {tf_config!r}") from None
+    raise errors.ConfigError(f"TF_CONFIG is not valid JSON ({error}): {tf_config!r}") from None
   if not isinstance(config, dict):
-    raise ValueError(f"TF_CONFIG must be a JSON object like {example}, got {tf_config!r}")
+    raise errors.ConfigError(f"TF_CONFIG must be a JSON object like {example}, got {tf_config!r}")
   cluster = config.get("cluster")
   if not isinstance(cluster, dict) or not cluster:
-    raise ValueError(f'TF_CONFIG has no "cluster" (job name -> list of host:port), e.g. {example}')
+    raise errors.ConfigError(
+      f'TF_CONFIG has no "cluster" (job name -> list of host:port), e.g. {example}'
+    )
   for job, addresses in cluster.items():
     if (
       not isinstance(addresses, list)
       or not addresses
       or not all(isinstance(a, str) and ":" in a for a in addresses)
     ):
-      raise ValueError(
+      raise errors.ConfigError(
         f"TF_CONFIG cluster job {job!r} must be a non-empty list of 'host:port' "
         f"strings, got {addresses!r}"
       )
   if "worker" not in cluster and "chief" not in cluster:
-    raise ValueError(f'TF_CONFIG cluster has no "worker" (or "chief") job: {cluster!r}')
+    raise errors.ConfigError(f'TF_CONFIG cluster has no "worker" (or "chief") job: {cluster!r}')
   task = config.get("task")
   if not isinstance(task, dict) or "type" not in task or "index" not in task:
-    raise ValueError(
+    raise errors.ConfigError(
       f'TF_CONFIG has no "task" with "type" and "index" (this process\'s '
       f"place in the cluster), e.g. {example}"
     )
   task_type, index = task["type"], task["index"]
   if task_type not in cluster:
-    raise ValueError(
+    raise errors.ConfigError(
       f"TF_CONFIG task type {task_type!r} is not a job of the cluster ({', '.join(cluster)})"
     )
   if not isinstance(index, int) or not 0 <= index < len(cluster[task_type]):
-    raise ValueError(
+    raise errors.ConfigError(
       f"TF_CONFIG task index {index!r} is out of range for the "
       f"{len(cluster[task_type])} {task_type!r} task(s)"
     )

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from dunet import distribute
+from dunet import errors
 from dunet import optim
 from tests import testing_utils
 
@@ -183,7 +184,7 @@ def test_multi_worker_needs_a_valid_tf_config(monkeypatch, tf_config, message):
     monkeypatch.delenv("TF_CONFIG", raising=False)
   else:
     monkeypatch.setenv("TF_CONFIG", tf_config)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     distribute.make_strategy("multi_worker")
 
 

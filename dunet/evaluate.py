@@ -1,7 +1,7 @@
 r"""Scores a trained DoubleU-Net: `python -m dunet.evaluate --checkpoint=RUN [--split=test]`.
 
 What is evaluated:
-  * a split of prepared data (tools/prepare_data.py; default: the data the run trained on, from
+  * a split of prepared data (dunet-prepare; default: the data the run trained on, from
     its config.json): the prepared uint8 pictures go through the model (dunet.serving: resized to
     the model's input, preprocessed as in training), both heads' probabilities are resized back
     (bilinear) to each picture's ORIGINAL size and thresholded there, and counted against the
@@ -175,7 +175,7 @@ def splits_to_evaluate(data_dir: PathLike, split: str) -> Dict[str, int]:
     {split name: examples}, in train, valid, test order.
 
   Raises:
-    DataError: `data_dir` is not a prepared folder (the message hints at tools/prepare_data.py).
+    DataError: `data_dir` is not a prepared folder (the message hints at dunet-prepare).
     ConfigError: an unknown split, or one the data does not have.
   """
   if split not in SPLIT_CHOICES:
@@ -192,7 +192,7 @@ def splits_to_evaluate(data_dir: PathLike, split: str) -> Dict[str, int]:
     raise ConfigError(
       f"{data_dir}: the prepared data has no {split!r} examples (counts "
       f"{counts}); choose another --split, or prepare the data again with "
-      "tools/prepare_data.py (e.g. --test_raw_dir for a separate test set)"
+      "dunet-prepare (e.g. --test_raw_dir for a separate test set)"
     )
   return {split: int(counts[split])}
 
@@ -878,7 +878,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string(
     "data_dir",
     None,
-    "A prepared data folder (tools/prepare_data.py). Default: "
+    "A prepared data folder (dunet-prepare). Default: "
     "the data_dir in the run's config.json (the data it trained on).",
     **fv,
   )
@@ -904,7 +904,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     "auto",
     ["auto", *layouts.LAYOUTS],
     "Folder layout of --raw_dir "
-    "(auto: detected from its sub-folder names; see tools/prepare_data.py "
+    "(auto: detected from its sub-folder names; see dunet-prepare "
     "--help).",
     **fv,
   )
@@ -972,7 +972,7 @@ def _resolve_data_dir(checkpoint: str) -> str:
     raise ConfigError(
       f"{checkpoint} records no data folder (no config.json with a "
       "data_dir): pass --data_dir (a folder prepared with "
-      "tools/prepare_data.py) or --raw_dir (a data set as distributed)"
+      "dunet-prepare) or --raw_dir (a data set as distributed)"
     )
   try:
     pipeline.read_data_info(recorded)

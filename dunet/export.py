@@ -58,7 +58,7 @@ def define_flags() -> None:
     "checkpoint",
     None,
     "What to export (required): a training workdir (its best checkpoint, or the latest with "
-    "--prefer=latest), a workdir written by tools/convert_keras_h5.py, or a checkpoint prefix "
+    "--prefer=latest), a workdir written by dunet-convert-keras, or a checkpoint prefix "
     "such as runs/cvc/best/ckpt-12.",
   )
   flags.DEFINE_string(

@@ -248,7 +248,7 @@ def load_segmenter(
 
   Args:
     path: a training workdir (its best checkpoint unless `prefer="latest"`), a converted Keras
-      workdir (tools/convert_keras_h5.py), a checkpoint prefix such as `run/best/ckpt-12`, or a
+      workdir (dunet-convert-keras), a checkpoint prefix such as `run/best/ckpt-12`, or a
       SavedModel folder written by dunet/export.py.
     prefer: "best" or "latest", for workdirs.
     height, width: the model input size; default: the run's config.json. Needed when the run

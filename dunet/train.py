@@ -223,7 +223,7 @@ flags.DEFINE_string(
   None,
   "Start a new run from these model weights: a "
   "training workdir (its best checkpoint), a checkpoint prefix, or a workdir "
-  "converted from the authors' Keras model.h5 (tools/convert_keras_h5.py). "
+  "converted from the authors' Keras model.h5 (dunet-convert-keras). "
   "Only the model is read (not the optimizer); ignored when resuming.",
 )
 flags.DEFINE_integer("keep_checkpoints", 3, "Latest checkpoints kept (the best is kept apart).")

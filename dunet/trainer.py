@@ -76,7 +76,7 @@ def check_inputs(config: TrainConfig) -> PreparedData:
       data_dir,
       "no prepared data (--data_dir). dunet never downloads data sets: "
       "download the raw data set (see the header of its configs/*.flags file), then "
-      "prepare it once with `python tools/prepare_data.py --raw_dir=RAW_FOLDER "
+      "prepare it once with `dunet-prepare --raw_dir=RAW_FOLDER "
       f"--out_dir={data_dir} --height=H --width=W`; or pass --demo to train on "
       "generated demo data.",
     )
@@ -97,7 +97,7 @@ def check_inputs(config: TrainConfig) -> PreparedData:
     raise DataError(
       data_dir,
       f"prepared at {height}x{width}; DoubleU-Net needs sizes divisible "
-      f"by {SIZE_DIVISOR}: prepare it again with tools/prepare_data.py",
+      f"by {SIZE_DIVISOR}: prepare it again with dunet-prepare",
     )
   if data.height and (data.height, data.width) != (height, width):
     raise ConfigError(

@@ -409,7 +409,7 @@ def test_report_files(loaded, data_dir, tmp_path):
 
 
 def test_errors_name_what_is_wrong(loaded, raw_dir, data_dir, tmp_path):
-  with pytest.raises(DataError, match="tools/prepare_data.py"):
+  with pytest.raises(DataError, match="dunet-prepare"):
     evaluate.evaluate(loaded, data_dir=str(tmp_path / "nothing"), progress=False)
   with pytest.raises(ConfigError, match="unknown split 'bogus'"):
     evaluate.evaluate(loaded, data_dir=str(data_dir), split="bogus", progress=False)
@@ -517,7 +517,7 @@ def test_cli_errors(tmp_path, workdir):
   )
   assert completed.returncode == 1
   line = _error_line(completed)
-  assert str(tmp_path / "unprepared") in line and "tools/prepare_data.py" in line
+  assert str(tmp_path / "unprepared") in line and "dunet-prepare" in line
   # A usage error: one line naming the flags, exit status 2; the data is checked before the
   # model is loaded and before anything is written.
   completed = _cli(

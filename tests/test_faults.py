@@ -281,7 +281,7 @@ def test_unwritable_workdir_fails_before_any_work(tmp_path, data_dir, monkeypatc
 
 def test_unprepared_data_dir_fails_before_the_workdir_is_made(tmp_path):
   workdir = tmp_path / "run"
-  with pytest.raises(DataError, match="no prepared data.*tools/prepare_data.py"):
+  with pytest.raises(DataError, match="no prepared data.*dunet-prepare --raw_dir="):
     run_training(workdir, tmp_path / "not-prepared")
   assert not workdir.exists()
 

@@ -245,7 +245,7 @@ def _cli(*args, timeout=120, env=None):
     (["--loss=focal"], "--loss"),
     (["--batch_size=0"], "--batch_size must be positive"),
     (["--demo", "--height=40", "--width=64"], "divisible by 16"),
-    (["--data_dir=/nonexistent/cvc"], "tools/prepare_data.py"),
+    (["--data_dir=/nonexistent/cvc"], "dunet-prepare --raw_dir="),
     (["--data_dir=/nonexistent/cvc", "--head_weights=1"], "--head_weights"),
     (["--loss_reduction=sum"], "--loss_reduction"),
     (

@@ -58,7 +58,7 @@ def define_data_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
     "data_dir",
     None,
-    "A folder prepared by tools/prepare_data.py (TFRecords, "
+    "A folder prepared by dunet-prepare (TFRecords, "
     "split.json, summary.json). With --demo: where the demo data is generated "
     "(default data/demo).",
     flag_values=flag_values,

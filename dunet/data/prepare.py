@@ -207,7 +207,7 @@ def read_summary(data_dir: PathLike) -> dict:
     )
     raise DataError(
       data_dir,
-      f"not a prepared data set: no {SUMMARY_FILE}{hint}. Prepare one with tools/prepare_data.py",
+      f"not a prepared data set: no {SUMMARY_FILE}{hint}. Prepare one with dunet-prepare",
     )
   try:
     summary = json.loads(path.read_text(encoding="utf-8"))
@@ -217,7 +217,7 @@ def read_summary(data_dir: PathLike) -> dict:
     raise DataError(
       path,
       f"not a dunet summary of version {SUMMARY_VERSION}: prepare the data "
-      "again with tools/prepare_data.py",
+      "again with dunet-prepare",
     )
   return summary
 
@@ -264,7 +264,7 @@ def raw_data_changes(data_dir: PathLike) -> Optional[DataError]:
     return DataError(
       recorded["dir"],
       f"changed since {data_dir} was prepared ({detail}): "
-      "prepare it again (tools/prepare_data.py --overwrite)",
+      "prepare it again (dunet-prepare --overwrite)",
     )
   return None
 
@@ -306,8 +306,7 @@ def verify_shards(
       if not path.is_file():
         raise DataError(
           path,
-          "listed in summary.json but missing: prepare the data again "
-          "(tools/prepare_data.py --overwrite)",
+          "listed in summary.json but missing: prepare the data again (dunet-prepare --overwrite)",
         )
       expected = expected_by_name.get(name)
       if expected is not None and path.stat().st_size != expected["bytes"]:
@@ -315,7 +314,7 @@ def verify_shards(
           path,
           f"is {path.stat().st_size} bytes but was {expected['bytes']} when "
           f"prepared ({summary.get('created', 'see summary.json')}): truncated or "
-          "rewritten since; prepare the data again (tools/prepare_data.py "
+          "rewritten since; prepare the data again (dunet-prepare "
           "--overwrite)",
         )
       if not content:
@@ -325,7 +324,7 @@ def verify_shards(
         raise DataError(
           path,
           f"corrupt TFRecord shard ({report.problem}): prepare the data "
-          "again (tools/prepare_data.py --overwrite)",
+          "again (dunet-prepare --overwrite)",
         )
       if expected is None:
         continue
@@ -339,7 +338,7 @@ def verify_shards(
         raise DataError(
           path,
           "its content changed since preparation (SHA-256 differs from "
-          "summary.json): prepare the data again (tools/prepare_data.py "
+          "summary.json): prepare the data again (dunet-prepare "
           "--overwrite)",
         )
 

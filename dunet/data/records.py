@@ -215,7 +215,7 @@ def find_corrupt_shard(paths: Sequence[str]) -> Optional[DataError]:
       return DataError(
         path,
         f"corrupt TFRecord shard ({report.problem}): prepare the data "
-        "again (tools/prepare_data.py --overwrite)",
+        "again (dunet-prepare --overwrite)",
       )
   return None
 

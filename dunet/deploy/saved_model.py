@@ -117,7 +117,7 @@ def export_saved_model(
   """Exports a checkpoint as a verified SavedModel, atomically.
 
   Args:
-    checkpoint: a training workdir, a converted Keras workdir (tools/convert_keras_h5.py) or a
+    checkpoint: a training workdir, a converted Keras workdir (dunet-convert-keras) or a
       checkpoint prefix such as `run/best/ckpt-12`.
     out_dir: the SavedModel folder to create (a local path).
     prefer: "best" or "latest" checkpoint of a workdir.

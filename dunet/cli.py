@@ -123,9 +123,9 @@ def silence_startup(argv: Optional[Sequence[str]] = None) -> None:
     return
   os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_CPP_MIN_LOG_LEVEL
   os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-  _import_tensorflow_quietly()
+  # Filters first, so that they also cover what TensorFlow's own import warns and logs.
   for module in _QUIET_WARNING_MODULES:
-    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning, UserWarning):
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
       warnings.filterwarnings("ignore", category=category, module=rf"{module}(\.|$)")
   # TensorFlow's Python logger: deprecation notices and internal INFO lines.
   for name in ("tensorflow", "tf2onnx", "h5py"):
@@ -133,6 +133,7 @@ def silence_startup(argv: Optional[Sequence[str]] = None) -> None:
   # TensorFlow modules that log through absl, as dunet does (checkpoint sharding timings, renamed
   # SavedModel captures, fingerprints): their INFO lines go, dunet's own stay.
   std_logging.getLogger("absl").addFilter(_drop_third_party_info)
+  _import_tensorflow_quietly()
 
 
 def _drop_third_party_info(record: std_logging.LogRecord) -> bool:

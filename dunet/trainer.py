@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional
 
@@ -113,6 +114,13 @@ def check_inputs(config: TrainConfig) -> PreparedData:
   if config.optimization.max_steps:
     total_steps = min(total_steps, config.optimization.max_steps)
   return PreparedData(data_dir, height, width, train_examples, steps_per_epoch, total_steps)
+
+
+def _finite_update(measured: Measurements) -> bool:
+  """Whether a step applied its update and its loss and parameters stayed finite."""
+  return bool(measured["update_applied"]) and all(
+    math.isfinite(measured[name]) for name in ("loss/total", "norm/parameters")
+  )
 
 
 def _no_context(step: int) -> ContextManager:
@@ -291,7 +299,8 @@ class Trainer:
   ) -> List[Measurements]:
     """Runs up to `num_steps` steps; returns each step's measurements (floats).
 
-    Stops early, after a whole step, when `should_stop()` is true. The cosine schedule sets each
+    Stops early, after a whole step, when `should_stop()` is true or the step's update was
+    skipped or went non-finite. The cosine schedule sets each
     step's learning rate; the plateau schedule is the controller's.
     """
     measurements = []
@@ -303,7 +312,9 @@ class Trainer:
       with self.step_context(step + 1):
         measured = {k: float(v) for k, v in self.train_function(batch).items()}
       measurements.append(measured)
-      if should_stop():
+      if should_stop() or not _finite_update(measured):
+        # A skipped or non-finite step ends the call, so that the controller judges it (and
+        # stops a diverged run) before any further step runs.
         break
     return measurements
 

@@ -95,6 +95,24 @@ def test_train_runs_n_steps_and_stops_when_asked(data_dir):
   assert len(trainer.train(10, should_stop=lambda: True)) == 1 and trainer.step == 4
 
 
+def test_a_non_finite_step_ends_the_call(data_dir):
+  trainer = _trainer(_config(data_dir))
+  real_function, calls = trainer.train_function, []
+
+  def diverging(batch):
+    measured = dict(real_function(batch))
+    calls.append(len(calls))
+    if len(calls) == 2:  # the second step "diverges"
+      measured["loss/total"] = tf.constant(float("nan"))
+      measured["update_applied"] = tf.constant(0.0)
+    return measured
+
+  trainer.train_function = diverging
+  measurements = trainer.train(5)
+  # The controller sees the bad step before any further step runs.
+  assert len(measurements) == 2 and len(calls) == 2 and np.isnan(measurements[-1]["loss/total"])
+
+
 def test_evaluate_recomputes_statistics_then_scores_the_validation_set(data_dir):
   trainer = _trainer(
     _config(data_dir, batch_norm_statistics="precise", precise_bn_batches=2, loss="bce")

@@ -7,6 +7,7 @@ from pathlib import Path
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 
 import pytest
@@ -39,6 +40,41 @@ def _check(completed, what):
   assert completed.returncode == 0, f"{what}: exit {completed.returncode}\n{completed.stderr}"
   for marker in NOISE:
     assert marker not in completed.stderr + completed.stdout, f"{what} printed {marker!r}"
+
+
+# What the fresh venv must not take from the test environment: dunet itself (its editable
+# install) and the packaging tools the venv has its own copies of.
+_NOT_SHARED = (
+  "dunet",
+  "__editable__",
+  "_distutils_hack",
+  "pip",
+  "setuptools",
+  "wheel",
+  "_virtualenv",
+)
+
+
+def _see_dependencies_of_this_environment(venv_root: Path, link_folder: Path) -> None:
+  """Makes the test environment's installed packages, except dunet, visible to a venv.
+
+  A second TensorFlow install costs about 2 GB of disk in every CI run (a CI machine once ran out
+  of space in the middle of the suite), so the venv reads the dependencies through a folder of
+  symbolic links named in a .pth file: the site-packages' own .pth files (the editable dunet's
+  among them) are not run, and dunet's metadata is not linked, so pip sees no dunet installed.
+  """
+  link_folder.mkdir()
+  for site_packages in {
+    Path(p) for p in (sysconfig.get_path("purelib"), sysconfig.get_path("platlib"))
+  }:
+    for entry in site_packages.iterdir():
+      name = entry.name.lower()
+      if name.endswith(".pth") or name == "__pycache__" or name.startswith(_NOT_SHARED):
+        continue
+      if not (link_folder / entry.name).exists():
+        (link_folder / entry.name).symlink_to(entry)
+  (venv_site,) = (venv_root / "lib").glob("python*/site-packages")
+  (venv_site / "test_environment_dependencies.pth").write_text(f"{link_folder}\n")
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +114,21 @@ def installed(tmp_path_factory):
   (wheel,) = (root / "dist").glob("dunet-*.whl")
   venv.create(root / "venv", with_pip=True)
   bin_dir = root / "venv" / "bin"
-  # Dependencies come from the package index (pip's cache after the test install).
+  _see_dependencies_of_this_environment(root / "venv", root / "dependencies")
+  # pip resolves the wheel's requirements against what the venv sees (an unmet or wrong
+  # requirement fails here) and installs only dunet itself.
   subprocess.run(
     [str(bin_dir / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
     check=True,
     timeout=1200,
   )
+  listed = subprocess.run(
+    [str(bin_dir / "pip"), "list", "--disable-pip-version-check", "--format=json"],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
+  assert "tensorflow" in {entry["name"] for entry in json.loads(listed)}
   elsewhere = root / "elsewhere"
   elsewhere.mkdir()
   return bin_dir, elsewhere

@@ -11,6 +11,11 @@ test set), and writes into --out_dir:
   split.json                                   the split (keep it with your results)
   summary.json                                 sizes, counts, foreground fractions, skipped files
 
+With --folds=K (cross-validation) the split's train+valid images are divided into K folds
+(seeded by --seed; or --folds_file) and written as fold_0 ... fold_{K-1} records (each keeping the
+original-resolution masks) plus test, with folds.json; there are no train/valid records then.
+`dunet-train --fold=k` trains on the other folds and validates on fold_k.
+
 The folder appears only when complete (written next to it and renamed). `--verify` checks an
 existing prepared folder instead: every shard read in full against what summary.json recorded
 (size, record count, SHA-256, checksums, PNG decoding), and whether the raw data changed since.
@@ -23,6 +28,9 @@ Examples:
   # MICCAI 2015: train/valid on CVC-ClinicDB, test on all of ETIS-Larib
   dunet-prepare --raw_dir=/data/CVC-ClinicDB --test_raw_dir=/data/ETIS \
       --out_dir=data/cvc_etis --height=288 --width=384
+  # 5-fold cross-validation folds of the train+valid images (test as above)
+  dunet-prepare --raw_dir=/data/CVC-ClinicDB --out_dir=data/cvc_folds5 \
+      --height=288 --width=384 --folds=5
   # Is data/cvc still as prepared, and is its raw folder unchanged?
   dunet-prepare --verify --out_dir=data/cvc
 """
@@ -81,7 +89,21 @@ flags.DEFINE_string(
   'A split JSON ({"train": [...], "valid": [...], '
   '"test": [...]} of file stems) to use instead of drawing the split.',
 )
-flags.DEFINE_integer("seed", 42, "Seed of the drawn split (the paper's code: 42).")
+flags.DEFINE_integer("seed", 42, "Seed of the drawn split and folds (the paper's code: 42).")
+flags.DEFINE_integer(
+  "folds",
+  0,
+  "Cross-validation: divide the split's train+valid images into this many folds (>= 2; "
+  "a seeded permutation, sizes differing by at most one), written as fold_0 ... fold_{K-1} "
+  "records plus test and folds.json (no train/valid records). 0: no folds.",
+  lower_bound=0,
+)
+flags.DEFINE_string(
+  "folds_file",
+  None,
+  "A folds.json (from an earlier --folds preparation) to use instead of drawing the folds; "
+  "checked against the split (no test image, no unknown name).",
+)
 flags.DEFINE_float(
   "valid_fraction",
   0.1,
@@ -152,6 +174,8 @@ HELP_GROUPS = (
       "test_fraction",
       "test_raw_dir",
       "test_layout",
+      "folds",
+      "folds_file",
     ),
   ),
   ("Checks", ("on_error", "verify")),
@@ -186,7 +210,9 @@ def _check_usage() -> None:
         f"which DoubleU-Net's four 2x poolings need (e.g. "
         f"{getattr(FLAGS, name) // SIZE_DIVISOR * SIZE_DIVISOR or SIZE_DIVISOR})"
       )
-  for name in ("raw_dir", "test_raw_dir", "split_file"):
+  if FLAGS.folds == 1:
+    raise app.UsageError("--folds=1 is no cross-validation: pass 0 (no folds) or at least 2")
+  for name in ("raw_dir", "test_raw_dir", "split_file", "folds_file"):
     path = getattr(FLAGS, name)
     if path and not os.path.exists(path):
       raise app.UsageError(f"--{name}={path}: no such file or folder")
@@ -217,6 +243,8 @@ def main(argv) -> int:
     progress=FLAGS.progress,
     overwrite=FLAGS.overwrite,
     workers=FLAGS.workers,
+    folds=FLAGS.folds,
+    folds_file=FLAGS.folds_file,
   )
   report = {key: summary[key] for key in ("layout", "height", "width", "counts")}
   report["skipped"] = summary["skipped"]["count"]

@@ -5,6 +5,11 @@ interrupted run leaves no usable-looking output. The prepared folder holds
 
   {train,valid,test}-SSSSS-of-NNNNN.tfrecord   records (see `dunet.data.records`)
   split.json                                   the split used (see `dunet.data.splits`)
+  folds.json                                   only with folds=K: the K folds of split.json's
+                                               train+valid names (see `dunet.data.folds`); the
+                                               records are then fold_0 ... fold_{K-1} and test
+                                               (no train/valid splits), each fold keeping the
+                                               original-resolution masks as valid does
   summary.json                                 sizes, counts, foreground fractions, shards (with
                                                their sizes, record counts and SHA-256 digests),
                                                skipped files, notes, and a fingerprint of the raw
@@ -18,6 +23,7 @@ start, content on request) and `raw_data_changes` / `check_fresh` (the raw folde
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -35,6 +41,7 @@ from absl import logging
 from dunet import errors
 from dunet import fileio
 from dunet import progress as progress_lib
+from dunet.data import folds as folds_lib
 from dunet.data import layouts, readers, records, splits
 from dunet.errors import DataError
 
@@ -72,6 +79,8 @@ def prepare_dataset(
   progress: bool = True,
   overwrite: bool = False,
   workers: Optional[int] = None,
+  folds: int = 0,
+  folds_file: Optional[PathLike] = None,
 ) -> dict:
   """Prepares a raw data set for training and evaluation.
 
@@ -93,11 +102,18 @@ def prepare_dataset(
     progress: show a progress line on stderr.
     overwrite: replace an existing prepared `out_dir` (only once the new one is complete).
     workers: threads that decode and resize (default: the CPU count).
+    folds: K >= 2: divide the split's train+valid names into K folds drawn from `seed`
+      (`dunet.data.folds.make_folds`) and write them as the prepared splits fold_0 ...
+      fold_{K-1} plus test, with folds.json; 0: no folds (train, valid, test as ever).
+    folds_file: a folds.json to use instead of drawing the folds (implies its K; checked against
+      the split: no fold may hold a test name or a name the data set lacks).
 
   Returns:
-    The summary (also written to `out_dir/summary.json`).
+    The summary (also written to `out_dir/summary.json`); with folds, its "folds" entry gives K,
+    the fold splits, the seed and the rule.
 
   Raises:
+    ConfigError: bad settings (sizes, on_error, num_shards, folds).
     DataError: naming the offending file or folder.
   """
   if height <= 0 or width <= 0:
@@ -106,6 +122,8 @@ def prepare_dataset(
     raise errors.ConfigError(f"on_error must be one of {layouts.ON_ERROR}, got {on_error!r}")
   if num_shards is not None and num_shards <= 0:
     raise errors.ConfigError(f"num_shards must be positive, got {num_shards}")
+  if folds < 0 or folds == 1:
+    raise errors.ConfigError(f"folds must be 0 (no folds) or at least 2, got {folds}")
   out_dir = Path(out_dir)
   _check_out_dir(out_dir, overwrite)
 
@@ -119,6 +137,11 @@ def prepare_dataset(
   split, unassigned, split_rule = _choose_split(
     main_scan, test_scan, split_file, seed, valid_fraction, test_fraction
   )
+  chosen_folds = _choose_folds(split, folds, folds_file, seed, main_scan.raw_dir)
+  if chosen_folds is not None:
+    unassigned = unassigned + chosen_folds.unassigned
+  # (prepared split name, its stems, whether it keeps the original-resolution masks)
+  to_write = _splits_to_write(split, chosen_folds)
   by_stem = {pair.stem: (pair, main_scan.raw_dir) for pair in main_scan.pairs}
   test_by_stem = (
     {pair.stem: (pair, test_scan.raw_dir) for pair in test_scan.pairs} if test_scan else by_stem
@@ -128,7 +151,7 @@ def prepare_dataset(
     staging = Path(staging_name)
     notes: List[str] = []
     split_stats = {}
-    total = sum(len(split[name]) for name in splits.SPLITS)
+    total = sum(len(stems) for _, stems, _ in to_write)
     bar = (
       progress_lib.ProgressLine(total, 1, every=max(1, total // 20), unit="img")
       if progress and total
@@ -141,15 +164,15 @@ def prepare_dataset(
       if bar is not None:
         bar.update(done[0], {})
 
-    for name in splits.SPLITS:
+    for name, stems, keep_original in to_write:
       source = test_by_stem if name == "test" else by_stem
       split_stats[name] = _write_split(
         staging,
         name,
-        [source[stem] for stem in split[name]],
+        [source[stem] for stem in stems],
         height,
         width,
-        keep_original=name != "train",
+        keep_original=keep_original,
         on_error=on_error,
         num_shards=num_shards,
         workers=workers or os.cpu_count() or 1,
@@ -159,7 +182,7 @@ def prepare_dataset(
       )
     if bar is not None:
       bar.close()
-    if not any(split_stats[name]["count"] for name in ("train", "valid")):
+    if not any(stats["count"] for name, stats in split_stats.items() if name != "test"):
       raise DataError(main_scan.raw_dir, "no example could be prepared")
 
     splits.write_split(
@@ -169,9 +192,24 @@ def prepare_dataset(
       rule=split_rule,
       separate_test=test_scan is not None,
     )
+    if chosen_folds is not None:
+      folds_lib.write_folds(
+        staging / folds_lib.FOLDS_FILE,
+        chosen_folds.folds,
+        seed=chosen_folds.seed,
+        rule=chosen_folds.rule,
+      )
     summary = _summary(
       main_scan, test_scan, height, width, seed, split_rule, split_stats, unassigned, skipped, notes
     )
+    if chosen_folds is not None:
+      summary["folds"] = {
+        "k": len(chosen_folds.folds),
+        "file": folds_lib.FOLDS_FILE,
+        "splits": [folds_lib.fold_name(i) for i in range(len(chosen_folds.folds))],
+        "seed": chosen_folds.seed,
+        "rule": chosen_folds.rule,
+      }
     _write_json(
       staging / RAW_FILES_FILE,
       {"raw": _raw_listing(main_scan), "test_raw": _raw_listing(test_scan) if test_scan else None},
@@ -396,6 +434,62 @@ def _choose_split(
     [],
     splits.RULE,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Folds:
+  """The folds a preparation writes, and where they came from."""
+
+  folds: List[List[str]]
+  seed: Optional[int]  # None: read from a folds file that names no seed
+  rule: str
+  unassigned: List[str]  # train+valid names a folds file leaves out
+
+
+def _choose_folds(
+  split: Dict[str, List[str]],
+  folds: int,
+  folds_file: Optional[PathLike],
+  seed: int,
+  raw_dir: Path,
+) -> Optional[_Folds]:
+  """The folds to write (None without folds): drawn from `seed`, or read and checked."""
+  pool = list(split["train"]) + list(split["valid"])
+  if folds_file:
+    document = folds_lib.read_folds_document(folds_file)
+    given = [list(fold) for fold in document["folds"]]
+    if folds and folds != len(given):
+      raise errors.ConfigError(f"--folds={folds} but {folds_file} holds {len(given)} folds")
+    unassigned = folds_lib.check_folds_cover(given, pool, split["test"], folds_file, raw_dir)
+    if unassigned:
+      logging.warning(
+        "%s leaves %d train/valid examples of %s out of every fold, e.g. %s",
+        folds_file,
+        len(unassigned),
+        raw_dir,
+        unassigned[:5],
+      )
+    return _Folds(given, document.get("seed"), f"from {folds_file}", unassigned)
+  if not folds:
+    return None
+  return _Folds(folds_lib.make_folds(pool, folds, seed), seed, folds_lib.RULE, [])
+
+
+def _splits_to_write(
+  split: Dict[str, List[str]], chosen_folds: Optional[_Folds]
+) -> List[Tuple[str, List[str], bool]]:
+  """(prepared split, stems, keep the original masks) in writing order.
+
+  Evaluation splits keep the original-resolution masks (scored at the original size); the
+  training split does not need them. Every fold is some run's validation split, so each keeps
+  them; train and valid are not written then (the folds hold the same images: disk would double).
+  """
+  if chosen_folds is None:
+    return [(name, list(split[name]), name != "train") for name in splits.SPLITS]
+  written = [
+    (folds_lib.fold_name(index), list(fold), True) for index, fold in enumerate(chosen_folds.folds)
+  ]
+  return written + [("test", list(split["test"]), True)]
 
 
 def _prepared(

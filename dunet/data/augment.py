@@ -13,6 +13,9 @@
     brightness, contrast, saturation and hue jitter, grayscale, cutout (rectangles filled with the
     image's mean colour; the mask is unchanged: the object is still there, only hidden).
 
+`random_crop(image, mask, size, seed)` cuts both to one random window (training crops, applied by
+the pipeline before `augment`).
+
 The same seed gives the same result every time: in eager mode and tf.data alike (to float
 rounding), and inside XLA-compiled functions (which draw different, but equally deterministic,
 random numbers from the same seed: XLA implements the stateless generators differently).
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import tensorflow as tf
+
+from dunet.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +105,55 @@ class AugmentConfig:
 
 
 _NUM_SEEDS = 16
+# Folded into an example's seed for its crop window: `augment` splits the same seed into its own
+# seeds, so cropping leaves every augmentation's draws as they are.
+_CROP_STREAM = 0x63726F70  # "crop"
+
+
+def random_crop(
+  image: tf.Tensor, mask: tf.Tensor, size: Sequence[int], seed: tf.Tensor
+) -> Tuple[tf.Tensor, tf.Tensor]:
+  """The same random window of an image and its mask (a window inside the picture, never
+  padded; every position equally likely).
+
+  Args:
+    image: [H, W, ...], any type.
+    mask: [H, W, ...], any type (only sliced: values are kept exactly).
+    size: (crop height, crop width), at most (H, W).
+    seed: a stateless seed, int32/int64 [2] (the example's augmentation seed).
+
+  Returns:
+    (image [crop height, crop width, ...], mask [crop height, crop width, ...]), types kept.
+
+  Raises:
+    ConfigError: a window larger than a statically known image size.
+  """
+  crop_height, crop_width = (int(value) for value in size)
+  image, mask = tf.convert_to_tensor(image), tf.convert_to_tensor(mask)
+  known = image.shape[:2]
+  if (known[0] is not None and crop_height > known[0]) or (
+    known[1] is not None and crop_width > known[1]
+  ):
+    raise ConfigError(f"a {crop_height}x{crop_width} crop is larger than the {known} image")
+  shape = tf.shape(image)
+  crop_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), _CROP_STREAM)
+  seed_y, seed_x = tf.unstack(tf.random.experimental.stateless_split(crop_seed, 2))
+  top = tf.random.stateless_uniform(
+    [], seed_y, minval=0, maxval=shape[0] - crop_height + 1, dtype=tf.int32
+  )
+  left = tf.random.stateless_uniform(
+    [], seed_x, minval=0, maxval=shape[1] - crop_width + 1, dtype=tf.int32
+  )
+
+  def cut(tensor):
+    # A slice of static size at a computed start: a dynamic slice that XLA compiles, with the
+    # window's shape known (strided slicing with computed bounds is not).
+    rest = [-1 if size is None else size for size in tensor.shape[2:]]
+    begin = tf.stack([top, left] + [0] * len(rest))
+    window = tf.slice(tensor, begin, [crop_height, crop_width, *rest])
+    return tf.ensure_shape(window, [crop_height, crop_width, *tensor.shape[2:]])
+
+  return cut(image), cut(mask)
 
 
 def augment(

@@ -85,19 +85,22 @@ def ensure_demo_data(
   height: int = 128,
   width: int = 128,
   seed: int = 0,
+  folds: int = 0,
 ) -> str:
   """The prepared demo data folder, generated and prepared on first use.
 
   Raw pictures go to `root/raw-s{seed}-n{count}-{H}x{W}` and prepared records to
-  `root/prepared-s{seed}-n{count}-{height}x{width}`; both are reused when already complete, so
-  the trainer can call this on every start (also from several workers at once).
+  `root/prepared-s{seed}-n{count}-{height}x{width}` (with folds: `...-folds{K}`, prepared in K
+  cross-validation folds from the same raw pictures and split); both are reused when already
+  complete, so the trainer can call this on every start (also from several workers at once).
 
   Args:
     root: folder for the demo data (None: data/demo).
     count: number of pictures.
     height: prepared height.
     width: prepared width.
-    seed: picture and split seed.
+    seed: picture, split and folds seed.
+    folds: K >= 2: prepare in K folds (`prepare.prepare_dataset(folds=K)`); 0: no folds.
 
   Returns:
     The prepared folder, for `dunet.data.pipeline`.
@@ -106,6 +109,8 @@ def ensure_demo_data(
   raw_height, raw_width = max(height, MIN_RAW_SIZE), max(width, MIN_RAW_SIZE)
   raw_dir = root / f"raw-s{seed}-n{count}-{raw_height}x{raw_width}"
   prepared_dir = root / f"prepared-s{seed}-n{count}-{height}x{width}"
+  if folds:
+    prepared_dir = prepared_dir.with_name(f"{prepared_dir.name}-folds{folds}")
   if (prepared_dir / prepare.SUMMARY_FILE).is_file():
     return str(prepared_dir)
   if not (raw_dir / "images").is_dir():
@@ -117,7 +122,14 @@ def ensure_demo_data(
         raise
   try:
     prepare.prepare_dataset(
-      raw_dir, prepared_dir, height=height, width=width, layout="generic", seed=seed, progress=False
+      raw_dir,
+      prepared_dir,
+      height=height,
+      width=width,
+      layout="generic",
+      seed=seed,
+      progress=False,
+      folds=folds,
     )
   except (DataError, OSError):
     if not (prepared_dir / prepare.SUMMARY_FILE).is_file():

@@ -6,6 +6,9 @@ and numbered; example i of epoch e is augmented with the seed fold_in(fold_in(se
 several input pipelines (`tf.distribute` workers) every pipeline draws the same order and keeps
 every n-th example, so the epoch is partitioned between them and each pipeline yields exactly
 the trainer's steps per epoch. Batches have static shapes (drop_remainder=True) for XLA.
+Training may draw from several prepared splits at once (the other folds of a cross-validation
+fold): their shard files are pooled. With `crop_size`, each example is first cut to a random
+window (`augment.random_crop`, seeded by the example's augmentation seed).
 
 Evaluation (`make_eval_dataset`): every example of a split once, in file order, unaugmented.
 """
@@ -13,15 +16,18 @@ Evaluation (`make_eval_dataset`): every example of a split once, in file order, 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
 from dunet.data import augment as augment_lib
 from dunet.data import prepare, preprocess, records
+from dunet.errors import ConfigError
 from dunet.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
+# One prepared split ("train"), or several whose examples are pooled (["fold_1", "fold_2"]).
+Splits = Union[str, Sequence[str]]
 DEFAULT_SHUFFLE_BUFFER = 1024
 # Seed streams derived from the user's seed, so that order and augmentation are independent.
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
@@ -34,25 +40,39 @@ def read_data_info(data_dir: PathLike) -> dict:
   return prepare.read_summary(data_dir)
 
 
-def count_examples(data_dir: PathLike, split: str) -> int:
-  """Examples in a prepared split, from summary.json."""
+def _split_names(split: Splits) -> List[str]:
+  """[split] for one name, the names for several (at least one)."""
+  names = [split] if isinstance(split, str) else list(split)
+  if not names:
+    raise ValueError("no split given")
+  return names
+
+
+def count_examples(data_dir: PathLike, split: Splits) -> int:
+  """Examples in a prepared split (or the sum over several), from summary.json."""
   counts = read_data_info(data_dir)["counts"]
-  if split not in counts:
-    raise ValueError(f"unknown split {split!r}; expected one of {sorted(counts)}")
-  return int(counts[split])
+  total = 0
+  for name in _split_names(split):
+    if name not in counts:
+      raise ValueError(f"unknown split {name!r}; expected one of {sorted(counts)}")
+    total += int(counts[name])
+  return total
 
 
-def steps_per_epoch(data_dir: PathLike, global_batch_size: int, split: str = "train") -> int:
+def steps_per_epoch(data_dir: PathLike, global_batch_size: int, split: Splits = "train") -> int:
   """Full global batches in one epoch (the remainder is dropped, as the training dataset does)."""
   return count_examples(data_dir, split) // global_batch_size
 
 
-def shard_files(data_dir: PathLike, split: str) -> List[str]:
-  """The split's TFRecord files, as listed in summary.json; each must exist."""
+def shard_files(data_dir: PathLike, split: Splits) -> List[str]:
+  """The split's TFRecord files (several splits': one after the other), as listed in
+  summary.json; each must exist."""
   info = read_data_info(data_dir)
-  if split not in info["splits"]:
-    raise ValueError(f"unknown split {split!r}; expected one of {sorted(info['splits'])}")
-  files = [os.path.join(os.fspath(data_dir), name) for name in info["splits"][split]["shards"]]
+  files = []
+  for name in _split_names(split):
+    if name not in info["splits"]:
+      raise ValueError(f"unknown split {name!r}; expected one of {sorted(info['splits'])}")
+    files += [os.path.join(os.fspath(data_dir), shard) for shard in info["splits"][name]["shards"]]
   for path in files:
     if not tf.io.gfile.exists(path):
       raise DataError(path, "record file listed in summary.json is missing: prepare the data again")
@@ -71,7 +91,8 @@ def make_train_dataset(
   deterministic: bool = True,
   input_context: Optional[tf.distribute.InputContext] = None,
   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-  split: str = "train",
+  split: Splits = "train",
+  crop_size: Optional[Tuple[int, int]] = None,
 ) -> tf.data.Dataset:
   """Shuffled, augmented, batched training examples.
 
@@ -89,14 +110,18 @@ def make_train_dataset(
       of each epoch, in per-replica batches.
     shuffle_buffer: records in the shuffle buffer (data sets larger than this are also shuffled
       by shard file order).
-    split: the prepared split to train on.
+    split: the prepared split to train on, or several (their examples pooled: the union of their
+      shard files, their counts summed).
+    crop_size: (height, width): each example is cut to a random window of this size before it is
+      augmented (`augment.random_crop`); None: whole prepared images.
 
   Returns:
     Batches {"image": float32 [B, H, W, 3], "mask": float32 [B, H, W, 1] in {0, 1}}, with B the
-    per-replica batch size.
+    per-replica batch size and H x W the prepared size (the crop size with `crop_size`).
 
   Raises:
     DataError: the folder is not prepared, or holds fewer examples than one global batch.
+    ConfigError: a crop larger than the prepared images.
   """
   if (global_batch_size is None) == (batch_size is None):
     raise ValueError("give exactly one of global_batch_size and batch_size")
@@ -112,12 +137,19 @@ def make_train_dataset(
   config = augment_config if augment_config is not None else augment_lib.AugmentConfig()
   info = read_data_info(data_dir)
   height, width = int(info["height"]), int(info["width"])
+  if crop_size is not None:
+    crop_height, crop_width = (int(size) for size in crop_size)
+    if not (0 < crop_height <= height and 0 < crop_width <= width):
+      raise ConfigError(
+        f"a {crop_height}x{crop_width} crop does not fit the {height}x{width} images of {data_dir}"
+      )
   files = shard_files(data_dir, split)
   steps = count_examples(data_dir, split) // global_batch_size
   if steps == 0:
+    described = split if isinstance(split, str) else "+".join(split)
     raise DataError(
       data_dir,
-      f"the {split} split has {count_examples(data_dir, split)} "
+      f"the {described} split has {count_examples(data_dir, split)} "
       f"examples, fewer than one batch of {global_batch_size}",
     )
 
@@ -136,10 +168,16 @@ def make_train_dataset(
   def load(epoch_index, index, serialized) -> Dict[str, tf.Tensor]:
     example = records.decode_image_and_mask(records.parse_example(serialized), height, width)
     image, mask = example["image"], tf.cast(example["mask"], tf.float32)
-    if config.enabled:
+    if config.enabled or crop_size is not None:
       example_seed = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(augment_seed, epoch_index), index
       )
+    if crop_size is not None:
+      # Cropped first, so that the augmentations (resampling, elastic field, colour) work on
+      # the window only: their cost is per output pixel. The crop's seed is derived from the
+      # example's seed (`random_crop`), so the augmentations draw what they would uncropped.
+      image, mask = augment_lib.random_crop(image, mask, crop_size, example_seed)
+    if config.enabled:
       image, mask = augment_lib.augment(image, mask, config, example_seed)
     return {"image": preprocess.preprocess(image, preprocessing), "mask": mask}
 
@@ -185,12 +223,17 @@ def make_statistics_dataset(
   seed: int = 42,
   input_context: Optional[tf.distribute.InputContext] = None,
   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+  split: Splits = "train",
+  crop_size: Optional[Tuple[int, int]] = None,
 ) -> tf.data.Dataset:
   """Training batches to recompute BatchNorm statistics from (dunet/precise_bn.py).
 
   The first `batches` batches of epoch 0's training order, unaugmented: the same every time
   (a resumed run recomputes exactly what an uninterrupted one did), a random sample of the
   training images, as the validation and test images are (not augmented). At most one epoch.
+  `split` and `crop_size` as `make_train_dataset`'s: a run trained on crops gets its statistics
+  from crops of the same size (the pictures its batch statistics came from in training, and the
+  window tiled inference feeds it), still drawn from the seed alone.
 
   Returns:
     Batches {"image", "mask"} as `make_train_dataset` yields them.
@@ -206,6 +249,8 @@ def make_statistics_dataset(
     epoch=0,
     input_context=input_context,
     shuffle_buffer=shuffle_buffer,
+    split=split,
+    crop_size=crop_size,
   ).take(batches)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dunet.data.augment import AugmentConfig, augment
+from dunet.data.augment import AugmentConfig, augment, random_crop
+from dunet.errors import ConfigError
 
 NONE = AugmentConfig.none()
 GEOMETRIC = {
@@ -256,3 +257,58 @@ def test_compiles_with_xla_and_is_deterministic_there():
 def test_config_is_validated(fields, message):
   with pytest.raises(ValueError, match=message):
     AugmentConfig(**fields)
+
+
+def coordinates(height, width):
+  """An image whose pixel (y, x) holds (y, x, 7) and a mask holding y * width + x: any window
+  shows where it was cut from."""
+  ys, xs = np.mgrid[0:height, 0:width]
+  image = np.stack([ys, xs, np.full_like(ys, 7)], axis=2).astype(np.uint8)
+  return image, (ys * width + xs).astype(np.int32)[..., None]
+
+
+def crop_offset(out_image):
+  return int(out_image[0, 0, 0]), int(out_image[0, 0, 1])
+
+
+def test_random_crop_cuts_one_window_of_image_and_mask_inside_the_picture():
+  image, mask = coordinates(48, 64)
+  offsets = set()
+  for index in range(60):
+    out_image, out_mask = random_crop(image, mask, (16, 32), tf.constant([3, index]))
+    assert out_image.shape == (16, 32, 3) and out_mask.shape == (16, 32, 1)
+    assert out_image.dtype == tf.uint8 and out_mask.dtype == tf.int32  # only sliced
+    top, left = crop_offset(out_image.numpy())
+    assert 0 <= top <= 48 - 16 and 0 <= left <= 64 - 32
+    np.testing.assert_array_equal(out_image.numpy(), image[top : top + 16, left : left + 32])
+    # The mask's window is the image's: the same pixels.
+    np.testing.assert_array_equal(out_mask.numpy(), mask[top : top + 16, left : left + 32])
+    offsets.add((top, left))
+  # Other examples (seeds), other windows: both offsets vary, reaching both ends.
+  tops, lefts = {top for top, _ in offsets}, {left for _, left in offsets}
+  assert len(offsets) > 40 and len(tops) > 15 and len(lefts) > 20
+  # The same seed, the same window (eagerly, in tf.data and in an XLA-compiled function).
+  first = random_crop(image, mask, (16, 32), tf.constant([3, 5]))[0].numpy()
+  again = random_crop(image, mask, (16, 32), tf.constant([3, 5]))[0].numpy()
+  np.testing.assert_array_equal(first, again)
+  graph = next(
+    iter(
+      tf.data.Dataset.from_tensors(tf.constant([3, 5], tf.int64)).map(
+        lambda seed: random_crop(image, mask, (16, 32), seed)
+      )
+    )
+  )
+  np.testing.assert_array_equal(graph[0].numpy(), first)
+  compiled = tf.function(lambda i, m, s: random_crop(i, m, (16, 32), s), jit_compile=True)
+  window = compiled(image, mask, tf.constant([3, 5]))
+  top, left = crop_offset(window[0].numpy())
+  np.testing.assert_array_equal(window[1].numpy(), mask[top : top + 16, left : left + 32])
+
+
+def test_random_crop_of_the_whole_size_is_the_picture_and_larger_is_an_error():
+  image, mask = coordinates(32, 48)
+  out_image, out_mask = random_crop(image, mask, (32, 48), tf.constant([1, 2]))
+  np.testing.assert_array_equal(out_image.numpy(), image)
+  np.testing.assert_array_equal(out_mask.numpy(), mask)
+  with pytest.raises(ConfigError, match="a 48x48 crop is larger"):
+    random_crop(image, mask, (48, 48), tf.constant([1, 2]))

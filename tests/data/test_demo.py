@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dunet.data import demo, layouts, pipeline, prepare
+from dunet.data import demo, folds, layouts, pipeline, prepare, splits
 
 
 def files(folder):
@@ -115,3 +115,19 @@ def test_ensure_demo_data_prepares_once(tmp_path, monkeypatch):
   shutil.rmtree(prepared)
   assert demo.ensure_demo_data(tmp_path, count=20, height=32, width=32, seed=4) == prepared
   assert (len(draws), len(preparations)) == (20, 2)
+
+
+def test_ensure_demo_data_in_folds_beside_the_plain_one(tmp_path, monkeypatch):
+  draws = _spy(monkeypatch, demo, "draw_example")
+  plain = demo.ensure_demo_data(tmp_path, count=12, height=32, width=32, seed=4)
+  folded = demo.ensure_demo_data(tmp_path, count=12, height=32, width=32, seed=4, folds=3)
+  assert Path(folded).name == Path(plain).name + "-folds3"
+  assert len(draws) == 12  # the same raw pictures, drawn once
+  assert folds.num_folds(folded) == 3 and folds.num_folds(plain) == 0
+  counts = pipeline.read_data_info(folded)["counts"]
+  # 12 pictures: 1 test, 11 train+valid in folds of 4, 4 and 3; the test split as the plain one's.
+  assert counts == {"fold_0": 4, "fold_1": 4, "fold_2": 3, "test": 1}
+  assert splits.read_split(Path(folded) / "split.json") == splits.read_split(
+    Path(plain) / "split.json"
+  )
+  assert demo.ensure_demo_data(tmp_path, count=12, height=32, width=32, seed=4, folds=3) == folded

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from dunet.data import pipeline, records, splits
 from dunet.data.augment import AugmentConfig
-from dunet.errors import DataError
+from dunet.errors import ConfigError, DataError
 
 NONE = AugmentConfig.none()
 
@@ -240,3 +240,84 @@ def test_bad_arguments(demo_prepared, tmp_path):
     pipeline.make_train_dataset(demo_prepared, batch_size=2, global_batch_size=2)
   with pytest.raises(ValueError, match="unknown preprocessing"):
     pipeline.make_eval_dataset(demo_prepared, "valid", batch_size=2, preprocessing="bgr")
+
+
+def test_several_splits_are_pooled(demo_prepared):
+  pooled = ["valid", "test"]
+  assert pipeline.count_examples(demo_prepared, pooled) == 8
+  assert pipeline.shard_files(demo_prepared, pooled) == pipeline.shard_files(
+    demo_prepared, "valid"
+  ) + pipeline.shard_files(demo_prepared, "test")
+  epoch = pipeline.make_train_dataset(
+    demo_prepared, batch_size=4, preprocessing="unit", augment_config=NONE, epoch=0, split=pooled
+  )
+  seen = digests(epoch.as_numpy_iterator())
+  union = [
+    digest
+    for name in pooled
+    for digest in digests(
+      pipeline.make_eval_dataset(demo_prepared, name, batch_size=8, preprocessing="unit")
+    )
+  ]
+  assert len(seen) == 8 and sorted(seen) == sorted(union)  # each pooled example once
+
+  # One split given as a list is that split, batch for batch.
+  def train_epoch(split):
+    return digests(
+      pipeline.make_train_dataset(
+        demo_prepared, batch_size=8, augment_config=NONE, epoch=1, split=split
+      ).as_numpy_iterator()
+    )
+
+  assert train_epoch(["train"]) == train_epoch("train")
+
+
+def _offset(window, picture):
+  """(top, left) where `window` is found in `picture` (exactly), or None."""
+  height, width = window.shape[:2]
+  for top in range(picture.shape[0] - height + 1):
+    for left in range(picture.shape[1] - width + 1):
+      if np.array_equal(picture[top : top + height, left : left + width], window):
+        return top, left
+  return None
+
+
+def test_training_crops_are_windows_of_the_examples_in_the_same_order(demo_prepared):
+  def epoch(crop_size, augment_config=NONE):
+    return list(
+      pipeline.make_train_dataset(
+        demo_prepared,
+        batch_size=8,
+        preprocessing="unit",
+        augment_config=augment_config,
+        seed=4,
+        epoch=1,
+        crop_size=crop_size,
+      ).as_numpy_iterator()
+    )
+
+  whole, cropped = epoch(None), epoch((32, 48))
+  offsets = []
+  for whole_batch, cropped_batch in zip(whole, cropped):
+    assert cropped_batch["image"].shape == (8, 32, 48, 3)
+    assert cropped_batch["mask"].shape == (8, 32, 48, 1)
+    for picture, mask, window, window_mask in zip(
+      whole_batch["image"], whole_batch["mask"], cropped_batch["image"], cropped_batch["mask"]
+    ):
+      top, left = _offset(window, picture)
+      # The mask is cut at the image's window.
+      np.testing.assert_array_equal(window_mask, mask[top : top + 32, left : left + 48])
+      offsets.append((top, left))
+  assert len(offsets) == 32 and len(set(offsets)) > 20  # each example its own window
+  again = epoch((32, 48))
+  for first, second in zip(cropped, again):  # from the seed alone
+    np.testing.assert_array_equal(first["image"], second["image"])
+  augmented = epoch((32, 48), AugmentConfig())
+  assert augmented[0]["image"].shape == (8, 32, 48, 3)
+  assert set(np.unique(augmented[0]["mask"])) <= {0.0, 1.0}
+  statistics = pipeline.make_statistics_dataset(
+    demo_prepared, global_batch_size=8, batches=1, crop_size=(32, 48)
+  )
+  assert statistics.element_spec["image"].shape == (8, 32, 48, 3)
+  with pytest.raises(ConfigError, match="a 80x48 crop does not fit the 64x64 images"):
+    pipeline.make_train_dataset(demo_prepared, batch_size=8, crop_size=(80, 48))

@@ -2,6 +2,7 @@
 
   make_segment_fn    a loaded model (dunet.serving.load_segmenter) as numpy in, numpy out, with
                      optional flip test-time augmentation
+  describe_model     what a report says about the model: source, size, ensemble, tiling...
   batches_by_size    groups pictures of one size (a serve call takes one size), memory bounded
   ImageProgress      a progress line counted in images, updated once per batch
   encode_png         PNG bytes of a mask or an RGB picture
@@ -79,6 +80,35 @@ def make_segment_fn(
     return {key: value.numpy() for key, value in outputs.items()}
 
   return segment
+
+
+def describe_model(loaded: serving.LoadedSegmenter) -> Dict[str, object]:
+  """The "model" section of evaluate's and predict's reports (JSON-ready).
+
+  Holds the source (for an ensemble: every member's checkpoint), kind, input size,
+  preprocessing, and what the serve call does beside the plain model call: ensemble members,
+  flips averaged inside, tiled inference, post-processing.
+  """
+  settings = dict(loaded.settings)
+  return {
+    "source": loaded.source,
+    "kind": loaded.kind,
+    "input_height": loaded.height,
+    "input_width": loaded.width,
+    "preprocessing": loaded.preprocessing,
+    "members": list(loaded.sources) or [loaded.source],
+    "flips": settings.get("flips") or None,
+    "tiling": (
+      None
+      if settings.get("tile_overlap") is None
+      else {
+        "window": [loaded.height, loaded.width],
+        "overlap": settings["tile_overlap"],
+        "weighting": "gaussian",
+      }
+    ),
+    "postprocessing": settings.get("postprocessing", "none"),
+  }
 
 
 def batches_by_size(

@@ -7,7 +7,7 @@ tests do) defines nothing twice.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, Dict, List
 
 from absl import flags
 
@@ -16,7 +16,7 @@ from dunet import serving
 
 # The --help groups these flags form in each program.
 MODEL_FLAGS = ("checkpoint", "prefer", "height", "width", "precision")
-INFERENCE_FLAGS = ("tta", "tta_flips", "progress")
+INFERENCE_FLAGS = ("tta", "tta_flips", "tile_overlap", "postprocessing", "progress")
 
 
 def define_model_flags(flag_values: flags.FlagValues) -> List[str]:
@@ -35,7 +35,9 @@ def define_model_flags(flag_values: flags.FlagValues) -> List[str]:
     None,
     "The model (required): a training workdir (see "
     "--prefer), a converted Keras workdir, a checkpoint prefix such as "
-    "RUN/best/ckpt-12, or a SavedModel folder from dunet.export.",
+    "RUN/best/ckpt-12, or a SavedModel folder from dunet.export. Several checkpoints, "
+    "comma-separated or as glob patterns (runs/cv/fold_*), make an ensemble that averages "
+    "their probabilities (same input size and preprocessing).",
     **fv,
   )
   flags.DEFINE_enum(
@@ -76,5 +78,50 @@ def define_model_flags(flag_values: flags.FlagValues) -> List[str]:
     "exported with); float32 by default, whatever the run trained with.",
     **fv,
   )
+  flags.DEFINE_string(
+    "tile_overlap",
+    serving.AUTO,
+    "Tiled inference: 'off' resizes each picture to the model size (as the paper); a number "
+    "in [0, 1) segments it at its own resolution by sliding windows of the model size that "
+    "overlap by that fraction, Gaussian-weighted; 'auto': tiled (overlap "
+    f"{serving.DEFAULT_TILE_OVERLAP}) for runs trained on random crops (--crop_height), off "
+    "otherwise. SavedModels keep what they were exported with.",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "postprocessing",
+    serving.AUTO,
+    "Connected components of head 2's mask: 'auto' = the choice kept with the run "
+    f"({serving.POSTPROCESSING_FILENAME}, made on validation by dunet-evaluate "
+    "--choose_postprocessing or dunet-cross-validate; none if there is none), 'none', "
+    "'largest' (keep the largest component) or 'min_size=N' (drop components under N "
+    "pixels). SavedModels keep what they were exported with.",
+    **fv,
+  )
   flags.DEFINE_bool("progress", True, "Show a progress line on stderr.", **fv)
-  return ["checkpoint", "prefer", "tta", "tta_flips", "height", "width", "precision", "progress"]
+  return [
+    "checkpoint",
+    "prefer",
+    "tta",
+    "tta_flips",
+    "tile_overlap",
+    "postprocessing",
+    "height",
+    "width",
+    "precision",
+    "progress",
+  ]
+
+
+def load_arguments(flag_values: flags.FlagValues) -> Dict[str, Any]:
+  """The keyword arguments of `dunet.serving.load_segmenter` that these flags give (all but
+  the path)."""
+  return dict(
+    prefer=flag_values.prefer,
+    height=flag_values.height or None,
+    width=flag_values.width or None,
+    precision_name=flag_values.precision,
+    flips=tuple(flag_values.tta_flips) if flag_values.tta else (),
+    tile_overlap=flag_values.tile_overlap,
+    postprocessing=flag_values.postprocessing,
+  )

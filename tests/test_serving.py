@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import postprocess
 from dunet import serving
 from dunet.data import prepare, preprocess
 from dunet.errors import CheckpointError
@@ -201,3 +202,127 @@ def test_flip_tta_flips_back_and_averages(images):
 def test_flip_tta_rejects_unknown_flips(images):
   with pytest.raises(ConfigError, match="unknown flip 'diagonal'"):
     serving.flip_tta(_asymmetric_serve, tf.constant(images), flips=("diagonal",))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ensembles, flips, tiling and post-processing inside the serve call
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_model():
+  tf.random.set_seed(11)
+  return DoubleUNet()
+
+
+def test_an_ensemble_averages_its_members(model, second_model, images):
+  ensemble = serving.Segmenter([model, second_model], SIZE, SIZE, "unit")
+  got = ensemble(images)
+  first = serving.Segmenter(model, SIZE, SIZE, "unit")(images)
+  second = serving.Segmenter(second_model, SIZE, SIZE, "unit")(images)
+  for key in serving.OUTPUT_NAMES:
+    expected = (first[key].numpy() + second[key].numpy()) / 2
+    np.testing.assert_allclose(got[key].numpy(), expected, atol=1e-6)
+    assert not np.allclose(first[key].numpy(), second[key].numpy(), atol=1e-3)  # two models
+  assert ensemble.settings()["members"] == 2
+
+
+def test_load_an_ensemble_from_paths_and_globs(tmp_path, model, second_model, images):
+  config = {"height": SIZE, "width": SIZE, "preprocessing": "unit"}
+  first = _write_run(tmp_path / "cv" / "fold_0", model, config)
+  second = _write_run(tmp_path / "cv" / "fold_1", second_model, config)
+  expected = serving.Segmenter([model, second_model], SIZE, SIZE, "unit")(images)["probability"]
+  for spelling in (f"{tmp_path}/cv/fold_0,{tmp_path}/cv/fold_1", f"{tmp_path}/cv/fold_*"):
+    loaded = serving.load_segmenter(spelling)
+    assert loaded.sources == (first, second) and loaded.source == f"{first},{second}"
+    np.testing.assert_allclose(loaded.serve(images)["probability"], expected, atol=1e-6)
+  with pytest.raises(checkpoint_lib.CheckpointNotFoundError, match="no model matches"):
+    serving.load_segmenter(f"{tmp_path}/cv/nothing_*")
+
+
+def test_ensemble_members_must_agree(tmp_path, model, second_model):
+  _write_run(tmp_path / "a", model, {"height": SIZE, "width": SIZE, "preprocessing": "unit"})
+  _write_run(tmp_path / "b", second_model, {"height": 32, "width": SIZE, "preprocessing": "unit"})
+  with pytest.raises(ConfigError, match="ensemble members disagree: .*height 32"):
+    serving.load_segmenter(f"{tmp_path}/a,{tmp_path}/b")
+
+
+def test_flips_inside_serve_are_flip_tta(model, images):
+  flips = ("none", "horizontal", "vertical")
+  plain = serving.Segmenter(model, SIZE, SIZE, "unit")
+  inside = serving.Segmenter(model, SIZE, SIZE, "unit", flips=flips)
+  expected = serving.flip_tta(plain.serve, tf.constant(images), flips)
+  for key in serving.OUTPUT_NAMES:
+    np.testing.assert_allclose(inside(images)[key].numpy(), expected[key].numpy(), atol=1e-6)
+  with pytest.raises(ConfigError, match="unknown flip"):
+    serving.Segmenter(model, SIZE, SIZE, "unit", flips=("diagonal",))
+
+
+def test_tiling_a_picture_of_the_model_size_is_the_plain_call(model):
+  pictures = np.random.RandomState(5).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+  plain = serving.Segmenter(model, SIZE, SIZE, "unit")(pictures)
+  tiled = serving.Segmenter(model, SIZE, SIZE, "unit", tile_overlap=0.5)(pictures)
+  for key in serving.OUTPUT_NAMES:
+    np.testing.assert_allclose(tiled[key].numpy(), plain[key].numpy(), atol=1e-5)
+
+
+def test_tiling_keeps_a_larger_picture_at_its_resolution(model):
+  pictures = np.random.RandomState(6).randint(0, 256, (1, 100, 75, 3)).astype(np.uint8)
+  tiled = serving.Segmenter(model, SIZE, SIZE, "unit", tile_overlap=0.25)(pictures)
+  assert tiled["probability"].shape == (1, 100, 75, 1)
+  # The top-left window alone is the model at that window; far from other windows' weight the
+  # tiled result is close to it (Gaussian weights of neighbours are small in the corner).
+  corner = serving.Segmenter(model, SIZE, SIZE, "unit")(pictures[:, :SIZE, :SIZE])
+  np.testing.assert_allclose(
+    tiled["probability"].numpy()[0, :8, :8], corner["probability"].numpy()[0, :8, :8], atol=1e-2
+  )
+  with pytest.raises(ConfigError, match="overlap"):
+    serving.Segmenter(model, SIZE, SIZE, "unit", tile_overlap=1.0)
+
+
+def test_postprocessing_inside_serve_keeps_the_largest_component(model, images):
+  plain = serving.Segmenter(model, SIZE, SIZE, "unit")
+  spec = postprocess.PostProcessing.from_string("largest")
+  processed = serving.Segmenter(model, SIZE, SIZE, "unit", postprocessing=spec, threshold=0.5)
+  before = plain(images)
+  after = processed(images)
+  mask = postprocess.apply_numpy(before["probability"].numpy(), 0.5, spec)[..., 0] >= 0.5
+  np.testing.assert_array_equal(after["probability"].numpy()[..., 0] >= 0.5, mask)
+  np.testing.assert_array_equal(
+    after["probability_head1"].numpy(), before["probability_head1"].numpy()
+  )  # head 1 untouched
+
+
+def test_the_choice_kept_with_a_run_is_applied(tmp_path, model, images):
+  _write_run(tmp_path, model, {"height": SIZE, "width": SIZE, "preprocessing": "unit"})
+  assert serving.load_segmenter(str(tmp_path)).settings["postprocessing"] == "none"
+  (tmp_path / serving.POSTPROCESSING_FILENAME).write_text(
+    '{"choice": "min_size=20", "threshold": 0.4}'
+  )
+  loaded = serving.load_segmenter(str(tmp_path))
+  assert loaded.settings["postprocessing"] == "min_size=20"
+  assert loaded.settings["threshold"] == 0.4
+  assert serving.load_segmenter(str(tmp_path), postprocessing="none").settings[
+    "postprocessing"
+  ] == ("none")
+  (tmp_path / serving.POSTPROCESSING_FILENAME).write_text('{"choice": "biggest"}')
+  with pytest.raises(CheckpointError, match="postprocessing.json: not a post-processing record"):
+    serving.load_segmenter(str(tmp_path))
+
+
+def test_a_saved_ensemble_says_what_it_does(tmp_path, model, second_model, images):
+  ensemble = serving.Segmenter(
+    [model, second_model], SIZE, SIZE, "unit", flips=("none", "horizontal")
+  )
+  tf.saved_model.save(ensemble, str(tmp_path / "saved"), signatures=ensemble.signatures())
+  loaded = serving.load_segmenter(str(tmp_path / "saved"))
+  assert loaded.settings == ensemble.settings()
+  np.testing.assert_allclose(
+    loaded.serve(images)["probability"].numpy(),
+    ensemble(images)["probability"].numpy(),
+    atol=1e-6,
+  )
+  with pytest.raises(ConfigError, match="tiling was fixed at export"):
+    serving.load_segmenter(str(tmp_path / "saved"), tile_overlap=0.5)
+  with pytest.raises(ConfigError, match="already averages flips"):
+    serving.load_segmenter(str(tmp_path / "saved"), flips=("none", "vertical"))

@@ -48,3 +48,8 @@ def prepare() -> None:
 def convert_keras() -> None:
   """dunet-convert-keras."""
   _launch("convert_keras")
+
+
+def results() -> None:
+  """dunet-results."""
+  _launch("results_table")

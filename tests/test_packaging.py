@@ -21,6 +21,7 @@ CONSOLE_SCRIPTS = (
   "dunet-export-trt",
   "dunet-prepare",
   "dunet-convert-keras",
+  "dunet-results",
 )
 # Start-up lines that must not reach a user (dunet/cli.py silences them).
 NOISE = ("absl::InitializeLog", "oneDNN", "cuInit", "cpu_feature_guard", "DeprecationWarning")

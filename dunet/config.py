@@ -43,6 +43,10 @@ class DataConfig:
   demo_count: int = 200
   height: int = 0  # 0: the prepared data's size
   width: int = 0
+  fold: int = -1  # cross-validation fold k of data prepared in K folds; -1: no fold
+  demo_folds: int = 5  # K of the demo data with demo and fold >= 0
+  crop_height: int = 0  # random training crops of this height; 0: the prepared height
+  crop_width: int = 0  # and width; both 0: no crop
   preprocessing: str = "standardize"
   shuffle_buffer: int = pipeline.DEFAULT_SHUFFLE_BUFFER
   augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
@@ -267,6 +271,22 @@ def _validate_data(data: DataConfig) -> None:
       value,
     )
   _check(data.demo_count > 0, "data", "demo_count", "must be positive", data.demo_count)
+  _check(data.fold >= -1, "data", "fold", "must be a fold number >= 0 (-1: no fold)", data.fold)
+  _check(data.demo_folds >= 2, "data", "demo_folds", "must be at least 2", data.demo_folds)
+  if data.demo and data.fold >= data.demo_folds:
+    raise ConfigError(
+      f"--fold={data.fold} is out of range: the demo data is prepared in --demo_folds="
+      f"{data.demo_folds} folds (pass --fold=0..{data.demo_folds - 1}) (TrainConfig.data.fold)"
+    )
+  for name in ("crop_height", "crop_width"):
+    value = getattr(data, name)
+    _check(
+      value >= 0 and value % SIZE_DIVISOR == 0,
+      "data",
+      name,
+      f"must be divisible by {SIZE_DIVISOR} (0: the prepared data's size)",
+      value,
+    )
   _check_choice("data", "preprocessing", data.preprocessing, preprocess.PREPROCESSING)
   _check(
     data.shuffle_buffer >= 1, "data", "shuffle_buffer", "must be at least 1", data.shuffle_buffer

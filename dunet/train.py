@@ -38,6 +38,7 @@ from dunet import precise_bn
 from dunet import precision
 from dunet import trainer as trainer_lib
 from dunet.data import flags as data_flags
+from dunet.data import folds as folds_lib
 from dunet.errors import ConfigError
 from dunet.progress import format_duration
 
@@ -61,9 +62,16 @@ flags.DEFINE_bool(
   "demo",
   False,
   "Train on the synthetic demo data set: generated (deterministic) "
-  "and prepared into --data_dir on first use.",
+  "and prepared into --data_dir on first use (with --fold=k: in --demo_folds folds).",
 )
 flags.DEFINE_integer("demo_count", 200, "Images in the generated demo data set.")
+flags.DEFINE_integer(
+  "demo_folds",
+  5,
+  "With --demo --fold=k: the demo data is prepared in this many cross-validation folds "
+  "(into its own folder beside the plain one).",
+  lower_bound=2,
+)
 flags.DEFINE_integer(
   "height",
   0,
@@ -252,7 +260,7 @@ data_flags.define_data_flags()
 flags.adopt_module_key_flags(data_flags)
 
 HELP_GROUPS: Sequence[Tuple[str, Sequence[str]]] = (
-  ("Run", ("config", "workdir", "data_dir", "demo", "height", "width")),
+  ("Run", ("config", "workdir", "data_dir", "demo", "height", "width", "fold")),
   (
     "Training",
     (
@@ -267,6 +275,8 @@ HELP_GROUPS: Sequence[Tuple[str, Sequence[str]]] = (
       "head_weights",
       "seed",
       "augment",
+      "crop_height",
+      "crop_width",
       "preprocessing",
     ),
   ),
@@ -465,13 +475,23 @@ def _write_run_files(
   if flags_text is not None:
     fileio.write_text_atomic(os.path.join(workdir, FLAGS_FILENAME), flags_text)
   fileio.write_json_atomic(os.path.join(workdir, TRAIN_CONFIG_FILENAME), config.to_dict())
-  # What evaluation and serving read back (dunet/checkpoint.py).
+  # What evaluation and serving read back (dunet/checkpoint.py). "height" x "width" is the model's
+  # input size, the window tiled inference uses: the training crop when there is one (then
+  # smaller than the "prepared_height" x "prepared_width" of data_dir). "fold" of "folds": the
+  # cross-validation fold validated on (-1 of 0: none); its images are split "fold_{fold}".
   checkpoint_lib.write_config(
     workdir,
     {
       "preprocessing": config.data.preprocessing,
-      "height": data.height,
-      "width": data.width,
+      "height": data.input_height,
+      "width": data.input_width,
+      "prepared_height": data.height,
+      "prepared_width": data.width,
+      "crop_height": data.crop_height,
+      "crop_width": data.crop_width,
+      "fold": data.fold,
+      "folds": data.folds,
+      "valid_split": data.valid_split,
       "data_dir": os.path.abspath(data.data_dir),
       "loss": config.optimization.loss,
       "loss_reduction": config.optimization.loss_reduction,
@@ -482,9 +502,10 @@ def _write_run_files(
       "seed": config.seed,
     },
   )
-  split = os.path.join(data.data_dir, "split.json")
-  if tf.io.gfile.exists(split):
-    tf.io.gfile.copy(split, os.path.join(workdir, "split.json"), overwrite=True)
+  for name in ("split.json", folds_lib.FOLDS_FILE):
+    source = os.path.join(data.data_dir, name)
+    if tf.io.gfile.exists(source):
+      tf.io.gfile.copy(source, os.path.join(workdir, name), overwrite=True)
 
 
 def format_summary(result: Dict[str, object], workdir: str, seconds: float) -> str:

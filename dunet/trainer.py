@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -30,6 +30,7 @@ from dunet import precise_bn
 from dunet import precision
 from dunet.config import TrainConfig
 from dunet.data import demo as demo_data
+from dunet.data import folds as folds_lib
 from dunet.data import pipeline
 from dunet.data import prepare
 from dunet.data import records
@@ -45,7 +46,12 @@ Measurements = Dict[str, float]
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
-  """The checked data folder of a run and the run's length in steps."""
+  """The checked data folder of a run, what it trains and validates on, and its length in steps.
+
+  `height` x `width` is the prepared size (validation scores whole prepared images);
+  `input_height` x `input_width` the model's training input (the crop, if any), which is what
+  the run's config.json records as the model size.
+  """
 
   data_dir: str
   height: int
@@ -53,14 +59,36 @@ class PreparedData:
   train_examples: int
   steps_per_epoch: int
   total_steps: int
+  train_splits: Tuple[str, ...] = ("train",)
+  valid_split: str = "valid"
+  fold: int = -1  # the cross-validation fold validated on; -1: none
+  folds: int = 0  # K of a folder prepared in K folds; 0: no folds
+  crop_height: int = 0  # the training crop; both 0: whole prepared images
+  crop_width: int = 0
+
+  @property
+  def crop_size(self) -> Optional[Tuple[int, int]]:
+    """(height, width) of the training crops, or None without crops."""
+    return (self.crop_height, self.crop_width) if self.crop_height else None
+
+  @property
+  def input_height(self) -> int:
+    return self.crop_height or self.height
+
+  @property
+  def input_width(self) -> int:
+    return self.crop_width or self.width
 
 
 def check_inputs(config: TrainConfig) -> PreparedData:
   """Finds (or, with demo, generates) the prepared data and checks it fits the config.
 
+  With a fold (data prepared in K folds) the run trains on the other K-1 fold splits and
+  validates on the fold's; data prepared in folds cannot be trained on without one.
+
   Raises:
     DataError: no prepared data, damaged shards, changed raw data, a size DoubleU-Net cannot take.
-    ConfigError: the config's size or batch does not fit the data.
+    ConfigError: the config's size, crop, fold or batch does not fit the data.
   """
   data = config.data
   data_dir = data.data_dir
@@ -71,6 +99,7 @@ def check_inputs(config: TrainConfig) -> PreparedData:
       height=data.height or 128,
       width=data.width or 128,
       seed=config.seed,
+      folds=data.demo_folds if data.fold >= 0 else 0,
     )
   if not tf.io.gfile.exists(os.path.join(data_dir, "summary.json")):
     raise DataError(
@@ -82,8 +111,9 @@ def check_inputs(config: TrainConfig) -> PreparedData:
       "generated demo data.",
     )
   data_info = pipeline.read_data_info(data_dir)
+  train_splits, valid_split, folds = _splits_of_run(data_dir, data.fold)
   # Shards still as prepared (their sizes: cheap); damaged records are named when read.
-  prepare.verify_shards(data_dir, ("train", "valid"))
+  prepare.verify_shards(data_dir, (*train_splits, valid_split))
   changed = prepare.raw_data_changes(data_dir)
   if changed and not data.allow_changed_raw_data:
     raise DataError(
@@ -105,15 +135,68 @@ def check_inputs(config: TrainConfig) -> PreparedData:
       f"--height/--width {data.height}x{data.width} differ from the prepared "
       f"data ({height}x{width} in {data_dir})"
     )
+  crop_height, crop_width = _crop(data.crop_height, data.crop_width, height, width, data_dir)
   batch_size = config.optimization.batch_size
-  train_examples = pipeline.count_examples(data_dir, "train")
+  train_examples = pipeline.count_examples(data_dir, list(train_splits))
   steps_per_epoch = train_examples // batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"{train_examples} training images are fewer than --batch_size={batch_size}")
   total_steps = config.optimization.epochs * steps_per_epoch
   if config.optimization.max_steps:
     total_steps = min(total_steps, config.optimization.max_steps)
-  return PreparedData(data_dir, height, width, train_examples, steps_per_epoch, total_steps)
+  return PreparedData(
+    data_dir,
+    height,
+    width,
+    train_examples,
+    steps_per_epoch,
+    total_steps,
+    train_splits=tuple(train_splits),
+    valid_split=valid_split,
+    fold=data.fold,
+    folds=folds,
+    crop_height=crop_height,
+    crop_width=crop_width,
+  )
+
+
+def _splits_of_run(data_dir: str, fold: int) -> Tuple[List[str], str, int]:
+  """(training splits, validation split, K) of a run on `data_dir` with `fold` (-1: none).
+
+  Raises:
+    ConfigError: a fold on data without folds or out of range; data in folds without a fold.
+  """
+  k = folds_lib.num_folds(data_dir)
+  if fold >= 0:
+    train_splits, valid_split = folds_lib.fold_splits(data_dir, fold)
+    return train_splits, valid_split, k
+  if k:
+    raise ConfigError(
+      f"{data_dir} was prepared in {k} folds: pass --fold=0..{k - 1} (train on the other "
+      "folds, validate on that one)"
+    )
+  return ["train"], "valid", 0
+
+
+def _crop(
+  crop_height: int, crop_width: int, height: int, width: int, data_dir: str
+) -> Tuple[int, int]:
+  """The training crop (height, width) for images prepared at height x width; (0, 0): none.
+
+  A side given as 0 is the prepared one (only the other side is cropped).
+
+  Raises:
+    ConfigError: a crop side larger than the prepared one.
+  """
+  if not crop_height and not crop_width:
+    return 0, 0
+  for name, crop, prepared in (("height", crop_height, height), ("width", crop_width, width)):
+    if crop > prepared:
+      raise ConfigError(
+        f"--crop_{name}={crop} is larger than the prepared {name} {prepared} of {data_dir} "
+        f"(at most {prepared}; 0: the whole {name})"
+      )
+  return crop_height or height, crop_width or width
 
 
 def _finite_update(measured: Measurements) -> bool:
@@ -197,8 +280,8 @@ class Trainer:
     )
     self.cosine = self._cosine_schedule()
     # A read error in a shard becomes an error naming it (records.name_read_errors).
-    self.train_shards = pipeline.shard_files(data.data_dir, "train")
-    self.valid_shards = pipeline.shard_files(data.data_dir, "valid")
+    self.train_shards = pipeline.shard_files(data.data_dir, list(data.train_splits))
+    self.valid_shards = pipeline.shard_files(data.data_dir, data.valid_split)
     self._batches: Optional[Iterator[Batch]] = None
     self._batches_epoch: Optional[int] = None
 
@@ -253,13 +336,19 @@ class Trainer:
         deterministic=True,
         input_context=context,
         shuffle_buffer=config.data.shuffle_buffer,
+        split=list(self.data.train_splits),
+        crop_size=self.data.crop_size,
       )
     )
 
   def _valid_dataset(self) -> tf.data.Dataset:
+    # Whole prepared images, also for a run trained on crops: the network is fully convolutional
+    # (any size divisible by 16). Its global poolings (ASPP's image pooling, squeeze-excite) then
+    # average over the whole picture rather than a crop-sized window, so these scores can differ
+    # a little from tiled inference at the crop size.
     return pipeline.make_eval_dataset(
       self.data.data_dir,
-      "valid",
+      self.data.valid_split,
       batch_size=self.config.optimization.batch_size,
       preprocessing=self.config.data.preprocessing,
     )
@@ -276,6 +365,8 @@ class Trainer:
         seed=config.seed,
         input_context=context,
         shuffle_buffer=config.data.shuffle_buffer,
+        split=list(self.data.train_splits),
+        crop_size=self.data.crop_size,
       )
     )
 

@@ -136,6 +136,11 @@ def test_updated_finds_each_setting_by_name():
     (dict(plateau_factor=1.5), "--plateau_factor must be in"),
     (dict(log_every_steps=0), "--log_every_steps must be at least 1"),
     (dict(strategy="tpu"), "--strategy must be one of"),
+    (dict(fold=-2), r"--fold must be a fold number >= 0 \(-1: no fold\), got -2"),
+    (dict(crop_height=40), r"--crop_height must be divisible by 16 .* \(TrainConfig.data"),
+    (dict(crop_width=-16), "--crop_width must be divisible by 16"),
+    (dict(demo_folds=1), "--demo_folds must be at least 2"),
+    (dict(demo=True, fold=5), r"--fold=5 is out of range: .* --demo_folds=5 .*--fold=0..4"),
   ],
 )
 def test_validation_names_the_setting(settings, message):
@@ -147,3 +152,15 @@ def test_validation_names_the_setting(settings, message):
 def test_head_weights_that_are_not_numbers_are_a_config_error(parse):
   with pytest.raises(ConfigError, match="--head_weights must be two numbers"):
     train.config_from_flags(parse("--head_weights=a,b"))
+
+
+def test_fold_and_crop_flags_reach_the_config_and_round_trip(parse):
+  config = train.config_from_flags(
+    parse("--data_dir=/d", "--fold=2", "--crop_height=32", "--crop_width=48", "--demo_folds=4")
+  )
+  assert (config.data.fold, config.data.crop_height, config.data.crop_width) == (2, 32, 48)
+  assert config.data.demo_folds == 4
+  config.validate()
+  assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  default = TrainConfig().data  # no fold, no crop
+  assert (default.fold, default.crop_height, default.crop_width) == (-1, 0, 0)

@@ -1,12 +1,14 @@
 """End-to-end training runs on a tiny generated data set (32x32): the workdir, resume,
 determinism, distribution, precision, XLA, signals and flag errors."""
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from absl import flags
 import numpy as np
@@ -16,12 +18,15 @@ import tensorflow as tf
 from dunet import checkpoint as checkpoint_lib
 from dunet import losses
 from dunet import train
+from dunet import trainer as trainer_lib
 from dunet.config import TrainConfig
 from dunet.data import demo
 from dunet.data import pipeline
+from dunet.errors import ConfigError
 from dunet.models import DoubleUNet
 from dunet.nn.batch_norm import recording_moments
 from tests import testing_utils
+from tests.tiny_net import TinyNet
 
 SIZE = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,6 +233,37 @@ def test_training_variants_learn(tmp_path, data_dir, initial_weights, overrides)
     assert now < before, (head, before, now)
 
 
+def test_a_fold_trained_on_crops_records_fold_and_sizes(tmp_path, data_dir, monkeypatch):
+  # The workdir is this test's business, not the network: a tiny one keeps it fast.
+  monkeypatch.setattr(
+    train.trainer_lib, "Trainer", functools.partial(trainer_lib.Trainer, make_model=TinyNet)
+  )
+  folds_dir = demo.ensure_demo_data(
+    os.path.dirname(data_dir), count=24, height=SIZE, width=SIZE, seed=1, folds=3
+  )
+  # Errors about the fold come before any workdir is made.
+  for data, fold, message in ((data_dir, 0, "not prepared in folds"), (folds_dir, -1, "--fold=0")):
+    with pytest.raises(ConfigError, match=message):
+      run_training(tmp_path / "bad", data, fold=fold)
+    assert not (tmp_path / "bad").exists()
+  workdir = tmp_path / "run"
+  result = run_training(workdir, folds_dir, fold=2, crop_width=16, epochs=1, max_steps=2)
+  assert result["step"] == 2 and np.isfinite(result["valid"]["head2/per_image/dsc"])
+  config = json.loads((workdir / "config.json").read_text())
+  # The model's input size is the crop (the window tiled inference uses); the data's is kept.
+  assert {key: config[key] for key in ("height", "width", "prepared_height", "prepared_width")} == {
+    "height": SIZE,
+    "width": 16,
+    "prepared_height": SIZE,
+    "prepared_width": SIZE,
+  }
+  assert (config["crop_height"], config["crop_width"]) == (SIZE, 16)
+  assert (config["fold"], config["folds"], config["valid_split"]) == (2, 3, "fold_2")
+  stored = json.loads((workdir / "train_config.json").read_text())["data"]
+  assert (stored["fold"], stored["crop_height"], stored["crop_width"]) == (2, 0, 16)
+  assert (workdir / "folds.json").read_text() == (Path(folds_dir) / "folds.json").read_text()
+
+
 def _cli(*args, timeout=120, env=None):
   return subprocess.run(
     [sys.executable, "-m", "dunet.train", *args],
@@ -248,6 +284,7 @@ def _cli(*args, timeout=120, env=None):
     (["--data_dir=/nonexistent/cvc"], "dunet-prepare --raw_dir="),
     (["--data_dir=/nonexistent/cvc", "--head_weights=1"], "--head_weights"),
     (["--loss_reduction=sum"], "--loss_reduction"),
+    (["--demo", "--fold=5"], "--fold=5 is out of range"),
     (
       ["--data_dir=/nonexistent/cvc", "--init_checkpoint=/a", "--vgg19_weights=/b"],
       "--init_checkpoint already holds network 1's encoder",

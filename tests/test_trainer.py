@@ -1,5 +1,7 @@
 """dunet/trainer.py: the input checks, N training steps, and a validation on a tiny model."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,29 +14,9 @@ from dunet.data import pipeline
 from dunet.data.augment import AugmentConfig
 from dunet.errors import ConfigError
 from dunet.errors import DataError
-from dunet.models.doubleunet import DoubleUNetOutputs
-from dunet.nn.batch_norm import BatchNorm
-from dunet.nn.conv import Conv2D
+from tests.tiny_net import TinyNet
 
 SIZE = 32
-
-
-class _TinyNet(tf.Module):
-  """conv -> BatchNorm -> ReLU -> two 1x1 heads: DoubleU-Net's outputs at a tiny cost."""
-
-  def __init__(self, compute_dtype=tf.float32, batch_norm_momentum=0.99, **unused):
-    super().__init__()
-    del unused
-    self.conv = Conv2D(3, 4, 3, compute_dtype=compute_dtype)
-    self.bn = BatchNorm(4, momentum=batch_norm_momentum)
-    self.head1 = Conv2D(4, 1, 1, compute_dtype=compute_dtype)
-    self.head2 = Conv2D(4, 1, 1, compute_dtype=compute_dtype)
-
-  def __call__(self, images, is_training):
-    features = tf.nn.relu(self.bn(self.conv(images), is_training))
-    return DoubleUNetOutputs(
-      tf.cast(self.head1(features), tf.float32), tf.cast(self.head2(features), tf.float32)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +48,7 @@ def _trainer(config):
     trainer_lib.check_inputs(config),
     tf.distribute.get_strategy(),
     precision.Policy("float32"),
-    make_model=_TinyNet,
+    make_model=TinyNet,
   )
 
 
@@ -140,3 +122,77 @@ def test_evaluate_recomputes_statistics_then_scores_the_validation_set(data_dir)
   dsc = np.where(2 * tp + wrong > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 1.0)
   np.testing.assert_allclose(values["head2/per_image/dsc"], dsc.mean(), rtol=1e-6)
   assert {"head1/pooled/iou", "loss/head1", "loss/head2"} <= set(values)
+
+
+@pytest.fixture(scope="module")
+def folds_dir(data_dir):
+  """The same 24 pictures (seed 1) prepared in 3 folds: 8, 7 and 7 images, 2 test."""
+  return demo.ensure_demo_data(
+    os.path.dirname(data_dir), count=24, height=SIZE, width=SIZE, seed=1, folds=3
+  )
+
+
+def test_check_inputs_picks_the_fold_splits_and_the_crop(data_dir, folds_dir):
+  data = trainer_lib.check_inputs(_config(folds_dir, fold=1, crop_height=16))
+  assert (data.train_splits, data.valid_split, data.fold, data.folds) == (
+    ("fold_0", "fold_2"),
+    "fold_1",
+    1,
+    3,
+  )
+  assert (data.train_examples, data.steps_per_epoch) == (15, 3)  # 8 + 7 images, batches of 4
+  assert (data.height, data.width, data.crop_size) == (SIZE, SIZE, (16, SIZE))
+  assert (data.input_height, data.input_width) == (16, SIZE)
+  plain = trainer_lib.check_inputs(_config(data_dir))
+  assert (plain.train_splits, plain.valid_split, plain.crop_size, plain.folds) == (
+    ("train",),
+    "valid",
+    None,
+    0,
+  )
+  assert (plain.input_height, plain.input_width) == (SIZE, SIZE)
+  # --demo --fold=k prepares the demo data in --demo_folds folds, beside the plain demo data.
+  on_demo = trainer_lib.check_inputs(
+    _config(
+      os.path.dirname(data_dir), demo=True, demo_count=24, height=SIZE, width=SIZE, seed=1, fold=2
+    ).updated(demo_folds=3)
+  )
+  assert (on_demo.data_dir, on_demo.valid_split) == (folds_dir, "fold_2")
+
+
+@pytest.mark.parametrize(
+  "on_folds,settings,message",
+  [
+    (False, dict(fold=0), "--fold=0: .* was not prepared in folds"),
+    (True, dict(fold=3), r"--fold=3 is out of range: .* 3 folds \(pass --fold=0..2\)"),
+    (True, dict(), r"prepared in 3 folds: pass --fold=0..2"),
+    (True, dict(fold=0, crop_height=48), "--crop_height=48 is larger than the prepared height 32"),
+    (False, dict(crop_width=64), "--crop_width=64 is larger than the prepared width 32"),
+  ],
+)
+def test_fold_and_crop_errors(data_dir, folds_dir, on_folds, settings, message):
+  with pytest.raises(ConfigError, match=message):
+    trainer_lib.check_inputs(_config(folds_dir if on_folds else data_dir, **settings))
+
+
+def test_a_fold_trains_on_crops_of_the_other_folds_and_validates_whole_images_of_its_own(
+  folds_dir,
+):
+  trainer = _trainer(_config(folds_dir, fold=1, crop_height=16, batch_norm_statistics="precise"))
+  real_function, shapes = trainer.train_function, []
+
+  def recording(batch):
+    shapes.append(tuple(batch["image"].shape))
+    return real_function(batch)
+
+  trainer.train_function = recording
+  assert len(trainer.train(2)) == 2
+  assert shapes == [(4, 16, SIZE, 3)] * 2
+  seen = []
+  values = trainer.evaluate(on_first_batch=lambda batch, result: seen.append(batch))
+  assert seen[0]["image"].shape[1:] == (SIZE, SIZE, 3)  # whole prepared images
+  fold_1 = pipeline.make_eval_dataset(folds_dir, "fold_1", batch_size=4, preprocessing="unit")
+  assert [name.decode() for name in seen[0]["name"].numpy()] == [
+    name.decode() for name in next(iter(fold_1))["name"].numpy()
+  ]
+  assert np.isfinite(values["head2/per_image/dsc"])

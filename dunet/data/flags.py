@@ -50,8 +50,9 @@ _AUGMENT_HELP = {
 def define_data_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the data flags; later calls in the same process do nothing.
 
-  Flags: --data_dir, --preprocessing, --shuffle_buffer, --augment (master switch) and one
-  --aug_<field> per `AugmentConfig` field (probabilities p_* and magnitudes).
+  Flags: --data_dir, --fold, --crop_height, --crop_width, --preprocessing, --shuffle_buffer,
+  --augment (master switch) and one --aug_<field> per `AugmentConfig` field (probabilities p_*
+  and magnitudes).
   """
   if "data_dir" in flag_values:
     return
@@ -61,6 +62,31 @@ def define_data_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     "A folder prepared by dunet-prepare (TFRecords, "
     "split.json, summary.json). With --demo: where the demo data is generated "
     "(default data/demo).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    "fold",
+    -1,
+    "Cross-validation: with --data_dir prepared by dunet-prepare --folds=K, train on the "
+    "other K-1 folds and validate on fold k (0..K-1). With --demo: the demo data prepared in "
+    "--demo_folds folds. -1: no folds.",
+    lower_bound=-1,
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    "crop_height",
+    0,
+    "Train on random crops of this height (divisible by 16, at most the prepared height), cut "
+    "before augmenting; the run's model input size (config.json) becomes the crop. Validation "
+    "still scores whole images. 0: the prepared height.",
+    lower_bound=0,
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    "crop_width",
+    0,
+    "Random crop width, as --crop_height (0: the prepared width).",
+    lower_bound=0,
     flag_values=flag_values,
   )
   flags.DEFINE_enum(

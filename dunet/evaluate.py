@@ -79,8 +79,11 @@ from dunet import fileio  # noqa: E402
 from dunet import inference  # noqa: E402
 from dunet import metrics  # noqa: E402
 from dunet import model_flags  # noqa: E402
+from dunet import postprocess  # noqa: E402
 from dunet import precise_bn  # noqa: E402
 from dunet import serving  # noqa: E402
+from dunet import surface_metrics  # noqa: E402
+from dunet.data import folds as folds_lib  # noqa: E402
 from dunet.data import layouts  # noqa: E402
 from dunet.data import pipeline  # noqa: E402
 from dunet.data import prepare  # noqa: E402
@@ -157,6 +160,12 @@ class ImageScore:
   resolution: str
   counts: Dict[str, np.ndarray]
   swept: Dict[float, np.ndarray] = dataclasses.field(default_factory=dict)
+  # Head 2's boundary metrics (dunet/surface_metrics.py): hd95, assd, nsd[, *_mm].
+  surface: Dict[str, float] = dataclasses.field(default_factory=dict)
+  # Head 2's probability [H, W] float16 and the truth [H, W] bool, kept only when asked for
+  # (choosing the post-processing needs them).
+  probability: Optional[np.ndarray] = None
+  truth: Optional[np.ndarray] = None
 
 
 # ================================================================================================
@@ -164,12 +173,16 @@ class ImageScore:
 # ================================================================================================
 
 
-def splits_to_evaluate(data_dir: PathLike, split: str) -> Dict[str, int]:
+def splits_to_evaluate(
+  data_dir: PathLike, split: str, valid_split: str = "valid"
+) -> Dict[str, int]:
   """The prepared splits `split` names, with their example counts.
 
   Args:
     data_dir: a prepared folder.
     split: one of SPLIT_CHOICES ("all": every non-empty split).
+    valid_split: the split "valid" means: a cross-validation fold's run validated on its fold
+      (`fold_k`, dunet/data/folds.py), and trained on the other folds, which "train" then means.
 
   Returns:
     {split name: examples}, in train, valid, test order.
@@ -180,21 +193,33 @@ def splits_to_evaluate(data_dir: PathLike, split: str) -> Dict[str, int]:
   """
   if split not in SPLIT_CHOICES:
     raise ConfigError(f"unknown split {split!r}; expected one of {SPLIT_CHOICES}")
-  counts = pipeline.read_data_info(data_dir)["counts"]
+  counts = {name: int(count) for name, count in pipeline.read_data_info(data_dir)["counts"].items()}
+  fold_splits = sorted(name for name in counts if name.startswith(folds_lib.FOLD_PREFIX))
+  meaning = {
+    "train": [name for name in fold_splits if name != valid_split] if fold_splits else ["train"],
+    "valid": [valid_split],
+    "test": ["test"],
+  }
+  names = [name for key in splits_lib.SPLITS for name in meaning[key]]
   if split == "all":
-    chosen = {
-      name: int(counts.get(name, 0)) for name in splits_lib.SPLITS if int(counts.get(name, 0)) > 0
-    }
+    chosen = {name: counts[name] for name in names if counts.get(name, 0) > 0}
     if not chosen:
       raise ConfigError(f"{data_dir}: the prepared data holds no examples (counts {counts})")
     return chosen
-  if int(counts.get(split, 0)) <= 0:
+  chosen = {name: counts.get(name, 0) for name in meaning[split]}
+  if not chosen or any(count <= 0 for count in chosen.values()):
     raise ConfigError(
       f"{data_dir}: the prepared data has no {split!r} examples (counts "
       f"{counts}); choose another --split, or prepare the data again with "
       "dunet-prepare (e.g. --test_raw_dir for a separate test set)"
+      + (
+        "; it is prepared in folds: evaluate a fold's run (its config.json names its "
+        "validation fold) or the test split"
+        if fold_splits and split == "valid" and valid_split == "valid"
+        else ""
+      )
     )
-  return {split: int(counts[split])}
+  return chosen
 
 
 def prepared_batches(
@@ -270,15 +295,38 @@ def raw_examples(
 # ================================================================================================
 
 
+@dataclasses.dataclass(frozen=True)
+class BoundarySettings:
+  """How head 2's boundary metrics are measured (dunet/surface_metrics.py).
+
+  Attributes:
+    spacing_mm: the pixel spacing of the ORIGINAL pictures in mm (one number, or row and column
+      spacing); None: distances in pixels only. Images scored at the prepared size (training
+      records) get no millimetre values.
+    tolerance: normalised surface Dice tolerance in pixels.
+    tolerance_mm: the same in mm (None: the number `tolerance`).
+  """
+
+  spacing_mm: Union[None, float, Tuple[float, float]] = None
+  tolerance: float = surface_metrics.DEFAULT_TOLERANCE
+  tolerance_mm: Optional[float] = None
+
+
 def score_batch(
-  segment: SegmentFn, examples: Sequence[Example], threshold: float, sweep: Sequence[float] = ()
+  segment: SegmentFn,
+  examples: Sequence[Example],
+  threshold: float,
+  sweep: Sequence[float] = (),
+  boundary: BoundarySettings = BoundarySettings(),
+  keep_probabilities: bool = False,
 ) -> List[ImageScore]:
   """Runs one batch of same-size pictures and counts each head against each image's mask.
 
   Head 2, head 1 and their mean (probabilities averaged at the model's output size, then
   thresholded) are resized bilinearly from the pictures' size to each mask's size when these
   differ, and pixels with probability >= threshold count as foreground. Head 2 is also counted
-  at each threshold of `sweep` (ImageScore.swept).
+  at each threshold of `sweep` (ImageScore.swept), and its boundary metrics are measured
+  (ImageScore.surface); with `keep_probabilities` its probability map and the truth are kept.
   """
   outputs = segment(np.stack([example.image for example in examples]))
   head2 = outputs[serving.PROBABILITY]
@@ -304,6 +352,16 @@ def score_batch(
       )
       for value in sweep
     }
+    spacing = boundary.spacing_mm if example.resolution == ORIGINAL else None
+    surface = surface_metrics.surface_metrics(
+      metrics.binarize(probabilities[:, :, 0], threshold),
+      truth,
+      spacing=spacing,
+      tolerance=boundary.tolerance,
+      tolerance_mm=boundary.tolerance_mm,
+    )
+    if boundary.spacing_mm is not None and spacing is None:
+      surface.update({name + surface_metrics.MM_SUFFIX: np.nan for name in MM_NAMES})
     scores.append(
       ImageScore(
         example.name,
@@ -313,6 +371,9 @@ def score_batch(
         example.resolution,
         counts,
         swept,
+        surface,
+        probabilities[:, :, 0].astype(np.float16) if keep_probabilities else None,
+        truth if keep_probabilities else None,
       )
     )
   return scores
@@ -325,12 +386,14 @@ def score_batches(
   total: Optional[int] = None,
   progress: bool = True,
   sweep: Sequence[float] = (),
+  boundary: BoundarySettings = BoundarySettings(),
+  keep_probabilities: bool = False,
 ) -> List[ImageScore]:
   """`score_batch` over batches, with a progress line on stderr when `progress`."""
   bar = inference.ImageProgress(total or 0, progress)
   scores: List[ImageScore] = []
   for batch in batches:
-    scores.extend(score_batch(segment, batch, threshold, sweep))
+    scores.extend(score_batch(segment, batch, threshold, sweep, boundary, keep_probabilities))
     bar.advance(len(batch))
   bar.close()  # ends the line when files were skipped
   return scores
@@ -350,6 +413,51 @@ def summarize(scores: Sequence[ImageScore]) -> Dict[str, Dict[str, Dict[str, flo
     accumulator.update(np.stack([score.counts[head] for score in scores]))
     result[head] = accumulator.nested_result()
   return result
+
+
+MM_NAMES = surface_metrics.METRIC_NAMES
+
+
+def summarize_boundary(
+  scores: Sequence[ImageScore], boundary: BoundarySettings
+) -> Dict[str, object]:
+  """Head 2's boundary metrics over `scores` (JSON-ready: undefined values are None)."""
+  summary = surface_metrics.summarize_surface([score.surface for score in scores])
+  return {
+    "head2": {
+      name: {field: _json_number(value) for field, value in fields.items()}
+      for name, fields in summary.items()
+    },
+    "spacing_mm": (
+      None
+      if boundary.spacing_mm is None
+      else list(np.atleast_1d(np.asarray(boundary.spacing_mm, float)).tolist())
+    ),
+    "nsd_tolerance": boundary.tolerance,
+    "nsd_tolerance_mm": (
+      (boundary.tolerance if boundary.tolerance_mm is None else boundary.tolerance_mm)
+      if boundary.spacing_mm
+      else None
+    ),
+    "definitions": BOUNDARY_NOTE,
+    "empty_masks": surface_metrics.EMPTY_MASK_CONVENTION,
+    "monai_empty_masks": surface_metrics.MONAI_EMPTY_MASK_BEHAVIOUR,
+  }
+
+
+def _json_number(value: float) -> Optional[float]:
+  """A float for JSON: nan and infinities (not JSON) become None."""
+  value = float(value)
+  return value if np.isfinite(value) else None
+
+
+BOUNDARY_NOTE = (
+  "head 2 at the threshold, at the resolution each image is scored: hd95 = the larger of the "
+  "two directed 95th percentiles of boundary-to-boundary distances, assd = the mean over both "
+  "boundaries' pixels of the distance to the other boundary, nsd = the share of both "
+  "boundaries' pixels within the tolerance of the other (normalised surface Dice); boundaries "
+  "are the mask minus its erosion by a 3x3 cross, as MONAI's; pixels unless *_mm."
+)
 
 
 # Thresholds tried on the validation split for head 2 (`choose_threshold`).
@@ -412,6 +520,9 @@ def evaluate(
   batch_size: int = 8,
   progress: bool = True,
   choose_threshold: bool = True,
+  boundary: BoundarySettings = BoundarySettings(),
+  valid_split: str = "valid",
+  keep_probabilities: bool = False,
 ) -> Dict[str, object]:
   """Evaluates a model on a prepared split or a raw data set folder.
 
@@ -431,6 +542,11 @@ def evaluate(
       validation-optimal threshold (THRESHOLD_GRID) and report the evaluated split's scores at
       it ("validation_threshold"); for the valid split itself the choice is tuned on it, and
       the report says so.
+    boundary: how head 2's boundary metrics (HD95, ASSD, NSD) are measured.
+    valid_split: the prepared split that "valid" means (a fold run's `fold_k`; see
+      `splits_to_evaluate`); thresholds are chosen on it.
+    keep_probabilities: keep head 2's probability map and the truth of each image in its
+      ImageScore (for choosing a post-processing afterwards).
 
   Returns:
     The report (see `build_report`), with the per-image scores under "_scores" (not written to
@@ -449,10 +565,15 @@ def evaluate(
     raise ConfigError(f"batch size must be positive, got {batch_size}")
   if not 0.0 <= threshold <= 1.0:
     raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+  if tta and loaded.settings.get("postprocessing", "none") != "none":
+    raise ConfigError(
+      "flips averaged around a post-processed model would post-process each flip: load the "
+      "model with the flips instead (dunet.serving.load_segmenter(..., flips=...))"
+    )
   segment = inference.make_segment_fn(loaded, tta, flips)
   skipped: List[Dict[str, str]] = []
   if data_dir is not None:
-    chosen = splits_to_evaluate(data_dir, split)
+    chosen = splits_to_evaluate(data_dir, split, valid_split)
     info = pipeline.read_data_info(data_dir)
     prepare.verify_shards(data_dir, list(chosen))  # missing or truncated shards, named
     stale = prepare.check_fresh(data_dir)
@@ -488,11 +609,22 @@ def evaluate(
     )
     total = len(scan.pairs)
   sweep = THRESHOLD_GRID if choose_threshold and data_dir is not None else ()
-  scores = score_batches(segment, batches, threshold, total=total, progress=progress, sweep=sweep)
+  scores = score_batches(
+    segment,
+    batches,
+    threshold,
+    total=total,
+    progress=progress,
+    sweep=sweep,
+    boundary=boundary,
+    keep_probabilities=keep_probabilities,
+  )
   if not scores:
     raise ConfigError(f"no image could be evaluated ({len(skipped)} skipped)")
   validation_threshold = (
-    choose_validation_threshold(segment, data_dir, scores, threshold, batch_size, progress)
+    choose_validation_threshold(
+      segment, data_dir, scores, threshold, batch_size, progress, valid_split
+    )
     if sweep
     else None
   )
@@ -501,9 +633,10 @@ def evaluate(
     loaded=loaded,
     data=data,
     threshold=threshold,
-    flips=list(flips) if tta else None,
+    flips=list(flips) if tta else (loaded.settings.get("flips") or None),
     skipped=skipped,
     validation_threshold=validation_threshold,
+    boundary=boundary,
   )
   report["_scores"] = scores
   return report
@@ -516,21 +649,22 @@ def choose_validation_threshold(
   threshold: float,
   batch_size: int,
   progress: bool,
+  valid_split: str = "valid",
 ) -> Optional[Dict[str, object]]:
   """Head 2's validation-optimal threshold and the evaluated images' scores at it.
 
-  The validation images are those among `scores` when the evaluation covers the valid split,
-  else they are scored now. None when the prepared data has no validation split.
+  The validation images (of `valid_split`) are those among `scores` when the evaluation covers
+  that split, else they are scored now. None when the prepared data has no such split.
   """
-  valid_count = int(pipeline.read_data_info(data_dir)["counts"].get("valid", 0))
+  valid_count = int(pipeline.read_data_info(data_dir)["counts"].get(valid_split, 0))
   if not valid_count:
     return None
-  valid_scores = [score for score in scores if score.split == "valid"]
+  valid_scores = [score for score in scores if score.split == valid_split]
   includes_valid = bool(valid_scores)
   if not includes_valid:
     valid_scores = score_batches(
       segment,
-      prepared_batches(data_dir, ["valid"], batch_size),
+      prepared_batches(data_dir, [valid_split], batch_size),
       threshold,
       total=valid_count,
       progress=progress,
@@ -542,12 +676,68 @@ def choose_validation_threshold(
     "valid_dsc": choice["dsc"],
     "valid_dsc_at_threshold": choice["dsc_at_default"],
     "chosen_on": (
-      "valid (also evaluated here: its scores at this threshold are optimistic)"
+      f"{valid_split} (also evaluated here: its scores at this threshold are optimistic)"
       if includes_valid
-      else "valid"
+      else valid_split
     ),
     "rule": THRESHOLD_NOTE,
     "head2": summarize_swept(scores, choice["threshold"]),
+  }
+
+
+POSTPROCESSING_FORMAT, POSTPROCESSING_VERSION = "dunet-postprocessing", 1
+
+
+def choose_postprocessing_on_validation(
+  loaded: serving.LoadedSegmenter,
+  data_dir: PathLike,
+  valid_split: str = "valid",
+  threshold: float = 0.5,
+  batch_size: int = 8,
+  progress: bool = True,
+) -> Tuple[postprocess.PostProcessing, Dict[str, object]]:
+  """Chooses head 2's post-processing on the validation split (dunet.postprocess's rule).
+
+  Args:
+    loaded: the model WITHOUT post-processing (`dunet.serving.with_postprocessing`).
+    data_dir: the prepared data.
+    valid_split: the split chosen on ("valid", or a fold run's `fold_k`).
+    threshold: the foreground threshold.
+    batch_size: pictures per model call.
+    progress: show a progress line.
+
+  Returns:
+    (the choice, the JSON-ready record to keep with the run: the candidates' validation DSC
+    and the reason, what it was chosen on).
+
+  Raises:
+    ConfigError: the model already post-processes, or the data has no such split.
+  """
+  if loaded.settings.get("postprocessing", "none") != "none":
+    raise ConfigError("choose the post-processing on the model without one")
+  counts = splits_to_evaluate(data_dir, "valid", valid_split)
+  scores = score_batches(
+    inference.make_segment_fn(loaded),
+    prepared_batches(data_dir, list(counts), batch_size),
+    threshold,
+    total=sum(counts.values()),
+    progress=progress,
+    keep_probabilities=True,
+  )
+  spec, record = postprocess.choose_postprocessing(
+    [score.probability for score in scores], [score.truth for score in scores], threshold
+  )
+  return spec, {
+    "format": POSTPROCESSING_FORMAT,
+    "version": POSTPROCESSING_VERSION,
+    **record,
+    "chosen_on": {
+      "data_dir": os.path.abspath(data_dir),
+      "split": valid_split,
+      "model": loaded.source,
+      "resolution": sorted({score.resolution for score in scores}),
+    },
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 
 
@@ -579,6 +769,11 @@ def recompute_batch_norm(
     raise ConfigError(
       f"{loaded.source}: --recompute_bn needs a checkpoint; a SavedModel's "
       "BatchNorm statistics are constants (recompute before exporting)"
+    )
+  if len(loaded.sources) > 1:
+    raise ConfigError(
+      "--recompute_bn recomputes one model's statistics: run it on each member of the "
+      "ensemble, then evaluate the ensemble of the precise_bn workdirs it writes"
     )
   info = pipeline.read_data_info(data_dir)
   if (int(info["height"]), int(info["width"])) != (loaded.height, loaded.width):
@@ -636,9 +831,11 @@ def build_report(
   flips: Optional[List[str]],
   skipped: Sequence[Dict[str, str]],
   validation_threshold: Optional[Dict[str, object]] = None,
+  boundary: BoundarySettings = BoundarySettings(),
 ) -> Dict[str, object]:
   """The evaluation as a JSON-ready dict (what metrics.json holds)."""
   results = summarize(scores)
+  boundary_summary = summarize_boundary(scores, boundary)
   by_resolution = {
     name: sum(score.resolution == name for score in scores) for name in (ORIGINAL, PREPARED)
   }
@@ -665,13 +862,7 @@ def build_report(
   return {
     "format": REPORT_FORMAT,
     "version": REPORT_VERSION,
-    "model": {
-      "source": loaded.source,
-      "kind": loaded.kind,
-      "input_height": loaded.height,
-      "input_width": loaded.width,
-      "preprocessing": loaded.preprocessing,
-    },
+    "model": inference.describe_model(loaded),
     "data": data,
     "images": len(scores),
     "resolution": resolution,
@@ -685,6 +876,8 @@ def build_report(
       "iou": headline["iou"],
       "recall": headline["recall"],
       "precision": headline["precision"],
+      "hd95": boundary_summary["head2"]["hd95"]["mean"],
+      "hd95_undefined": boundary_summary["head2"]["hd95"]["count_undefined"],
     },
     "statistics": STATISTICS_NOTE,
     "empty_masks": {
@@ -693,6 +886,7 @@ def build_report(
       "prediction": empty_prediction,
     },
     "metrics": results,
+    "boundary": boundary_summary,
     "validation_threshold": validation_threshold,
     "notes": notes,
     "skipped": list(skipped),
@@ -744,6 +938,22 @@ def format_markdown(report: Dict[str, object]) -> str:
       f"{values['dsc']:.4f}, mIoU {values['iou']:.4f}, recall {values['recall']:.4f}, "
       f"precision {values['precision']:.4f}.",
     ]
+  lines += ["", *_boundary_lines(report.get("boundary"))]
+  choice = report.get("postprocessing_choice")
+  applied = model.get("postprocessing", "none")
+  lines += [
+    "",
+    f"Post-processing of head 2: {applied}"
+    + (
+      f" (chosen on {choice['chosen_on']['split']} of {choice['chosen_on']['data_dir']}: "
+      f"{choice['reason']})"
+      if choice and choice.get("choice") == applied
+      else " (given)"
+      if applied != "none"
+      else ""
+    )
+    + ".",
+  ]
   empty = report["empty_masks"]
   lines += [
     "",
@@ -755,6 +965,33 @@ def format_markdown(report: Dict[str, object]) -> str:
   for note in report["notes"]:
     lines += ["", f"Note: {note}"]
   return "\n".join(lines) + "\n"
+
+
+def _boundary_lines(boundary: Optional[Dict[str, object]]) -> List[str]:
+  """The boundary-metric table of the markdown report."""
+  if not boundary:
+    return []
+
+  def cell(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+  lines = [
+    "| head 2 boundary | mean | median | std | images (undefined) |",
+    "| --- | ---: | ---: | ---: | ---: |",
+  ]
+  for name, fields in boundary["head2"].items():
+    lines.append(
+      f"| {name} | {cell(fields['mean'])} | {cell(fields['median'])} | {cell(fields['std'])} "
+      f"| {fields['count_defined']} ({fields['count_undefined']}) |"
+    )
+  spacing = boundary["spacing_mm"]
+  lines += [
+    "",
+    f"Boundary metrics: {boundary['definitions']} NSD tolerance {boundary['nsd_tolerance']:g} px"
+    + (f", {boundary['nsd_tolerance_mm']:g} mm at spacing {spacing} mm/px." if spacing else "."),
+    f"Empty masks: {boundary['empty_masks']} ({boundary['monai_empty_masks']}).",
+  ]
+  return lines
 
 
 def _resolution_text(report: Dict[str, object]) -> str:
@@ -770,9 +1007,12 @@ def _resolution_text(report: Dict[str, object]) -> str:
 
 
 def per_image_csv(scores: Sequence[ImageScore]) -> str:
-  """One CSV row per image with head 2's counts and scores, sorted by split and name."""
+  """One CSV row per image with head 2's counts, scores and boundary metrics ("nan" where
+  undefined), sorted by split and name."""
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
+  surface_columns = sorted({name for score in scores for name in score.surface})
+  surface_columns.sort(key=lambda name: (name.endswith(surface_metrics.MM_SUFFIX), name))
   writer.writerow(
     [
       "name",
@@ -788,6 +1028,7 @@ def per_image_csv(scores: Sequence[ImageScore]) -> str:
       "iou",
       "precision",
       "recall",
+      *surface_columns,
     ]
   )
   order = {name: index for index, name in enumerate((*splits_lib.SPLITS, RAW_SPLIT))}
@@ -803,6 +1044,7 @@ def per_image_csv(scores: Sequence[ImageScore]) -> str:
         score.resolution,
         *(int(c) for c in counts),
         *(f"{float(values[name]):.6f}" for name in ("dsc", "iou", "precision", "recall")),
+        *(f"{score.surface.get(name, np.nan):.6f}" for name in surface_columns),
       ]
     )
   return buffer.getvalue()
@@ -844,13 +1086,24 @@ def default_out_dir(
 ) -> Optional[str]:
   """<workdir>/eval/<split or raw-NAME>[-latest][-tta]; None when there is no workdir.
 
-  "-latest" marks workdir evaluations of the latest (not the best) checkpoint.
+  "-latest" marks workdir evaluations of the latest (not the best) checkpoint. An ensemble
+  (several checkpoints, see dunet.serving.expand_model_paths) of runs in one folder (a
+  cross-validation's fold_0/, fold_1/, ...) is evaluated into <that folder>/eval/ensemble-...;
+  None for members in different folders.
   """
-  workdir = find_workdir(checkpoint)
-  if workdir is None:
+  members = serving.expand_model_paths(checkpoint)
+  workdirs = [find_workdir(member) for member in members]
+  if any(workdir is None for workdir in workdirs):
     return None
   name = f"raw-{os.path.basename(os.path.normpath(raw_dir))}" if raw_dir else split
-  if prefer == "latest" and tf.io.gfile.isdir(checkpoint):
+  if len(workdirs) == 1:
+    workdir = workdirs[0]
+  else:
+    parents = {os.path.dirname(os.path.normpath(folder)) for folder in workdirs}
+    if len(parents) != 1:
+      return None
+    workdir, name = parents.pop(), f"ensemble-{name}"
+  if prefer == "latest" and all(tf.io.gfile.isdir(member) for member in members):
     name += "-latest"
   return os.path.join(workdir, "eval", name + ("-tta" if tta else ""))
 
@@ -864,7 +1117,11 @@ PROGRAM = "dunet-evaluate"
 HELP_GROUPS = (
   ("Model", model_flags.MODEL_FLAGS),
   ("Data", ("data_dir", "split", "raw_dir", "layout", "on_error")),
-  ("Scoring", ("threshold", "choose_threshold", "recompute_bn", "batch_size")),
+  (
+    "Scoring",
+    ("threshold", "choose_threshold", "choose_postprocessing", "recompute_bn", "batch_size"),
+  ),
+  ("Boundary metrics", ("pixel_spacing", "nsd_tolerance", "nsd_tolerance_mm")),
   ("Output", ("out_dir",)),
   ("Inference", model_flags.INFERENCE_FLAGS),
 )
@@ -943,6 +1200,38 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     "split) and the scores at it, beside --threshold.",
     **fv,
   )
+  flags.DEFINE_list(
+    "pixel_spacing",
+    [],
+    "The original pictures' pixel spacing in mm (one value, or row,column): adds HD95, ASSD "
+    "and NSD in millimetres beside pixels (images scored at the prepared size get none).",
+    **fv,
+  )
+  flags.DEFINE_float(
+    "nsd_tolerance",
+    surface_metrics.DEFAULT_TOLERANCE,
+    "Normalised surface Dice tolerance in pixels.",
+    lower_bound=0.0,
+    **fv,
+  )
+  flags.DEFINE_float(
+    "nsd_tolerance_mm",
+    None,
+    "Normalised surface Dice tolerance in mm, with --pixel_spacing (default: the number "
+    "--nsd_tolerance).",
+    lower_bound=0.0,
+    **fv,
+  )
+  flags.DEFINE_bool(
+    "choose_postprocessing",
+    False,
+    "Before evaluating, choose head 2's post-processing on the validation split (keep the "
+    "largest component, or drop components under a size, only if that raises the validation "
+    "DSC: nnU-Net's rule), keep the choice with the run "
+    f"({serving.POSTPROCESSING_FILENAME}), and apply it here and in later evaluate, predict "
+    "and export runs (--postprocessing=auto).",
+    **fv,
+  )
   flags.DEFINE_integer(
     "batch_size",
     8,
@@ -966,7 +1255,8 @@ def _resolve_data_dir(checkpoint: str) -> str:
   if FLAGS.data_dir:
     pipeline.read_data_info(FLAGS.data_dir)  # DataError naming it, with the hint
     return FLAGS.data_dir
-  config = {} if serving.is_saved_model(checkpoint) else serving.find_run_config(checkpoint)
+  first = serving.expand_model_paths(checkpoint)[0]  # an ensemble's members share their data
+  config = {} if serving.is_saved_model(first) else serving.find_run_config(first)
   recorded = config.get("data_dir")
   if not recorded:
     raise ConfigError(
@@ -985,11 +1275,54 @@ def _resolve_data_dir(checkpoint: str) -> str:
   return recorded
 
 
+def _valid_split(checkpoint: str) -> str:
+  """The split "valid" means for this model: a fold run's validation fold (its config.json)."""
+  first = serving.expand_model_paths(checkpoint)[0]
+  if serving.is_saved_model(first):
+    return "valid"
+  return str(serving.find_run_config(first).get("valid_split") or "valid")
+
+
+def _boundary_settings() -> BoundarySettings:
+  """--pixel_spacing and the NSD tolerances, checked."""
+  try:
+    spacing = tuple(float(value) for value in FLAGS.pixel_spacing)
+  except ValueError:
+    raise app.UsageError(
+      f"--pixel_spacing={','.join(FLAGS.pixel_spacing)}: expected one or two numbers (mm)"
+    ) from None
+  if len(spacing) > 2 or any(not value > 0 for value in spacing):
+    raise app.UsageError(
+      f"--pixel_spacing={','.join(FLAGS.pixel_spacing)}: expected one or two positive numbers"
+    )
+  return BoundarySettings(
+    spacing_mm=(spacing[0] if len(spacing) == 1 else spacing) if spacing else None,
+    tolerance=FLAGS.nsd_tolerance,
+    tolerance_mm=FLAGS.nsd_tolerance_mm,
+  )
+
+
 def _check_inputs() -> Tuple[str, Optional[str]]:
   """The model's path, the data and the output folder, checked before anything is loaded or
   written; returns (out_dir, data_dir or None for --raw_dir)."""
   # The checkpoint first: its absence is the likelier mistake, and the error names the path.
   serving.resolve_model_source(FLAGS.checkpoint, FLAGS.prefer)
+  if FLAGS.choose_postprocessing:
+    members = serving.expand_model_paths(FLAGS.checkpoint)
+    if FLAGS.raw_dir or any(serving.is_saved_model(member) for member in members):
+      raise app.UsageError(
+        "--choose_postprocessing needs checkpoints (not a SavedModel) and prepared data "
+        "with a validation split (not --raw_dir)"
+      )
+    if serving.postprocessing_folder(members) is None:
+      raise app.UsageError(
+        "--choose_postprocessing keeps the choice with the run: the checkpoint(s) must be in "
+        "a workdir (an ensemble's in one folder)"
+      )
+    if FLAGS["postprocessing"].present and FLAGS.postprocessing != serving.AUTO:
+      raise app.UsageError(
+        "--choose_postprocessing chooses the post-processing: drop --postprocessing"
+      )
   out_dir = FLAGS.out_dir or default_out_dir(
     FLAGS.checkpoint, FLAGS.split, FLAGS.raw_dir, FLAGS.tta, FLAGS.prefer
   )
@@ -1016,13 +1349,26 @@ def main(argv: Sequence[str]) -> int:
   if FLAGS.raw_dir and (FLAGS.data_dir or FLAGS["split"].present):
     raise app.UsageError("--raw_dir evaluates a whole raw folder: leave out --data_dir and --split")
   out_dir, data_dir = _check_inputs()
+  # Flips, tiling and post-processing happen inside the serve call.
   loaded = serving.load_segmenter(
-    FLAGS.checkpoint,
-    prefer=FLAGS.prefer,
-    height=FLAGS.height or None,
-    width=FLAGS.width or None,
-    precision_name=FLAGS.precision,
+    FLAGS.checkpoint, threshold=FLAGS.threshold, **model_flags.load_arguments(FLAGS)
   )
+  valid_split = _valid_split(FLAGS.checkpoint)
+  choice = None
+  if FLAGS.choose_postprocessing:
+    base = serving.with_postprocessing(loaded, postprocess.PostProcessing.none(), FLAGS.threshold)
+    spec, choice = choose_postprocessing_on_validation(
+      base, data_dir, valid_split, FLAGS.threshold, FLAGS.batch_size, FLAGS.progress
+    )
+    kept = serving.write_postprocessing_choice(
+      serving.postprocessing_folder(serving.expand_model_paths(FLAGS.checkpoint)), choice
+    )
+    print(f"Post-processing chosen on {valid_split}: {spec} ({choice['reason']}); kept in {kept}")
+    loaded = serving.with_postprocessing(loaded, spec, FLAGS.threshold)
+  elif FLAGS.postprocessing == serving.AUTO and loaded.kind == "checkpoint":
+    choice = serving.read_postprocessing_choice(
+      serving.postprocessing_folder(serving.expand_model_paths(FLAGS.checkpoint))
+    )
   recomputed = None
   if FLAGS.recompute_bn:
     recomputed = recompute_batch_norm(
@@ -1041,12 +1387,13 @@ def main(argv: Sequence[str]) -> int:
     layout=FLAGS.layout,
     on_error=FLAGS.on_error,
     threshold=FLAGS.threshold,
-    tta=FLAGS.tta,
-    flips=FLAGS.tta_flips,
     batch_size=FLAGS.batch_size,
     progress=FLAGS.progress,
     choose_threshold=FLAGS.choose_threshold,
+    boundary=_boundary_settings(),
+    valid_split=valid_split,
   )
+  report["postprocessing_choice"] = choice
   if recomputed:
     report["batch_norm_recomputed"] = recomputed
     report["notes"].append(

@@ -47,6 +47,7 @@ FLAGS = flags.FLAGS
 PROGRAM = "dunet-export"
 HELP_GROUPS = (
   ("Model", ("checkpoint", "prefer", "height", "width", "preprocessing")),
+  ("Inference built in", ("tta", "tta_flips", "tile_overlap", "postprocessing", "threshold")),
   ("Output", ("out_dir", "overwrite", "tolerance")),
 )
 
@@ -59,7 +60,36 @@ def define_flags() -> None:
     None,
     "What to export (required): a training workdir (its best checkpoint, or the latest with "
     "--prefer=latest), a workdir written by dunet-convert-keras, or a checkpoint prefix "
-    "such as runs/cvc/best/ckpt-12.",
+    "such as runs/cvc/best/ckpt-12. Several, comma-separated or as glob patterns "
+    "(runs/cv/fold_*), export one SavedModel that averages their probabilities.",
+  )
+  flags.DEFINE_bool(
+    "tta",
+    False,
+    "Build flip test-time augmentation (the flips in --tta_flips) into both signatures.",
+  )
+  flags.DEFINE_list(
+    "tta_flips", list(serving.FLIPS), f"Flips for --tta, from {sorted(serving.FLIPS)}."
+  )
+  flags.DEFINE_string(
+    "tile_overlap",
+    serving.AUTO,
+    "Tiled inference in serving_default: 'off', a window overlap in [0, 1), or 'auto' "
+    "(tiled for runs trained on random crops). See dunet-evaluate --help.",
+  )
+  flags.DEFINE_string(
+    "postprocessing",
+    serving.AUTO,
+    "Post-processing of head 2 in serving_default: 'auto' (the choice kept with the run), "
+    "'none', 'largest' or 'min_size=N'. The model_size signature (ONNX/TensorRT) has none.",
+  )
+  flags.DEFINE_float(
+    "threshold",
+    None,
+    "The threshold post-processing binarises at; default: the one recorded with the choice, "
+    "else 0.5.",
+    lower_bound=0.0,
+    upper_bound=1.0,
   )
   flags.DEFINE_string(
     "out_dir",
@@ -120,6 +150,10 @@ def main(argv: Sequence[str]) -> int:
     preprocessing=FLAGS.preprocessing,
     overwrite=FLAGS.overwrite,
     tolerance=FLAGS.tolerance,
+    flips=tuple(FLAGS.tta_flips) if FLAGS.tta else (),
+    tile_overlap=FLAGS.tile_overlap,
+    postprocessing=FLAGS.postprocessing,
+    threshold=FLAGS.threshold,
   )
   print(
     f"Exported {summary.source}\n"
@@ -127,6 +161,7 @@ def main(argv: Sequence[str]) -> int:
     f"  input size:    {summary.height}x{summary.width} (any size accepted by "
     f"serving_default)\n"
     f"  preprocessing: {summary.preprocessing}\n"
+    f"  inference:     {summary.info['inference']}\n"
     f"  signatures:    {serving.SERVING_SIGNATURE}, {serving.MODEL_SIZE_SIGNATURE}\n"
     f"  parity (max |reloaded - model|, tolerance {summary.tolerance:.1e}):"
   )

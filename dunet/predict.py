@@ -266,15 +266,9 @@ def predict(
     logging.warning("%s", text)
   summary = {
     "format": SUMMARY_FORMAT,
-    "model": {
-      "source": loaded.source,
-      "kind": loaded.kind,
-      "input_height": loaded.height,
-      "input_width": loaded.width,
-      "preprocessing": loaded.preprocessing,
-    },
+    "model": inference.describe_model(loaded),
     "threshold": threshold,
-    "tta": list(flips) if tta else None,
+    "tta": list(flips) if tta else (loaded.settings.get("flips") or None),
     "output": "head 2 (the final output)",
     "written": len(records),
     "skipped": list(input_problems) + pictures.skipped,
@@ -399,20 +393,16 @@ def main(argv: Sequence[str]) -> int:
   serving.resolve_model_source(FLAGS.checkpoint, FLAGS.prefer)  # names a missing model
   for problem in problems:
     print(f"skipped {problem['file']}: {problem['reason']}", file=sys.stderr)
+  # Flips, tiling and post-processing happen inside the serve call (in that order of work:
+  # each flipped copy tiled, the copies averaged, then head 2 post-processed).
   loaded = serving.load_segmenter(
-    FLAGS.checkpoint,
-    prefer=FLAGS.prefer,
-    height=FLAGS.height or None,
-    width=FLAGS.width or None,
-    precision_name=FLAGS.precision,
+    FLAGS.checkpoint, threshold=FLAGS.threshold, **model_flags.load_arguments(FLAGS)
   )
   summary = predict(
     loaded,
     paths,
     FLAGS.out_dir,
     threshold=FLAGS.threshold,
-    tta=FLAGS.tta,
-    flips=FLAGS.tta_flips,
     batch_size=FLAGS.batch_size,
     overlays=FLAGS.overlays,
     probabilities=FLAGS.probabilities,

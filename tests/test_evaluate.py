@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -380,7 +381,8 @@ def test_report_files(loaded, data_dir, tmp_path):
     line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| ---")
   ]
   assert rows[0].startswith("| output | statistic | DSC | mIoU")
-  assert len(rows) == 1 + 6  # header + 3 heads x 2 statistics
+  table_end = markdown.index("| head 2 boundary")
+  assert len([row for row in rows if markdown.index(row) < table_end]) == 1 + 6  # 3 heads x 2
   head2_mean = report["metrics"]["head2"]["per_image"]
   assert rows[1] == (
     "| head 2 (final output) | mean over images | "
@@ -663,3 +665,125 @@ def test_cli_recompute_bn_saves_a_model_that_scores_what_was_reported(workdir, d
     document["metrics"]["head2"]["per_image"]["dsc"], abs=1e-6
   )
   assert "recomputed" in (out / "metrics.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# Boundary metrics, post-processing chosen on validation, folds, ensembles
+# ------------------------------------------------------------------------------------------------
+
+
+def test_boundary_metrics_per_image_and_summarized(loaded, data_dir, tmp_path):
+  spacing = (0.25, 0.25)
+  report = evaluate.evaluate(
+    loaded,
+    data_dir=str(data_dir),
+    split="test",
+    progress=False,
+    boundary=evaluate.BoundarySettings(spacing_mm=spacing, tolerance=1.0, tolerance_mm=0.25),
+  )
+  scores = report["_scores"]
+  for score in scores:
+    # Distances scale with an isotropic spacing; NSD at 1 px equals NSD at 0.25 mm.
+    for name in ("hd95", "assd"):
+      if np.isnan(score.surface[name]):
+        assert np.isnan(score.surface[name + "_mm"])
+      else:
+        assert score.surface[name + "_mm"] == pytest.approx(score.surface[name] * 0.25, rel=1e-9)
+    assert score.surface["nsd_mm"] == pytest.approx(score.surface["nsd"], abs=1e-12)
+  summary = report["boundary"]["head2"]
+  hd95 = np.array([score.surface["hd95"] for score in scores])
+  assert summary["hd95"]["count_undefined"] == int(np.isnan(hd95).sum())
+  if np.isfinite(hd95).any():
+    assert summary["hd95"]["mean"] == pytest.approx(float(np.nanmean(hd95)))
+  assert report["headline"]["hd95"] == summary["hd95"]["mean"]
+  paths = evaluate.write_report(report, tmp_path / "out")
+  text = Path(paths["metrics.json"]).read_text()
+  assert "NaN" not in text and "Infinity" not in text  # strict JSON
+  rows = list(csv.DictReader(io.StringIO(Path(paths["per_image.csv"]).read_text())))
+  assert [key for key in rows[0] if "hd95" in key or "nsd" in key] == [
+    "hd95",
+    "nsd",
+    "hd95_mm",
+    "nsd_mm",
+  ]
+  markdown = Path(paths["metrics.md"]).read_text()
+  assert "| hd95 |" in markdown and "at spacing [0.25, 0.25] mm/px" in markdown
+  assert "MONAI" in markdown
+
+
+def _copy_run(workdir, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+  return copy
+
+
+def test_postprocessing_is_chosen_on_validation_kept_and_applied(workdir, data_dir, tmp_path):
+  run = _copy_run(workdir, tmp_path)
+  plain = serving.load_segmenter(str(run))
+  spec, record = evaluate.choose_postprocessing_on_validation(plain, data_dir, progress=False)
+  assert record["chosen_on"]["split"] == "valid" and record["images"] == len(SPLIT["valid"])
+  assert record["choice"] == spec.to_string()
+  names = [candidate["postprocessing"] for candidate in record["candidates"]]
+  assert names[0] == "none" and "largest" in names
+  # The chosen candidate has the best validation DSC, or none won by the margin.
+  best = max(record["candidates"], key=lambda c: c["mean_dsc"])
+  assert spec.is_none or best["postprocessing"] == spec.to_string()
+  serving.write_postprocessing_choice(str(run), dict(record, choice="largest"))
+  again = serving.load_segmenter(str(run))
+  assert again.settings["postprocessing"] == "largest"
+  with pytest.raises(ConfigError, match="without one"):
+    evaluate.choose_postprocessing_on_validation(again, data_dir, progress=False)
+
+
+def test_cli_chooses_postprocessing_and_reports_it(workdir, tmp_path):
+  run = _copy_run(workdir, tmp_path)
+  completed = _cli(
+    f"--checkpoint={run}", "--noprogress", "--choose_postprocessing", "--pixel_spacing=0.5"
+  )
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  kept = json.loads((run / serving.POSTPROCESSING_FILENAME).read_text())
+  assert kept["format"] == "dunet-postprocessing"
+  document = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+  assert document["model"]["postprocessing"] == kept["choice"]
+  assert document["postprocessing_choice"]["reason"] == kept["reason"]
+  assert document["boundary"]["spacing_mm"] == [0.5]
+  assert "Post-processing chosen on valid" in completed.stdout
+  bad = _cli(f"--checkpoint={run}", "--choose_postprocessing", f"--raw_dir={tmp_path}")
+  assert bad.returncode == 2 and "needs checkpoints" in bad.stderr
+
+
+def test_a_fold_run_evaluates_its_own_fold_as_valid(raw_dir, tmp_path):
+  out = tmp_path / "folds"
+  split_file = tmp_path / "split.json"
+  split_file.write_text(json.dumps(SPLIT))
+  prepare.prepare_dataset(
+    raw_dir,
+    out,
+    height=MODEL_SIZE[0],
+    width=MODEL_SIZE[1],
+    split_file=split_file,
+    folds=2,
+    progress=False,
+    workers=1,
+  )
+  counts = json.loads((out / "summary.json").read_text())["counts"]
+  assert evaluate.splits_to_evaluate(out, "valid", "fold_1") == {"fold_1": counts["fold_1"]}
+  assert evaluate.splits_to_evaluate(out, "train", "fold_1") == {"fold_0": counts["fold_0"]}
+  assert list(evaluate.splits_to_evaluate(out, "all", "fold_1")) == ["fold_0", "fold_1", "test"]
+  with pytest.raises(ConfigError, match="prepared in folds"):
+    evaluate.splits_to_evaluate(out, "valid")
+
+
+def test_an_ensemble_of_one_run_twice_scores_like_the_run(workdir, loaded, data_dir, tmp_path):
+  ensemble = serving.load_segmenter(f"{workdir},{workdir}")
+  assert len(ensemble.sources) == 2
+  single = evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
+  both = evaluate.evaluate(ensemble, data_dir=str(data_dir), split="test", progress=False)
+  assert both["metrics"] == single["metrics"]  # (a + a) / 2 == a exactly
+  assert both["model"]["members"] == [ensemble.sources[0]] * 2
+  cv = tmp_path / "cv"
+  for fold in ("fold_0", "fold_1"):
+    (cv / fold).mkdir(parents=True)
+  assert evaluate.default_out_dir(f"{cv}/fold_*", "test", None, False) == str(
+    cv / "eval" / "ensemble-test"
+  )

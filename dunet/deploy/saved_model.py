@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
 from dunet import fileio
+from dunet import postprocess
 from dunet import serving
 from dunet.data import demo
 from dunet.errors import ConfigError
@@ -113,12 +114,17 @@ def export_saved_model(
   preprocessing: Optional[str] = None,
   overwrite: bool = False,
   tolerance: float = DEFAULT_TOLERANCE,
+  flips: Sequence[str] = (),
+  tile_overlap: Union[None, float, str] = None,
+  postprocessing: Union[None, str, postprocess.PostProcessing] = None,
+  threshold: Optional[float] = None,
 ) -> ExportSummary:
-  """Exports a checkpoint as a verified SavedModel, atomically.
+  """Exports a checkpoint (or an ensemble of checkpoints) as a verified SavedModel, atomically.
 
   Args:
     checkpoint: a training workdir, a converted Keras workdir (dunet-convert-keras) or a
-      checkpoint prefix such as `run/best/ckpt-12`.
+      checkpoint prefix such as `run/best/ckpt-12`; several (comma-separated, or glob patterns
+      such as `runs/cv/fold_*`) export one SavedModel that averages their probabilities.
     out_dir: the SavedModel folder to create (a local path).
     prefer: "best" or "latest" checkpoint of a workdir.
     height, width: the model input size; default: the run's config.json.
@@ -126,6 +132,9 @@ def export_saved_model(
     overwrite: replace an existing `out_dir`.
     tolerance: the largest absolute difference allowed between the reloaded SavedModel and the
       in-memory model.
+    flips, tile_overlap, postprocessing, threshold: built into `serving_default`, as
+      `dunet.serving.load_segmenter` takes them (post-processing: "auto" = the choice kept
+      with the run); the `model_size` signature has the flips but no post-processing.
 
   Returns:
     An ExportSummary.
@@ -141,19 +150,30 @@ def export_saved_model(
     raise ConfigError(f"tolerance must be >= 0, got {tolerance}")
   out_dir = os.path.abspath(out_dir)
   fileio.check_out_dir(out_dir, overwrite)  # before the slow part
-  if serving.is_saved_model(checkpoint):
-    raise ExportError(
-      f"{checkpoint} is already a SavedModel; pass the training workdir or checkpoint it came from"
-    )
+  for member in serving.expand_model_paths(checkpoint):
+    if serving.is_saved_model(member):
+      raise ExportError(
+        f"{member} is already a SavedModel; pass the training workdir or checkpoint it came from"
+      )
   loaded = serving.load_segmenter(
-    checkpoint, prefer=prefer, height=height, width=width, preprocessing=preprocessing
+    checkpoint,
+    prefer=prefer,
+    height=height,
+    width=width,
+    preprocessing=preprocessing,
+    flips=flips,
+    tile_overlap=tile_overlap,
+    postprocessing=postprocessing,
+    threshold=threshold,
   )
   segmenter = loaded.module
   with fileio.staged_directory(out_dir, overwrite, purpose="export") as staging:
     tf.saved_model.save(segmenter, staging, signatures=segmenter.signatures())
     parity = verify_saved_model(staging, segmenter)
     info = {
-      "source_checkpoint": os.path.abspath(loaded.source),
+      "source_checkpoint": ",".join(os.path.abspath(path) for path in loaded.sources),
+      "members": [os.path.abspath(path) for path in loaded.sources],
+      "inference": loaded.settings,
       "height": loaded.height,
       "width": loaded.width,
       "preprocessing": loaded.preprocessing,

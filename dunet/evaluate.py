@@ -579,7 +579,9 @@ def evaluate(
     stale = prepare.check_fresh(data_dir)
     if stale:
       logging.warning("%s", stale)
-    if (info["height"], info["width"]) != (loaded.height, loaded.width):
+    if (info["height"], info["width"]) != (loaded.height, loaded.width) and loaded.settings.get(
+      "tile_overlap"
+    ) is None:
       logging.warning(
         "%s was prepared at %dx%d but the model takes %dx%d: pictures are resized "
         "twice (the model resizes its inputs)",
@@ -776,12 +778,23 @@ def recompute_batch_norm(
       "ensemble, then evaluate the ensemble of the precise_bn workdirs it writes"
     )
   info = pipeline.read_data_info(data_dir)
-  if (int(info["height"]), int(info["width"])) != (loaded.height, loaded.width):
+  config = dict(serving.find_run_config(loaded.source))
+  # A run trained on crops takes crops of its prepared pictures; a fold run its other folds.
+  prepared = (
+    int(config.get("prepared_height") or loaded.height),
+    int(config.get("prepared_width") or loaded.width),
+  )
+  if (int(info["height"]), int(info["width"])) != prepared:
     raise ConfigError(
       f"{data_dir} was prepared at {info['height']}x{info['width']}, the "
-      f"model takes {loaded.height}x{loaded.width}: BatchNorm statistics "
-      "must come from pictures of the model's size"
+      f"model was trained on {prepared[0]}x{prepared[1]} pictures: BatchNorm statistics "
+      "must come from pictures like its training ones"
     )
+  fold = int(config.get("fold", -1))
+  train_splits = folds_lib.fold_splits(data_dir, fold)[0] if fold >= 0 else "train"
+  crop_size = (
+    (loaded.height, loaded.width) if config.get("crop_height") or config.get("crop_width") else None
+  )
   model = loaded.module.model
   dataset = pipeline.make_statistics_dataset(
     data_dir,
@@ -789,12 +802,13 @@ def recompute_batch_norm(
     batches=batches,
     preprocessing=loaded.preprocessing,
     seed=seed,
+    split=train_splits,
+    crop_size=crop_size,
   )
   summary = precise_bn.recompute_statistics(
-    model, records.name_read_errors(dataset, pipeline.shard_files(data_dir, "train"))
+    model, records.name_read_errors(dataset, pipeline.shard_files(data_dir, train_splits))
   )
   folder = os.path.join(os.fspath(out_dir), PRECISE_BN_SUBDIR)
-  config = dict(serving.find_run_config(loaded.source))
   config.update(
     preprocessing=loaded.preprocessing,
     height=loaded.height,
@@ -982,7 +996,7 @@ def _boundary_lines(boundary: Optional[Dict[str, object]]) -> List[str]:
   for name, fields in boundary["head2"].items():
     lines.append(
       f"| {name} | {cell(fields['mean'])} | {cell(fields['median'])} | {cell(fields['std'])} "
-      f"| {fields['count_defined']} ({fields['count_undefined']}) |"
+      f"| {int(fields['count_defined'])} ({int(fields['count_undefined'])}) |"
     )
   spacing = boundary["spacing_mm"]
   lines += [
@@ -1275,12 +1289,16 @@ def _resolve_data_dir(checkpoint: str) -> str:
   return recorded
 
 
-def _valid_split(checkpoint: str) -> str:
-  """The split "valid" means for this model: a fold run's validation fold (its config.json)."""
-  first = serving.expand_model_paths(checkpoint)[0]
-  if serving.is_saved_model(first):
+def _valid_split(checkpoint: str) -> Optional[str]:
+  """The split "valid" means for this model: a fold run's validation fold (its config.json);
+  None for an ensemble of fold runs (every pool image trained some member: it has none)."""
+  members = serving.expand_model_paths(checkpoint)
+  if serving.is_saved_model(members[0]):
     return "valid"
-  return str(serving.find_run_config(first).get("valid_split") or "valid")
+  configs = [serving.find_run_config(member) for member in members]
+  if len(members) > 1 and any(int(config.get("folds") or 0) for config in configs):
+    return None
+  return str(configs[0].get("valid_split") or "valid")
 
 
 def _boundary_settings() -> BoundarySettings:
@@ -1349,11 +1367,17 @@ def main(argv: Sequence[str]) -> int:
   if FLAGS.raw_dir and (FLAGS.data_dir or FLAGS["split"].present):
     raise app.UsageError("--raw_dir evaluates a whole raw folder: leave out --data_dir and --split")
   out_dir, data_dir = _check_inputs()
+  valid_split = _valid_split(FLAGS.checkpoint)
+  if valid_split is None and (FLAGS.split != "test" or FLAGS.choose_postprocessing):
+    raise app.UsageError(
+      "an ensemble of cross-validation folds has no held-out images but the test split: "
+      "evaluate --split=test (its post-processing is chosen out of fold by "
+      "dunet-train --cross_validate)"
+    )
   # Flips, tiling and post-processing happen inside the serve call.
   loaded = serving.load_segmenter(
     FLAGS.checkpoint, threshold=FLAGS.threshold, **model_flags.load_arguments(FLAGS)
   )
-  valid_split = _valid_split(FLAGS.checkpoint)
   choice = None
   if FLAGS.choose_postprocessing:
     base = serving.with_postprocessing(loaded, postprocess.PostProcessing.none(), FLAGS.threshold)
@@ -1389,9 +1413,9 @@ def main(argv: Sequence[str]) -> int:
     threshold=FLAGS.threshold,
     batch_size=FLAGS.batch_size,
     progress=FLAGS.progress,
-    choose_threshold=FLAGS.choose_threshold,
+    choose_threshold=FLAGS.choose_threshold and valid_split is not None,
     boundary=_boundary_settings(),
-    valid_split=valid_split,
+    valid_split=valid_split or "valid",
   )
   report["postprocessing_choice"] = choice
   if recomputed:

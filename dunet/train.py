@@ -31,6 +31,7 @@ from dunet import checkpoint as checkpoint_lib
 from dunet import cli
 from dunet import config as config_lib
 from dunet import controller as controller_lib
+from dunet import cross_validation
 from dunet import distribute
 from dunet import fileio
 from dunet import losses
@@ -65,6 +66,15 @@ flags.DEFINE_bool(
   "and prepared into --data_dir on first use (with --fold=k: in --demo_folds folds).",
 )
 flags.DEFINE_integer("demo_count", 200, "Images in the generated demo data set.")
+flags.DEFINE_bool(
+  "cross_validate",
+  False,
+  "K-fold cross-validation of data prepared in folds (dunet-prepare --folds=K, or --demo): "
+  "train every fold in turn in WORKDIR/fold_k (finished folds are not trained again), score "
+  "each on its held-out fold, and write WORKDIR/cross_validation.{json,md} (mean and std "
+  "over folds), oof_per_image.csv and postprocessing.json (chosen on the out-of-fold "
+  "predictions, for the folds' ensemble --checkpoint='WORKDIR/fold_*').",
+)
 flags.DEFINE_integer(
   "demo_folds",
   5,
@@ -260,7 +270,7 @@ data_flags.define_data_flags()
 flags.adopt_module_key_flags(data_flags)
 
 HELP_GROUPS: Sequence[Tuple[str, Sequence[str]]] = (
-  ("Run", ("config", "workdir", "data_dir", "demo", "height", "width", "fold")),
+  ("Run", ("config", "workdir", "data_dir", "demo", "height", "width", "fold", "cross_validate")),
   (
     "Training",
     (
@@ -528,17 +538,39 @@ def format_summary(result: Dict[str, object], workdir: str, seconds: float) -> s
 # ================================================================================================
 # The command line
 # ================================================================================================
+def fold_flags_text(flags_text: str, fold: int, workdir: str) -> str:
+  """A cross-validation's flags as one fold's flags.txt: `dunet-train --flagfile=it` replays
+  that fold alone."""
+  dropped = ("--cross_validate", "--nocross_validate", "--workdir=", "--fold=")
+  lines = [line for line in flags_text.splitlines() if not line.startswith(dropped)]
+  return "\n".join([*lines, f"--fold={fold}", f"--workdir={workdir}"]) + "\n"
+
+
 def main(argv: List[str]) -> int:
   """Trains as the flags say; returns the exit status (128 + signal number when aborted)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (checkpoints, summaries and metrics go there)")
+  if FLAGS.cross_validate and FLAGS["fold"].present:
+    raise app.UsageError("--cross_validate trains every fold in turn: leave out --fold")
   config = config_from_flags(FLAGS)
   config.validate()
   started = time.time()
+  flags_text = cli.dunet_flags_string(FLAGS)
   try:
-    result = train(config, FLAGS.workdir, flags_text=cli.dunet_flags_string(FLAGS))
+    if FLAGS.cross_validate:
+      summary = cross_validation.cross_validate(
+        config,
+        FLAGS.workdir,
+        lambda fold_config, workdir: train(
+          fold_config, workdir, fold_flags_text(flags_text, fold_config.data.fold, workdir)
+        ),
+      )
+      print(cross_validation.format_markdown(summary))
+      print(f"Cross-validation: {os.path.join(FLAGS.workdir, cross_validation.SUMMARY_JSON)}")
+      return 0
+    result = train(config, FLAGS.workdir, flags_text=flags_text)
   except Aborted as error:  # a KeyboardInterrupt: cli.run would print its traceback
     print(f"{PROGRAM}: error: {error}", file=sys.stderr)
     return 128 + error.signum

@@ -30,7 +30,7 @@ from absl import logging
 import numpy as np
 
 from dunet import controller as controller_lib
-from dunet import evaluate as evaluate_lib
+from dunet import evaluation
 from dunet import fileio
 from dunet import postprocess
 from dunet import serving
@@ -153,7 +153,7 @@ def score_fold(
   run_config = serving.find_run_config(workdir)
   valid_split = str(run_config.get("valid_split") or folds_lib.fold_name(fold))
   loaded = serving.load_segmenter(workdir, postprocessing="none")
-  report = evaluate_lib.evaluate(
+  report = evaluation.evaluate(
     loaded,
     data_dir=str(run_config["data_dir"]),
     split="valid",
@@ -164,7 +164,7 @@ def score_fold(
     choose_threshold=False,
     keep_probabilities=True,
   )
-  evaluate_lib.write_report(report, os.path.join(workdir, EVAL_SUBDIR))
+  evaluation.write_report(report, os.path.join(workdir, EVAL_SUBDIR))
   return report
 
 
@@ -204,7 +204,7 @@ def aggregate(reports: Dict[int, Dict[str, object]], threshold: float) -> Dict[s
     "statistic": "head 2, mean over each fold's held-out images; std over folds (ddof=1)",
     "per_fold": per_fold,
     "over_folds": over_folds,
-    "out_of_fold": evaluate_lib.summarize(scores)["head2"],
+    "out_of_fold": evaluation.summarize(scores)["head2"],
     "images": len(scores),
   }
 
@@ -218,8 +218,8 @@ def _choose_on_out_of_fold(
     [score.probability for score in scores], [score.truth for score in scores], threshold
   )
   record = {
-    "format": evaluate_lib.POSTPROCESSING_FORMAT,
-    "version": evaluate_lib.POSTPROCESSING_VERSION,
+    "format": evaluation.POSTPROCESSING_FORMAT,
+    "version": evaluation.POSTPROCESSING_VERSION,
     **record,
     "chosen_on": {
       "data_dir": str(reports[min(reports)]["data"]["data_dir"]),
@@ -242,7 +242,7 @@ def write_summary(
   fileio.write_json_atomic(paths[SUMMARY_JSON], summary, indent=1, sort_keys=False)
   fileio.write_text_atomic(paths[SUMMARY_MD], format_markdown(summary))
   scores = [score for report in reports.values() for score in report["_scores"]]
-  fileio.write_text_atomic(paths[OOF_CSV], evaluate_lib.per_image_csv(scores))
+  fileio.write_text_atomic(paths[OOF_CSV], evaluation.per_image_csv(scores))
   return paths
 
 

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from dunet import evaluate
+from dunet import evaluation as evaluation_lib
 from dunet import fileio
 from dunet import inference
 from dunet import metrics
@@ -600,12 +600,12 @@ def _examples(
     for pair in layouts.scan(raw_dir, str(data.get("layout") or "auto")).pairs:
       if pair.stem in stems:
         example = readers.read_pair(pair)
-        found[(pair.stem, evaluate.RAW_SPLIT)] = (example.image, example.mask)
+        found[(pair.stem, evaluation_lib.RAW_SPLIT)] = (example.image, example.mask)
     where = raw_dir
   else:
     where = str(data.get("data_dir"))
     splits = sorted({split for _, split in wanted})
-    for batch in evaluate.prepared_batches(where, splits, batch_size):
+    for batch in evaluation_lib.prepared_batches(where, splits, batch_size):
       for example in batch:
         if (example.name, example.split) in wanted:
           found[(example.name, example.split)] = (example.image, example.truth)

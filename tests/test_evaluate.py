@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
-from dunet import evaluate
+from dunet import evaluation
 from dunet import serving
 from dunet.data import prepare
 from dunet.errors import ConfigError
@@ -218,7 +218,7 @@ def _check_report(report, expected_counts, names):
 
 @pytest.mark.parametrize("tta", [False, True], ids=["plain", "flip_tta"])
 def test_test_split_is_scored_at_the_original_resolution(loaded, raw_dir, data_dir, tta):
-  report = evaluate.evaluate(
+  report = evaluation.evaluate(
     loaded,
     data_dir=str(data_dir),
     split="test",
@@ -246,7 +246,7 @@ def test_test_split_is_scored_at_the_original_resolution(loaded, raw_dir, data_d
 
 def test_tta_changes_the_predictions(loaded, data_dir):
   plain, flipped = (
-    evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", tta=tta, progress=False)
+    evaluation.evaluate(loaded, data_dir=str(data_dir), split="test", tta=tta, progress=False)
     for tta in (False, True)
   )
   assert any(
@@ -256,7 +256,7 @@ def test_tta_changes_the_predictions(loaded, data_dir):
 
 
 def test_all_splits_train_is_scored_at_the_prepared_size(loaded, raw_dir, data_dir):
-  report = evaluate.evaluate(
+  report = evaluation.evaluate(
     loaded, data_dir=str(data_dir), split="all", batch_size=3, progress=False
   )
   assert report["images"] == 10
@@ -285,7 +285,7 @@ def test_all_splits_train_is_scored_at_the_prepared_size(loaded, raw_dir, data_d
 
 
 def test_raw_folder_is_scored_at_its_original_resolution(loaded, raw_dir):
-  report = evaluate.evaluate(loaded, raw_dir=str(raw_dir), batch_size=16, progress=False)
+  report = evaluation.evaluate(loaded, raw_dir=str(raw_dir), batch_size=16, progress=False)
   raw = [_read_raw(raw_dir, stem) for stem in STEMS]
   expected = _reference_counts(loaded, [image for image, _ in raw], [mask for _, mask in raw])
   _check_report(report, expected, STEMS)
@@ -302,8 +302,8 @@ def test_raw_folder_bad_files_raise_or_are_skipped(loaded, raw_dir, tmp_path):
   (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
   (root / "masks" / "broken.png").write_bytes((raw_dir / "masks" / "img01.png").read_bytes())
   with pytest.raises(DataError, match="broken.png"):
-    evaluate.evaluate(loaded, raw_dir=str(root), progress=False)
-  report = evaluate.evaluate(loaded, raw_dir=str(root), on_error="skip", progress=False)
+    evaluation.evaluate(loaded, raw_dir=str(root), progress=False)
+  report = evaluation.evaluate(loaded, raw_dir=str(root), on_error="skip", progress=False)
   assert report["images"] == 3
   assert [Path(item["file"]).name for item in report["skipped"]] == ["broken.png"]
   assert any("skipped" in note for note in report["notes"])
@@ -324,7 +324,7 @@ def test_batches_by_size_do_not_change_the_scores(loaded, raw_dir, tmp_path):
     cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask * 255)
     head2, _ = _serve(loaded, image[None])
     expected[stem] = _counts(head2[0], mask > 0)
-  report = evaluate.evaluate(loaded, raw_dir=str(root), batch_size=2, progress=False)
+  report = evaluation.evaluate(loaded, raw_dir=str(root), batch_size=2, progress=False)
   for score in report["_scores"]:
     assert (score.height, score.width) == sizes[score.name]
     # Batched differently from the one-picture reference: a pixel or two may sit at 0.5.
@@ -337,7 +337,7 @@ def test_a_saved_model_scores_like_its_checkpoint(loaded, data_dir, tmp_path):
   from_saved = serving.load_segmenter(str(tmp_path / "saved"))
   assert from_saved.kind == "saved_model"
   reports = [
-    evaluate.evaluate(model, data_dir=str(data_dir), split="valid", progress=False)
+    evaluation.evaluate(model, data_dir=str(data_dir), split="valid", progress=False)
     for model in (loaded, from_saved)
   ]
   for ours, theirs in zip(*(report["_scores"] for report in reports)):
@@ -346,7 +346,7 @@ def test_a_saved_model_scores_like_its_checkpoint(loaded, data_dir, tmp_path):
       # The same graph, reloaded: at most a pixel at the threshold may differ.
       assert np.abs(ours.counts[head] - theirs.counts[head]).max() <= 1, (ours.name, head)
   assert reports[1]["model"]["kind"] == "saved_model"
-  assert evaluate.default_out_dir(str(tmp_path / "saved"), "test", None, False) is None
+  assert evaluation.default_out_dir(str(tmp_path / "saved"), "test", None, False) is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,8 +355,8 @@ def test_a_saved_model_scores_like_its_checkpoint(loaded, data_dir, tmp_path):
 
 
 def test_report_files(loaded, data_dir, tmp_path):
-  report = evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
-  paths = evaluate.write_report(report, tmp_path / "out")
+  report = evaluation.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
+  paths = evaluation.write_report(report, tmp_path / "out")
   assert sorted(os.listdir(tmp_path / "out")) == ["metrics.json", "metrics.md", "per_image.csv"]
 
   document = json.loads(Path(paths["metrics.json"]).read_text())
@@ -412,15 +412,15 @@ def test_report_files(loaded, data_dir, tmp_path):
 
 def test_errors_name_what_is_wrong(loaded, raw_dir, data_dir, tmp_path):
   with pytest.raises(DataError, match="dunet-prepare"):
-    evaluate.evaluate(loaded, data_dir=str(tmp_path / "nothing"), progress=False)
+    evaluation.evaluate(loaded, data_dir=str(tmp_path / "nothing"), progress=False)
   with pytest.raises(ConfigError, match="unknown split 'bogus'"):
-    evaluate.evaluate(loaded, data_dir=str(data_dir), split="bogus", progress=False)
+    evaluation.evaluate(loaded, data_dir=str(data_dir), split="bogus", progress=False)
   with pytest.raises(ConfigError, match="exactly one"):
-    evaluate.evaluate(loaded, data_dir=str(data_dir), raw_dir=str(raw_dir), progress=False)
+    evaluation.evaluate(loaded, data_dir=str(data_dir), raw_dir=str(raw_dir), progress=False)
   with pytest.raises(ConfigError, match="exactly one"):
-    evaluate.evaluate(loaded, progress=False)
+    evaluation.evaluate(loaded, progress=False)
   with pytest.raises(DataError, match="does not exist"):
-    evaluate.evaluate(loaded, raw_dir=str(tmp_path / "no_raw"), progress=False)
+    evaluation.evaluate(loaded, raw_dir=str(tmp_path / "no_raw"), progress=False)
 
   no_test = tmp_path / "no_test"
   prepare.prepare_dataset(
@@ -433,7 +433,7 @@ def test_errors_name_what_is_wrong(loaded, raw_dir, data_dir, tmp_path):
     workers=1,
   )
   with pytest.raises(ConfigError, match="no 'test' examples"):
-    evaluate.evaluate(loaded, data_dir=str(no_test), split="test", progress=False)
+    evaluation.evaluate(loaded, data_dir=str(no_test), split="test", progress=False)
 
 
 def test_a_damaged_shard_is_named(loaded, data_dir, tmp_path):
@@ -446,24 +446,24 @@ def test_a_damaged_shard_is_named(loaded, data_dir, tmp_path):
   data[len(data) // 2] ^= 0xFF  # same size, one byte changed: only reading finds it
   shard.write_bytes(bytes(data))
   with pytest.raises(DataError, match=shard.name):
-    evaluate.evaluate(loaded, data_dir=str(copy), split="test", progress=False)
+    evaluation.evaluate(loaded, data_dir=str(copy), split="test", progress=False)
   shard.write_bytes(bytes(data[:-10]))  # truncated: found before reading
   with pytest.raises(DataError, match=shard.name):
-    evaluate.evaluate(loaded, data_dir=str(copy), split="test", progress=False)
+    evaluation.evaluate(loaded, data_dir=str(copy), split="test", progress=False)
 
 
 def test_default_output_folders(workdir, tmp_path):
   prefix = tf.train.latest_checkpoint(str(workdir / "best"))
-  assert evaluate.default_out_dir(str(workdir), "test", None, False) == str(
+  assert evaluation.default_out_dir(str(workdir), "test", None, False) == str(
     workdir / "eval" / "test"
   )
-  assert evaluate.default_out_dir(prefix, "valid", None, True) == str(
+  assert evaluation.default_out_dir(prefix, "valid", None, True) == str(
     workdir / "eval" / "valid-tta"
   )
-  assert evaluate.default_out_dir(str(workdir), "test", "/data/ETIS/", False, "latest") == str(
+  assert evaluation.default_out_dir(str(workdir), "test", "/data/ETIS/", False, "latest") == str(
     workdir / "eval" / "raw-ETIS-latest"
   )
-  assert evaluate.default_out_dir(str(tmp_path / "loose" / "ckpt-3"), "test", None, False) is None
+  assert evaluation.default_out_dir(str(tmp_path / "loose" / "ckpt-3"), "test", None, False) is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,7 +490,7 @@ def test_cli_evaluates_the_runs_own_data(workdir, loaded, data_dir):
   out = workdir / "eval" / "test"
   document = json.loads((out / "metrics.json").read_text())
   assert document["data"]["data_dir"] == str(data_dir)  # from config.json
-  expected = evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
+  expected = evaluation.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
   for head in HEADS:
     for statistic in ("per_image", "pooled"):
       for name, value in expected["metrics"][head][statistic].items():
@@ -578,9 +578,9 @@ def _mean_dsc(loaded, raw_dir, stems, threshold):
 
 
 def test_threshold_is_chosen_on_validation_and_applied_to_test(loaded, raw_dir, data_dir):
-  report = evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
+  report = evaluation.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
   chosen = report["validation_threshold"]
-  grid = evaluate.THRESHOLD_GRID
+  grid = evaluation.THRESHOLD_GRID
   valid_dsc = {t: _mean_dsc(loaded, raw_dir, SPLIT["valid"], t) for t in grid}
   best = max(valid_dsc.values())
   # The best on VALIDATION (ties: the one nearest 0.5), not on the test split.
@@ -596,26 +596,27 @@ def test_threshold_is_chosen_on_validation_and_applied_to_test(loaded, raw_dir, 
   assert report["metrics"]["head2"]["per_image"]["dsc"] == pytest.approx(
     _mean_dsc(loaded, raw_dir, SPLIT["test"], 0.5), abs=1e-9
   )
-  assert "Validation-optimal threshold" in evaluate.format_markdown(report)
+  assert "Validation-optimal threshold" in evaluation.format_markdown(report)
   # Evaluating the valid split itself says that the choice is tuned on it.
-  on_valid = evaluate.evaluate(loaded, data_dir=str(data_dir), split="valid", progress=False)
+  on_valid = evaluation.evaluate(loaded, data_dir=str(data_dir), split="valid", progress=False)
   assert on_valid["validation_threshold"]["threshold"] == expected
   assert "optimistic" in on_valid["validation_threshold"]["chosen_on"]
   # Off, and for raw folders (no validation split): none.
   assert (
-    evaluate.evaluate(
+    evaluation.evaluate(
       loaded, data_dir=str(data_dir), split="test", progress=False, choose_threshold=False
     )["validation_threshold"]
     is None
   )
   assert (
-    evaluate.evaluate(loaded, raw_dir=str(raw_dir), progress=False)["validation_threshold"] is None
+    evaluation.evaluate(loaded, raw_dir=str(raw_dir), progress=False)["validation_threshold"]
+    is None
   )
 
 
 def test_best_threshold_ties_go_to_the_nearest_to_the_default():
   def score(counts_at):
-    return evaluate.ImageScore(
+    return evaluation.ImageScore(
       "x",
       "valid",
       1,
@@ -627,8 +628,8 @@ def test_best_threshold_ties_go_to_the_nearest_to_the_default():
 
   perfect, wrong = (1, 0, 0, 1), (0, 1, 1, 0)
   scores = [score({0.3: perfect, 0.45: perfect, 0.5: wrong, 0.7: perfect})]
-  assert evaluate.best_threshold(scores)["threshold"] == 0.45
-  assert evaluate.best_threshold(scores)["dsc_at_default"] == 0.0
+  assert evaluation.best_threshold(scores)["threshold"] == 0.45
+  assert evaluation.best_threshold(scores)["dsc_at_default"] == 0.0
 
 
 def test_cli_recompute_bn_saves_a_model_that_scores_what_was_reported(workdir, data_dir, tmp_path):
@@ -660,7 +661,7 @@ def test_cli_recompute_bn_saves_a_model_that_scores_what_was_reported(workdir, d
     not np.allclose(a.moving_variance.numpy(), b.moving_variance.numpy())
     for a, b in zip(norms, originals)
   )
-  rescored = evaluate.evaluate(again, data_dir=str(data_dir), split="test", progress=False)
+  rescored = evaluation.evaluate(again, data_dir=str(data_dir), split="test", progress=False)
   assert rescored["metrics"]["head2"]["per_image"]["dsc"] == pytest.approx(
     document["metrics"]["head2"]["per_image"]["dsc"], abs=1e-6
   )
@@ -674,12 +675,12 @@ def test_cli_recompute_bn_saves_a_model_that_scores_what_was_reported(workdir, d
 
 def test_boundary_metrics_per_image_and_summarized(loaded, data_dir, tmp_path):
   spacing = (0.25, 0.25)
-  report = evaluate.evaluate(
+  report = evaluation.evaluate(
     loaded,
     data_dir=str(data_dir),
     split="test",
     progress=False,
-    boundary=evaluate.BoundarySettings(spacing_mm=spacing, tolerance=1.0, tolerance_mm=0.25),
+    boundary=evaluation.BoundarySettings(spacing_mm=spacing, tolerance=1.0, tolerance_mm=0.25),
   )
   scores = report["_scores"]
   for score in scores:
@@ -696,7 +697,7 @@ def test_boundary_metrics_per_image_and_summarized(loaded, data_dir, tmp_path):
   if np.isfinite(hd95).any():
     assert summary["hd95"]["mean"] == pytest.approx(float(np.nanmean(hd95)))
   assert report["headline"]["hd95"] == summary["hd95"]["mean"]
-  paths = evaluate.write_report(report, tmp_path / "out")
+  paths = evaluation.write_report(report, tmp_path / "out")
   text = Path(paths["metrics.json"]).read_text()
   assert "NaN" not in text and "Infinity" not in text  # strict JSON
   rows = list(csv.DictReader(io.StringIO(Path(paths["per_image.csv"]).read_text())))
@@ -720,7 +721,7 @@ def _copy_run(workdir, tmp_path):
 def test_postprocessing_is_chosen_on_validation_kept_and_applied(workdir, data_dir, tmp_path):
   run = _copy_run(workdir, tmp_path)
   plain = serving.load_segmenter(str(run))
-  spec, record = evaluate.choose_postprocessing_on_validation(plain, data_dir, progress=False)
+  spec, record = evaluation.choose_postprocessing_on_validation(plain, data_dir, progress=False)
   assert record["chosen_on"]["split"] == "valid" and record["images"] == len(SPLIT["valid"])
   assert record["choice"] == spec.to_string()
   names = [candidate["postprocessing"] for candidate in record["candidates"]]
@@ -732,7 +733,7 @@ def test_postprocessing_is_chosen_on_validation_kept_and_applied(workdir, data_d
   again = serving.load_segmenter(str(run))
   assert again.settings["postprocessing"] == "largest"
   with pytest.raises(ConfigError, match="without one"):
-    evaluate.choose_postprocessing_on_validation(again, data_dir, progress=False)
+    evaluation.choose_postprocessing_on_validation(again, data_dir, progress=False)
 
 
 def test_cli_chooses_postprocessing_and_reports_it(workdir, tmp_path):
@@ -767,23 +768,23 @@ def test_a_fold_run_evaluates_its_own_fold_as_valid(raw_dir, tmp_path):
     workers=1,
   )
   counts = json.loads((out / "summary.json").read_text())["counts"]
-  assert evaluate.splits_to_evaluate(out, "valid", "fold_1") == {"fold_1": counts["fold_1"]}
-  assert evaluate.splits_to_evaluate(out, "train", "fold_1") == {"fold_0": counts["fold_0"]}
-  assert list(evaluate.splits_to_evaluate(out, "all", "fold_1")) == ["fold_0", "fold_1", "test"]
+  assert evaluation.splits_to_evaluate(out, "valid", "fold_1") == {"fold_1": counts["fold_1"]}
+  assert evaluation.splits_to_evaluate(out, "train", "fold_1") == {"fold_0": counts["fold_0"]}
+  assert list(evaluation.splits_to_evaluate(out, "all", "fold_1")) == ["fold_0", "fold_1", "test"]
   with pytest.raises(ConfigError, match="prepared in folds"):
-    evaluate.splits_to_evaluate(out, "valid")
+    evaluation.splits_to_evaluate(out, "valid")
 
 
 def test_an_ensemble_of_one_run_twice_scores_like_the_run(workdir, loaded, data_dir, tmp_path):
   ensemble = serving.load_segmenter(f"{workdir},{workdir}")
   assert len(ensemble.sources) == 2
-  single = evaluate.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
-  both = evaluate.evaluate(ensemble, data_dir=str(data_dir), split="test", progress=False)
+  single = evaluation.evaluate(loaded, data_dir=str(data_dir), split="test", progress=False)
+  both = evaluation.evaluate(ensemble, data_dir=str(data_dir), split="test", progress=False)
   assert both["metrics"] == single["metrics"]  # (a + a) / 2 == a exactly
   assert both["model"]["members"] == [ensemble.sources[0]] * 2
   cv = tmp_path / "cv"
   for fold in ("fold_0", "fold_1"):
     (cv / fold).mkdir(parents=True)
-  assert evaluate.default_out_dir(f"{cv}/fold_*", "test", None, False) == str(
+  assert evaluation.default_out_dir(f"{cv}/fold_*", "test", None, False) == str(
     cv / "eval" / "ensemble-test"
   )

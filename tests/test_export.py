@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import postprocess
 from dunet import serving
 from dunet.data import prepare
 from dunet.data import preprocess
@@ -243,3 +244,33 @@ def test_cli_exports_and_overwrites(tmp_path, run_dir, model):
     loaded.serve(pictures)["probability"].numpy(), expected["probability"], atol=1e-6
   )
   assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_an_ensemble_exports_as_one_verified_saved_model(tmp_path, model):
+  """Two runs of one folder (cross-validation folds) with their post-processing choice: one
+  SavedModel whose serving_default is the in-memory ensemble with the post-processing."""
+  size = 32  # small: two networks, traced for three sizes and both signatures
+  second = make_model(seed=5)
+  for name, member in (("fold_0", model), ("fold_1", second)):
+    write_run(tmp_path / "cv" / name, member, size=size)
+  serving.write_postprocessing_choice(str(tmp_path / "cv"), {"choice": "largest", "threshold": 0.5})
+  summary = export.export_saved_model(f"{tmp_path}/cv/fold_*", str(tmp_path / "saved"))
+  assert len(summary.info["members"]) == 2
+  assert summary.info["inference"]["postprocessing"] == "largest"
+  assert summary.info["inference"]["members"] == 2
+  assert {f"model_size {size}x{size}", f"serving_default {size}x{size}"} <= set(summary.parity)
+  reloaded = serving.load_segmenter(summary.out_dir)
+  expected = serving.Segmenter(
+    [model, second],
+    size,
+    size,
+    "reference",
+    postprocessing=postprocess.PostProcessing.from_string("largest"),
+  )
+  pictures = export.parity_pictures(2, 40, 36)
+  np.testing.assert_allclose(
+    reloaded.serve(tf.constant(pictures))["probability"].numpy(),
+    expected(pictures)["probability"].numpy(),
+    atol=1e-5,
+  )

@@ -240,7 +240,7 @@ def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_
   """What users do with converted weights: dunet's evaluate, predict and export read the workdir
   as they read a training run (input size and the reference preprocessing from config.json)."""
   import cv2  # pylint: disable=g-import-not-at-top
-  from dunet import evaluate, predict, serving  # pylint: disable=g-import-not-at-top
+  from dunet import evaluation, predict, serving  # pylint: disable=g-import-not-at-top
   from dunet.deploy import saved_model  # pylint: disable=g-import-not-at-top
   from dunet.data import preprocess  # pylint: disable=g-import-not-at-top
 
@@ -269,7 +269,7 @@ def test_converted_workdir_serves_evaluates_predicts_and_exports(reference, tmp_
     mask[10:30, 20:50] = 255
     cv2.imwrite(str(raw / "images" / f"{index}.png"), picture)
     cv2.imwrite(str(raw / "masks" / f"{index}.png"), mask)
-  report = evaluate.evaluate(loaded, raw_dir=str(raw), progress=False)
+  report = evaluation.evaluate(loaded, raw_dir=str(raw), progress=False)
   assert report["images"] == 2 and report["resolution"] == "original"
   assert 0.0 <= report["headline"]["dsc"] <= 1.0
   summary = predict.predict(

@@ -19,7 +19,7 @@ from absl import flags
 
 from dunet import checkpoint as checkpoint_lib
 from dunet import cli
-from dunet import evaluate
+from dunet import evaluation
 from dunet import metrics
 from dunet import pictures
 from dunet import results
@@ -94,10 +94,10 @@ def run(tmp_path_factory):
         tf.summary.scalar(tag, value, step=10 * step)
     writer.close()
   loaded = serving.load_segmenter(str(workdir))
-  report = evaluate.evaluate(
+  report = evaluation.evaluate(
     loaded, data_dir=str(data_dir), split="test", progress=False, choose_threshold=False
   )
-  evaluate.write_report(report, str(workdir / "eval" / "test"))
+  evaluation.write_report(report, str(workdir / "eval" / "test"))
   return workdir, loaded
 
 

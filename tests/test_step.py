@@ -182,16 +182,17 @@ def test_two_replicas_match_one_replica():
   measured = _train_function(model, optimizer, loss_scale, 4, strategy=strategy)(batch)
   assert float(measured["update_applied"]) == 1.0
   # Compare the changes: float sums in another order differ by rounding, which this
-  # ill-conditioned network (see test_low_precision_steps_train) amplifies to ~0.5% of an update;
-  # a real error (a doubled all-reduce, the per-replica batch as divisor, BatchNorm statistics
-  # averaged wrongly) changes them by 50% or more.
+  # ill-conditioned network (see test_low_precision_steps_train) amplifies to ~0.5% of an update
+  # with oneDNN's kernels and to 2.3% of the largest change with Eigen's (a CPU without AVX-512,
+  # 2026-12-01); a real error (a doubled all-reduce, the per-replica batch as divisor, BatchNorm
+  # statistics averaged wrongly) changes them by 50% or more.
   for value, expected, got in zip(initial, single_model.variables, model.variables):
     expected_change = expected.numpy() - value
     got_change = got.numpy() - value
     # (A bias right before BatchNorm gets no gradient in training: its change is zero in both;
     # changes below the float32 spacing of the weights themselves are rounding.)
     scale = np.abs(expected_change).max()
-    tolerance = 0.02 * scale + 2 * np.spacing(np.abs(value).max()) + 1e-9
+    tolerance = 0.05 * scale + 2 * np.spacing(np.abs(value).max()) + 1e-9
     np.testing.assert_allclose(
       got_change, expected_change, atol=tolerance, rtol=0, err_msg=expected.name
     )

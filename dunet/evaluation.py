@@ -875,7 +875,7 @@ def format_markdown(report: Dict[str, object]) -> str:
     "# DoubleU-Net evaluation",
     "",
     f"- model: `{model['source']}` ({model['kind']}, input {model['input_height']}x"
-    f"{model['input_width']}, preprocessing {model['preprocessing']})",
+    f"{model['input_width']}, preprocessing {model['preprocessing']})" + _inference_text(model),
     f"- data: {where}: {report['images']} images, scored {_resolution_text(report)}",
     f"- threshold {report['threshold']:g}; test-time augmentation: "
     f"{'flips ' + ', '.join(flips) if flips else 'none'}",
@@ -932,6 +932,21 @@ def format_markdown(report: Dict[str, object]) -> str:
   for note in report["notes"]:
     lines += ["", f"Note: {note}"]
   return "\n".join(lines) + "\n"
+
+
+def _inference_text(model: Dict[str, object]) -> str:
+  """What the serve call does beside one plain model call, for the report's model line."""
+  parts = []
+  members = model.get("members") or []
+  if len(members) > 1:
+    parts.append(f"an ensemble of {len(members)} models, probabilities averaged")
+  tiling = model.get("tiling")
+  if tiling:
+    parts.append(
+      f"tiled at full resolution: {tiling['window'][0]}x{tiling['window'][1]} windows, "
+      f"overlap {tiling['overlap']:g}, {tiling['weighting']} weights"
+    )
+  return "; " + "; ".join(parts) if parts else ""
 
 
 def _boundary_lines(boundary: Optional[Dict[str, object]]) -> List[str]:

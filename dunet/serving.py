@@ -153,7 +153,10 @@ class Segmenter(tf.Module):
       raise ConfigError(f"tile overlap must be in [0, 1), got {tile_overlap}")
     if not 0.0 <= threshold <= 1.0:
       raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
-    self.models = models
+    # `model` is the first member under the name a single model's SavedModel has always used
+    # (dunet/deploy/onnx.py restores it from there); `members` are all of them.
+    self.model = models[0]
+    self.members = models
     self.height, self.width, self.preprocessing = int(height), int(width), preprocessing
     self.flips = tuple(flips)
     self.tile_overlap = tile_overlap
@@ -176,15 +179,10 @@ class Segmenter(tf.Module):
       input_signature=[tf.TensorSpec([None, self.height, self.width, 3], tf.uint8, name=IMAGES)],
     )
 
-  @property
-  def model(self) -> DoubleUNet:
-    """The (first) model."""
-    return self.models[0]
-
   def settings(self) -> Dict[str, object]:
     """What `serve` does beside the plain model call (JSON-ready; kept in a SavedModel)."""
     return {
-      "members": len(self.models),
+      "members": len(self.members),
       "flips": list(self.flips),
       "tile_overlap": self.tile_overlap,
       "postprocessing": self.postprocessing.to_string(),
@@ -225,12 +223,12 @@ class Segmenter(tf.Module):
   def _members(self, inputs: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Preprocessed [B, H, W, 3] -> the members' mean probabilities of each head."""
     head2 = head1 = None
-    for model in self.models:
+    for model in self.members:
       outputs = model(inputs, is_training=False).probabilities()
       head2 = outputs.logits2 if head2 is None else head2 + outputs.logits2
       head1 = outputs.logits1 if head1 is None else head1 + outputs.logits1
-    if len(self.models) > 1:  # one model: its own values, bit for bit
-      head2, head1 = head2 / len(self.models), head1 / len(self.models)
+    if len(self.members) > 1:  # one model: its own values, bit for bit
+      head2, head1 = head2 / len(self.members), head1 / len(self.members)
     return {PROBABILITY: head2, PROBABILITY_HEAD1: head1}
 
   def _segment_model_size(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -439,7 +437,7 @@ def with_postprocessing(
     )
   old = loaded.module
   segmenter = Segmenter(
-    old.models if len(old.models) > 1 else old.models[0],
+    old.members if len(old.members) > 1 else old.members[0],
     old.height,
     old.width,
     old.preprocessing,

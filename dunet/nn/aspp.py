@@ -82,6 +82,11 @@ class ASPP(tf.Module):
         filters, batch_norm_momentum, compute_dtype=compute_dtype, name="project_bn"
       )
 
+  def conv_batch_norm_pairs(self):
+    """Each convolution and the BatchNorm applied to its output (for dunet.folding)."""
+    atrous = tuple((f"atrous_convs.{i}", f"atrous_bns.{i}") for i in range(len(self.rates)))
+    return (("pool_conv", "pool_bn"), ("conv_1x1", "bn_1x1"), *atrous, ("project", "project_bn"))
+
   def __call__(self, inputs: tf.Tensor, is_training: bool) -> tf.Tensor:
     """Args: inputs [B, H, W, input_channels]; is_training: BatchNorm mode.
 

@@ -41,6 +41,10 @@ class ConvBlock(tf.Module):
       self.bn2 = BatchNorm(filters, batch_norm_momentum, compute_dtype=compute_dtype, name="bn2")
       self.se = SqueezeExcite(filters, se_ratio, compute_dtype=compute_dtype, name="se")
 
+  def conv_batch_norm_pairs(self):
+    """Each convolution and the BatchNorm applied to its output (for dunet.folding)."""
+    return (("conv1", "bn1"), ("conv2", "bn2"))
+
   def __call__(self, inputs: tf.Tensor, is_training: bool) -> tf.Tensor:
     """Args: inputs [B, H, W, input_channels]; is_training: BatchNorm mode.
 

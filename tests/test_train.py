@@ -59,6 +59,19 @@ def _model_variables(workdir):
   }
 
 
+@pytest.fixture
+def tiny_net(monkeypatch):
+  """Trains TinyNet instead of DoubleU-Net, for tests of the training machinery (the workdir,
+  determinism, resume), which does not depend on the network; the real network's tracing and
+  350 MB checkpoints were most of their time. Resume and determinism of DoubleU-Net itself are
+  checked by tests/test_faults.py (SIGKILL, bitwise equal weights), its learning here by
+  test_training_variants_learn."""
+  monkeypatch.setattr(
+    train.trainer_lib, "Trainer", functools.partial(trainer_lib.Trainer, make_model=TinyNet)
+  )
+
+
+@pytest.mark.usefixtures("tiny_net")
 def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
   workdir = tmp_path / "run"
   # The reference's schedule: reduce on a plateau of the validation LOSS (patience 1 here).
@@ -70,6 +83,9 @@ def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
     plateau_patience=1,
     plateau_factor=0.5,
     min_learning_rate=0.0,
+    # TinyNet at the usual 1e-3 lowers the loss by 2 % in 15 steps, within the batches' noise;
+    # at 1e-2 by 11 % (measured 2026-12-01: 3.11 -> 2.77 over steps 1-3 and 13-15).
+    learning_rate=1e-2,
   )
   result = train.train(train_config, str(workdir))
   assert result["step"] == 15
@@ -106,7 +122,7 @@ def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
   # After each validation the rate halves exactly when the validation loss did not improve.
   valid_loss = testing_utils.event_scalars(workdir / "valid", "loss/total")
   rates = testing_utils.event_scalars(workdir / "train", "learning_rate")
-  best, rate = float("inf"), 1e-3
+  best, rate = float("inf"), train_config.optimization.learning_rate
   for validation_step in (5, 10):
     if valid_loss[validation_step] < best:
       best = valid_loss[validation_step]
@@ -115,6 +131,7 @@ def test_workdir_holds_everything_and_the_loss_goes_down(tmp_path, data_dir):
     np.testing.assert_allclose(rates[validation_step + 1], rate, rtol=1e-6)
 
 
+@pytest.mark.usefixtures("tiny_net")
 def test_same_seed_same_losses_and_resume_matches_uninterrupted(tmp_path, data_dir):
   uninterrupted = tmp_path / "uninterrupted"
   run_training(uninterrupted, data_dir, deterministic=True, max_steps=7, augment=True)
@@ -233,11 +250,9 @@ def test_training_variants_learn(tmp_path, data_dir, initial_weights, overrides)
     assert now < before, (head, before, now)
 
 
-def test_a_fold_trained_on_crops_records_fold_and_sizes(tmp_path, data_dir, monkeypatch):
-  # The workdir is this test's business, not the network: a tiny one keeps it fast.
-  monkeypatch.setattr(
-    train.trainer_lib, "Trainer", functools.partial(trainer_lib.Trainer, make_model=TinyNet)
-  )
+@pytest.mark.usefixtures("tiny_net")
+def test_a_fold_trained_on_crops_records_fold_and_sizes(tmp_path, data_dir):
+  # The workdir is this test's business, not the network (hence TinyNet).
   folds_dir = demo.ensure_demo_data(
     os.path.dirname(data_dir), count=24, height=SIZE, width=SIZE, seed=1, folds=3
   )
@@ -337,6 +352,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     [
       sys.executable,
       "-m",
+      "tests.tiny_train",  # dunet.train with TinyNet: signals and run files are the point
       "dunet.train",
       f"--workdir={workdir}",
       f"--data_dir={data_dir}",
@@ -391,6 +407,10 @@ def test_multi_worker_training_on_localhost_matches_one_worker(tmp_path, data_di
   """Two worker processes (MultiWorkerMirroredStrategy over TF_CONFIG) train as one process with
   two replicas does on the same global batches.
 
+  All three train TinyNet (tests/tiny_train.py): what is tested is the strategies' reduction of
+  gradients, BatchNorm statistics and precise statistics, the same code for any model; tracing
+  DoubleU-Net in three processes at once took four minutes.
+
   A global batch of 2 gives each replica one picture in both set-ups (the workers shard each
   batch by input pipeline, one process splits it between its replicas: with one picture per
   replica both give replica i picture i), so the BatchNorm batch statistics are the same and
@@ -415,6 +435,7 @@ def test_multi_worker_training_on_localhost_matches_one_worker(tmp_path, data_di
       [
         sys.executable,
         "-m",
+        "tests.tiny_train",
         "dunet.train",
         "--strategy=mirrored",
         "--cpu_devices=2",
@@ -439,6 +460,7 @@ def test_multi_worker_training_on_localhost_matches_one_worker(tmp_path, data_di
           [
             sys.executable,
             "-m",
+            "tests.tiny_train",
             "dunet.train",
             "--strategy=multi_worker",
             f"--workdir={workdir}",
@@ -466,7 +488,8 @@ def test_multi_worker_training_on_localhost_matches_one_worker(tmp_path, data_di
   got = _trainable_weights(str(workdir / "checkpoints" / "ckpt-3"))
   expected = _trainable_weights(str(single / "checkpoints" / "ckpt-3"))
   after_one = _trainable_weights(str(single / "checkpoints" / "ckpt-1"))
-  assert got.keys() == expected.keys() and len(got) > 100
+  # Every trainable variable of TinyNet (of DoubleU-Net, over 100 were checked).
+  assert got.keys() == expected.keys() and len(got) == len(TinyNet().trainable_variables)
   # Relative to what steps 2 and 3 moved each variable. Measured (2026-12-01, 2-core CPU): the
   # weights are bitwise equal (a two-value all-reduce sums in either order alike); a worker that
   # applied only its own gradient, or skipped an update, moves them by the whole change.
@@ -475,5 +498,6 @@ def test_multi_worker_training_on_localhost_matches_one_worker(tmp_path, data_di
     moved = np.abs(expected[name] - after_one[name]).max()
     if moved > 0:
       ratios[name] = np.abs(got[name] - expected[name]).max() / moved
-  assert len(ratios) > 100
+  # All moved but, perhaps, the convolution's bias before the BatchNorm (a zero gradient).
+  assert len(ratios) >= len(got) - 1, sorted(ratios)
   assert max(ratios.values()) < 1e-3, sorted(ratios.items(), key=lambda item: -item[1])[:5]

@@ -64,14 +64,16 @@ def data_dir(tmp_path_factory):
 
 
 class Training:
-  """`python -m dunet.train` in a subprocess, its output read line by line as it comes."""
+  """`python -m dunet.train` in a subprocess, its output read line by line as it comes; with
+  `tiny`, training TinyNet (tests/tiny_train.py) where the network does not matter."""
 
-  def __init__(self, workdir, data_dir, *args, env=None):
+  def __init__(self, workdir, data_dir, *args, env=None, tiny=False):
     self.workdir = workdir
     self.process = subprocess.Popen(
       [
         sys.executable,
         "-m",
+        *(["tests.tiny_train"] if tiny else []),
         "dunet.train",
         f"--workdir={workdir}",
         f"--data_dir={data_dir}",
@@ -309,8 +311,10 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
 
 @pytest.mark.slow
 def test_sigint_saves_a_restart_resumes_and_a_second_signal_aborts(tmp_path, data_dir):
+  # TinyNet: the signals' handling is the point (DoubleU-Net's 350 MB checkpoints are killed
+  # mid-write in the SIGKILL test above).
   workdir = tmp_path / "run"
-  run = Training(workdir, data_dir, "--epochs=50", "--noaugment")
+  run = Training(workdir, data_dir, "--epochs=50", "--noaugment", tiny=True)
   run.wait_for(r"^step 2/")
   run.process.send_signal(signal.SIGINT)
   assert run.finish() == 0, run.output[-3000:]
@@ -323,7 +327,12 @@ def test_sigint_saves_a_restart_resumes_and_a_second_signal_aborts(tmp_path, dat
   # The restart continues from there. Its checkpoint write pauses (test hook), and a second
   # SIGTERM during that write aborts at once: no new checkpoint, the last one still listed.
   run = Training(
-    workdir, data_dir, "--epochs=50", "--noaugment", env={checkpoint_lib.PAUSE_ENV: "staged:120"}
+    workdir,
+    data_dir,
+    "--epochs=50",
+    "--noaugment",
+    env={checkpoint_lib.PAUSE_ENV: "staged:120"},
+    tiny=True,
   )
   run.wait_for(f"Resumed from {workdir}/checkpoints/ckpt-{stopped_at} at step {stopped_at}")
   run.wait_for(rf"^step {stopped_at + 1}/")

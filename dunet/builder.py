@@ -93,7 +93,39 @@ def make_train_function(
     jit_compile: compile each replica's step with XLA.
     global_step: incremented once per call, if given.
   """
-  replica_step = functools.partial(
+  replica_step = _replica_step(parts, loss_fn, head_weights, global_batch_size)
+  return runner.make_train_function(
+    strategy or tf.distribute.get_strategy(), replica_step, jit_compile, global_step
+  )
+
+
+def make_train_loop_function(
+  parts: TrainingParts,
+  *,
+  loss_fn: Callable,
+  head_weights: Sequence[float],
+  global_batch_size: int,
+  strategy: Optional[tf.distribute.Strategy] = None,
+  jit_compile: bool = False,
+  global_step: Optional[tf.Variable] = None,
+) -> Callable:
+  """tf.function(iterator, learning_rates, num_steps) -> (last measurements, steps run): the
+  steps of `make_train_function` in a loop inside one call (dunet.runner.make_train_loop_function;
+  same arguments as make_train_function)."""
+  replica_step = _replica_step(parts, loss_fn, head_weights, global_batch_size)
+  return runner.make_train_loop_function(
+    strategy or tf.distribute.get_strategy(),
+    replica_step,
+    parts.optimizer.learning_rate,
+    jit_compile,
+    global_step,
+  )
+
+
+def _replica_step(
+  parts: TrainingParts, loss_fn: Callable, head_weights: Sequence[float], global_batch_size: int
+) -> Callable:
+  return functools.partial(
     step_lib.train_step,
     parts.model,
     parts.optimizer,
@@ -101,9 +133,6 @@ def make_train_function(
     loss_fn=loss_fn,
     head_weights=head_weights,
     global_batch_size=global_batch_size,
-  )
-  return runner.make_train_function(
-    strategy or tf.distribute.get_strategy(), replica_step, jit_compile, global_step
   )
 
 

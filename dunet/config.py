@@ -102,6 +102,7 @@ class RuntimeConfig:
   initial_loss_scale: float = 2.0**15
   loss_scale_growth_interval: int = 2000
   jit_compile: bool = False
+  steps_per_loop: int = 1  # training steps per tf.function call (measurements read once a call)
   strategy: str = "default"
   cpu_devices: int = 0
   deterministic: bool = False
@@ -395,6 +396,13 @@ def _validate_runtime(config: RuntimeConfig) -> None:
   )
   _check_choice("runtime", "strategy", config.strategy, STRATEGIES)
   _check(config.cpu_devices >= 0, "runtime", "cpu_devices", "must be >= 0", config.cpu_devices)
+  _check(
+    config.steps_per_loop >= 1,
+    "runtime",
+    "steps_per_loop",
+    "must be at least 1",
+    config.steps_per_loop,
+  )
 
 
 def _validate_logging(config: LoggingConfig) -> None:

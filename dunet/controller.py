@@ -371,8 +371,10 @@ class Controller:
     every_checkpoint = self.config.checkpoint.checkpoint_every_steps
     while step < epoch_end and not self.stop_requested():
       end = chunk_end(step, epoch_end, (self.config.logging.log_every_steps, every_checkpoint))
-      for measured in self.trainer.train(end - step, should_stop=self.stop_requested):
-        step += 1
+      # One result per compiled call: every step, or the last of each --steps_per_loop loop
+      # (calls end at log and checkpoint steps, so those steps' measurements are all there).
+      for reached, measured in self.trainer.train(end - step, should_stop=self.stop_requested):
+        step = reached
         check_finite(measured, step, self.trainer.policy, self.checkpoints.latest)
         progress.update(step, {"loss": measured["loss/total"]})
         self.summaries.train_scalars(step, measured, progress.items_per_second)

@@ -201,6 +201,14 @@ flags.DEFINE_bool(
   "Pays off on GPUs; slower on the 2-core CPU measured in profiling/. Not "
   "supported with several CPU replicas.",
 )
+flags.DEFINE_integer(
+  "steps_per_loop",
+  1,
+  "Training steps per compiled call (a loop inside one tf.function, as Orbit runs them): the "
+  "host reads measurements back once per call instead of every step. The same numbers as one "
+  "step per call; progress, signals and stops are seen between calls. Calls end at log, "
+  "checkpoint and epoch boundaries.",
+)
 flags.DEFINE_enum(
   "strategy",
   "default",
@@ -303,7 +311,7 @@ HELP_GROUPS: Sequence[Tuple[str, Sequence[str]]] = (
   ),
   (
     "Precision and distribution",
-    ("precision", "jit_compile", "strategy", "cpu_devices", "deterministic"),
+    ("precision", "jit_compile", "steps_per_loop", "strategy", "cpu_devices", "deterministic"),
   ),
   (
     "Checkpoints and logging",

@@ -6,7 +6,7 @@ schedules, early stopping), is dunet/controller.py's.
 
     data = trainer.check_inputs(config)          # before any output is written
     trainer = Trainer(config, data, strategy, policy)
-    measurements = trainer.train(10)             # one dict of floats per step
+    measurements = trainer.train(10)             # (step, dict of floats) per compiled call
     metrics = trainer.evaluate()                 # {"loss/total", "head2/per_image/dsc", ...}
 """
 
@@ -270,6 +270,20 @@ class Trainer:
       jit_compile=config.runtime.jit_compile,
       global_step=self.global_step,
     )
+    self.steps_per_loop = config.runtime.steps_per_loop
+    self.train_loop_function = (
+      builder.make_train_loop_function(
+        self.parts,
+        loss_fn=loss_fn,
+        head_weights=head_weights,
+        global_batch_size=optimization.batch_size,
+        strategy=strategy,
+        jit_compile=config.runtime.jit_compile,
+        global_step=self.global_step,
+      )
+      if self.steps_per_loop > 1
+      else None
+    )
     self.eval_function = builder.make_eval_function(
       self.model, loss_fn=loss_fn, head_weights=head_weights, threshold=config.validation.threshold
     )
@@ -282,7 +296,7 @@ class Trainer:
     # A read error in a shard becomes an error naming it (records.name_read_errors).
     self.train_shards = pipeline.shard_files(data.data_dir, list(data.train_splits))
     self.valid_shards = pipeline.shard_files(data.data_dir, data.valid_split)
-    self._batches: Optional[Iterator[Batch]] = None
+    self._batches: Optional[Iterator[Batch]] = None  # the epoch's distributed iterator
     self._batches_epoch: Optional[int] = None
 
   def _cosine_schedule(self) -> Optional[optim.CosineSchedule]:
@@ -370,44 +384,73 @@ class Trainer:
       )
     )
 
-  def _next_batch(self, step: int) -> Batch:
-    """The batch of 0-based `step`: epoch `step // steps_per_epoch`, in that epoch's order."""
+  def _batches_at(self, step: int) -> Iterator[Batch]:
+    """The iterator whose next batch is that of 0-based `step`: epoch
+    `step // steps_per_epoch`, in that epoch's order."""
     epoch = step // self.data.steps_per_epoch
     if epoch != self._batches_epoch:
       # The data order of an epoch depends only on (seed, epoch); skipping the batches already
       # done makes a resumed run see exactly what an uninterrupted one would.
-      self._batches = records.name_read_errors(self._train_dataset(epoch), self.train_shards)
-      self._batches_epoch = epoch
-      for _ in range(step - epoch * self.data.steps_per_epoch):
-        next(self._batches)
-    return next(self._batches)
+      with records.naming_read_errors(self.train_shards):
+        self._batches = iter(self._train_dataset(epoch))
+        self._batches_epoch = epoch
+        for _ in range(step - epoch * self.data.steps_per_epoch):
+          next(self._batches)
+    return self._batches
 
   # ==============================================================================================
   # Training and validation
   # ==============================================================================================
   def train(
     self, num_steps: int, should_stop: Callable[[], object] = lambda: False
-  ) -> List[Measurements]:
-    """Runs up to `num_steps` steps; returns each step's measurements (floats).
+  ) -> List[Tuple[int, Measurements]]:
+    """Runs up to `num_steps` steps; returns (step reached, its measurements as floats) after
+    each call of the compiled function.
 
-    Stops early, after a whole step, when `should_stop()` is true or the step's update was
-    skipped or went non-finite. The cosine schedule sets each
+    With steps_per_loop 1 (the default) that is every step. With more, each call runs up to
+    steps_per_loop steps in a loop inside one tf.function, never across an epoch's end, and
+    only the call's last step's measurements are read back (the numbers each step computes are
+    the same). Stops early, after a whole call, when `should_stop()` is true or a step's update
+    was skipped or went non-finite (a loop ends at that step). The cosine schedule sets each
     step's learning rate; the plateau schedule is the controller's.
     """
-    measurements = []
-    for _ in range(num_steps):
+    results: List[Tuple[int, Measurements]] = []
+    end = self.step + num_steps
+    while self.step < end:
       step = self.step
-      if self.cosine is not None:
-        self.optimizer.learning_rate.assign(self.cosine(step))
-      batch = self._next_batch(step)
-      with self.step_context(step + 1):
-        measured = {k: float(v) for k, v in self.train_function(batch).items()}
-      measurements.append(measured)
+      epoch_left = self.data.steps_per_epoch - step % self.data.steps_per_epoch
+      count = min(self.steps_per_loop, end - step, epoch_left)
+      batches = self._batches_at(step)
+      with self.step_context(step + 1), records.naming_read_errors(self.train_shards):
+        if self.train_loop_function is None or count == 1:
+          self._set_learning_rate(step)
+          measured = self.train_function(next(batches))
+        else:
+          measured, _ = self.train_loop_function(
+            batches, self._learning_rates(step, count), tf.constant(count, tf.int32)
+          )
+      measured = {k: float(v) for k, v in measured.items()}
+      results.append((self.step, measured))
       if should_stop() or not _finite_update(measured):
         # A skipped or non-finite step ends the call, so that the controller judges it (and
         # stops a diverged run) before any further step runs.
         break
-    return measurements
+    return results
+
+  def _set_learning_rate(self, step: int) -> None:
+    if self.cosine is not None:
+      self.optimizer.learning_rate.assign(self.cosine(step))
+
+  def _learning_rates(self, step: int, count: int) -> tf.Tensor:
+    """The learning rates of steps `step` ... for one loop call, padded to steps_per_loop (one
+    shape: the loop function is traced once)."""
+    if self.cosine is None:
+      current = float(self.optimizer.learning_rate.numpy())
+      rates = [current] * self.steps_per_loop
+    else:
+      rates = [self.cosine(step + i) for i in range(count)]
+      rates += [rates[-1]] * (self.steps_per_loop - count)
+    return tf.constant(rates, tf.float32)
 
   def recompute_batch_norm_statistics(self) -> precise_bn.RecomputeSummary:
     """Replaces the BatchNorm statistics with the population ones of the current weights."""

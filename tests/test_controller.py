@@ -1,13 +1,24 @@
 """dunet/controller.py's actions on plain numbers, without a training run: the finite check,
-chunking, the plateau schedule, best-DSC keeping, early stopping and checkpoint saving."""
+chunking, the plateau schedule, best-DSC keeping, early stopping and checkpoint saving; and one
+short run on a stand-in model with several steps per compiled call."""
 
+import functools
+import os
+
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
 from dunet import controller
+from dunet import pictures
 from dunet import precision
+from dunet import train
+from dunet import trainer as trainer_lib
+from dunet.data import demo
 from dunet.errors import DivergedError
+from tests import testing_utils
+from tests.tiny_net import TinyNet
 
 
 @pytest.mark.parametrize(
@@ -141,3 +152,46 @@ def test_training_scalars_are_written_every_n_steps_and_at_the_end(tmp_path):
   assert [s for s in range(1, 11) if actions.is_log_step(s)] == [4, 8, 10]
   assert actions.overlays(4) is None  # not the chief: nothing is written
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_run_with_steps_per_loop_logs_and_ends_like_one_step_per_call(tmp_path, monkeypatch):
+  """dunet.train.train end to end (a stand-in model): loops of 4 steps, logging every 2 steps
+  and checkpointing every 3, over two epochs of 5 steps. The calls end at every log, checkpoint
+  and epoch boundary, so the same training scalars are written at the same steps, the same
+  checkpoints are kept, and the weights end the same."""
+  monkeypatch.setattr(
+    train.trainer_lib, "Trainer", functools.partial(trainer_lib.Trainer, make_model=TinyNet)
+  )
+  data_dir = demo.ensure_demo_data(tmp_path / "demo", count=24, height=32, width=32, seed=1)
+  runs = {}
+  for steps_per_loop in (1, 4):
+    workdir = tmp_path / f"loop{steps_per_loop}"
+    config = testing_utils.small_train_config(
+      data_dir,
+      steps_per_loop=steps_per_loop,
+      log_every_steps=2,
+      checkpoint_every_steps=3,
+      keep_checkpoints=10,
+      lr_schedule="cosine",
+      warmup_steps=1,
+    )
+    result = train.train(config, str(workdir))
+    tags = ("loss/total", "learning_rate", "norm/gradients")
+    runs[steps_per_loop] = (
+      result,
+      pictures.read_scalars(workdir / "train", tags),
+      sorted(os.listdir(workdir / "checkpoints")),
+      tf.train.load_checkpoint(str(workdir / "checkpoints" / "ckpt-10")),
+    )
+  (result1, scalars1, files1, reader1), (result4, scalars4, files4, reader4) = runs[1], runs[4]
+  assert result1["step"] == result4["step"] == 10
+  assert result1["valid"] == result4["valid"]
+  assert files1 == files4
+  for tag, (steps, values) in scalars1.items():
+    assert list(steps) == [2, 4, 6, 8, 10], tag
+    np.testing.assert_array_equal(scalars4[tag][0], steps)
+    np.testing.assert_array_equal(scalars4[tag][1], values, err_msg=tag)
+  for name in reader1.get_variable_to_shape_map():
+    if name.startswith("model/"):
+      np.testing.assert_array_equal(reader4.get_tensor(name), reader1.get_tensor(name), name)

@@ -71,10 +71,57 @@ def test_check_inputs_counts_steps_and_names_problems(data_dir, tmp_path):
 
 def test_train_runs_n_steps_and_stops_when_asked(data_dir):
   trainer = _trainer(_config(data_dir))
-  measurements = trainer.train(3)
-  assert len(measurements) == 3 and trainer.step == 3
-  assert all(np.isfinite(m["loss/total"]) and m["update_applied"] == 1.0 for m in measurements)
+  results = trainer.train(3)
+  assert [step for step, _ in results] == [1, 2, 3] and trainer.step == 3
+  assert all(np.isfinite(m["loss/total"]) and m["update_applied"] == 1.0 for _, m in results)
   assert len(trainer.train(10, should_stop=lambda: True)) == 1 and trainer.step == 4
+
+
+def _state(trainer):
+  """Every number a step changes: the model (weights and BatchNorm statistics), the optimizer's
+  slots and step count, the learning rate."""
+  return [v.numpy() for v in (*trainer.model.variables, *trainer.optimizer.variables)]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_steps_per_loop_computes_exactly_what_one_step_per_call_does(data_dir, replicas):
+  """7 steps with a warm-up + cosine schedule and augmentation: one step per call, against loops
+  of 3 (calls of 3, 2 up to the epoch's end at step 5, then 2): the same measurements at the
+  steps both report, and the same weights, statistics and optimizer state, bit for bit."""
+  config = _config(
+    data_dir,
+    lr_schedule="cosine",
+    warmup_steps=2,
+    max_steps=7,
+    augment=AugmentConfig(),
+  )
+  strategy = (
+    tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    if replicas > 1
+    else tf.distribute.get_strategy()
+  )
+
+  def run(steps_per_loop):
+    looped = config.updated(steps_per_loop=steps_per_loop)
+    tf.random.set_seed(config.seed)
+    with strategy.scope():
+      trainer = trainer_lib.Trainer(
+        looped,
+        trainer_lib.check_inputs(looped),
+        strategy,
+        precision.Policy("float32"),
+        make_model=TinyNet,
+      )
+    return trainer, dict(trainer.train(7))
+
+  one_by_one, every_step = run(1)
+  looped, per_call = run(3)
+  assert sorted(every_step) == list(range(1, 8)) and sorted(per_call) == [3, 5, 7]
+  assert looped.train_loop_function is not None and looped.step == one_by_one.step == 7
+  for step, measured in per_call.items():
+    assert measured == every_step[step], step
+  for got, want in zip(_state(looped), _state(one_by_one)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_a_non_finite_step_ends_the_call(data_dir):
@@ -90,9 +137,9 @@ def test_a_non_finite_step_ends_the_call(data_dir):
     return measured
 
   trainer.train_function = diverging
-  measurements = trainer.train(5)
+  results = trainer.train(5)
   # The controller sees the bad step before any further step runs.
-  assert len(measurements) == 2 and len(calls) == 2 and np.isnan(measurements[-1]["loss/total"])
+  assert len(results) == 2 and len(calls) == 2 and np.isnan(results[-1][1]["loss/total"])
 
 
 def test_evaluate_recomputes_statistics_then_scores_the_validation_set(data_dir):

@@ -27,6 +27,7 @@ error becomes a `DataError` naming the damaged shard:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
@@ -243,15 +244,28 @@ def name_read_errors(items: Iterable[Item], shard_paths: Sequence[str]) -> Itera
   iterator = iter(items)
   while True:
     try:
-      item = next(iterator)
+      with naming_read_errors(shard_paths):
+        item = next(iterator)
     except StopIteration:
       return
-    except tf.errors.OpError as error:
-      found = find_corrupt_shard(shard_paths)
-      if found is None:
-        raise
-      raise found from error
     yield item
+
+
+@contextlib.contextmanager
+def naming_read_errors(shard_paths: Sequence[str]) -> Iterator[None]:
+  """Within this block, a TensorFlow error is checked against `shard_paths` as in
+  `name_read_errors`: a damaged shard becomes a DataError naming it, anything else is re-raised.
+
+  For code that reads the shards where no Python iteration shows (a training loop inside one
+  tf.function taking the iterator).
+  """
+  try:
+    yield
+  except tf.errors.OpError as error:
+    found = find_corrupt_shard(shard_paths)
+    if found is None:
+      raise
+    raise found from error
 
 
 def _short_message(error: tf.errors.OpError) -> str:

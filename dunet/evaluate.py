@@ -348,7 +348,7 @@ def main(argv: Sequence[str]) -> int:
     )
   recomputed = None
   if FLAGS.recompute_bn:
-    recomputed = evaluation.recompute_batch_norm(
+    recomputed, loaded = evaluation.recompute_batch_norm(
       loaded,
       data_dir or _resolve_data_dir(FLAGS.checkpoint),
       FLAGS.recompute_bn,

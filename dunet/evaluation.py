@@ -45,6 +45,7 @@ from dunet.data import records
 from dunet.data import splits as splits_lib
 from dunet.errors import ConfigError
 from dunet.errors import DataError
+from dunet.models import DoubleUNet
 
 PathLike = Union[str, "os.PathLike[str]"]
 SegmentFn = inference.SegmentFn
@@ -706,7 +707,7 @@ def recompute_batch_norm(
   batch_size: int,
   out_dir: PathLike,
   seed: int = 42,
-) -> Dict[str, object]:
+) -> Tuple[Dict[str, object], serving.LoadedSegmenter]:
   """Recomputes the loaded model's BatchNorm statistics and saves the model with them.
 
   The population statistics over `batches` unaugmented training batches of `data_dir`
@@ -715,7 +716,9 @@ def recompute_batch_norm(
   evaluate, predict and export read like any run.
 
   Returns:
-    {"images", "batches", "checkpoint"}: what was pooled and where the model went.
+    ({"images", "batches", "checkpoint"}: what was pooled and where the model went; the
+    LoadedSegmenter serving the recomputed model with the same flips, tiling and
+    post-processing, for the evaluation that follows).
 
   Raises:
     ConfigError: a SavedModel (its statistics are constants), or data at another size.
@@ -748,7 +751,9 @@ def recompute_batch_norm(
   crop_size = (
     (loaded.height, loaded.width) if config.get("crop_height") or config.get("crop_width") else None
   )
-  model = loaded.module.model
+  # The served model has its BatchNorms folded: recompute on the checkpoint's own model.
+  model = DoubleUNet(compute_dtype=loaded.module.model.compute_dtype)
+  checkpoint_lib.restore_model(model, loaded.source)
   dataset = pipeline.make_statistics_dataset(
     data_dir,
     global_batch_size=batch_size,
@@ -786,7 +791,8 @@ def recompute_batch_norm(
     summary.images,
     folder,
   )
-  return {"images": summary.images, "batches": summary.batches, "checkpoint": folder}
+  record = {"images": summary.images, "batches": summary.batches, "checkpoint": folder}
+  return record, serving.with_models(loaded, [model])
 
 
 def build_report(

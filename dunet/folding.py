@@ -88,7 +88,9 @@ def folded_parameters(
 def fold_into(conv: Conv2D, batch_norm: BatchNorm) -> None:
   """Replaces `conv`'s kernel and bias by those of conv -> `batch_norm` (inference mode).
 
-  `conv` gets new float32 variables (a bias one where it had none); `batch_norm` is unchanged.
+  `conv` gets new float32 variables (a bias one where it had none) and becomes inference-only
+  (a dilated one then uses TF's direct dilated kernel even where that kernel has no gradient);
+  `batch_norm` is unchanged.
   """
   kernel, bias = folded_parameters(
     conv.kernel.numpy(),
@@ -103,6 +105,7 @@ def fold_into(conv: Conv2D, batch_norm: BatchNorm) -> None:
     conv.kernel = tf.Variable(kernel, name="kernel")
     conv.bias = tf.Variable(bias, name="bias")
   conv.with_bias = True
+  conv.inference_only = True
 
 
 def fold_batch_norms(model: tf.Module) -> tf.Module:

@@ -7,7 +7,8 @@ callers hand it uint8 RGB images of any size and get probability masks at that s
     -> resized to the model's H x W (area when shrinking, bilinear otherwise: what
        dunet/data/prepare.py did to the training images, so inputs look the same)
     -> preprocessed (dunet/data/preprocess.py: reference, unit or caffe)
-    -> DoubleUNet in inference mode -> sigmoid
+    -> DoubleUNet in inference mode, its BatchNorms folded into the convolutions
+       (dunet/folding.py) -> sigmoid
     -> bilinear back to h x w
   = {"probability": head 2 (the final mask), "probability_head1": head 1}, float32 [B, h, w, 1].
 
@@ -36,6 +37,7 @@ import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
 from dunet import fileio
+from dunet import folding
 from dunet import postprocess
 from dunet import precision
 from dunet import tiling
@@ -119,9 +121,12 @@ class Segmenter(tf.Module):
     tile_overlap: Optional[float] = None,
     postprocessing: Optional[postprocess.PostProcessing] = None,
     threshold: float = 0.5,
+    fold_batch_norm: bool = True,
   ):
     """Args:
       model: a (trained) DoubleUNet, or several (an ensemble); called in inference mode only.
+        The Segmenter serves copies with their BatchNorms folded into the convolutions
+        (dunet/folding.py), so changing `model` afterwards does not change what it serves.
       height: the model's input height (divisible by 16): what it was trained at.
       width: the model's input width (divisible by 16).
       preprocessing: one of dunet.data.preprocess.PREPROCESSING, as in training.
@@ -132,6 +137,8 @@ class Segmenter(tf.Module):
         the model size overlapping by this fraction, Gaussian-weighted (dunet/tiling.py).
       postprocessing: applied to head 2 inside `serve` (dunet/postprocess.py); None: none.
       threshold: the foreground threshold the post-processing binarises at.
+      fold_batch_norm: fold the BatchNorms (the same outputs to float32 rounding, fused
+        convolution kernels, smaller exports); False serves the models as they are.
 
     Raises:
       ConfigError: a size not divisible by 16, an unknown preprocessing or flip, no model, a
@@ -153,6 +160,8 @@ class Segmenter(tf.Module):
       raise ConfigError(f"tile overlap must be in [0, 1), got {tile_overlap}")
     if not 0.0 <= threshold <= 1.0:
       raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+    if fold_batch_norm:
+      models = [folding.fold_batch_norms(member) for member in models]
     # `model` is the first member under the name a single model's SavedModel has always used
     # (dunet/deploy/onnx.py restores it from there); `members` are all of them.
     self.model = models[0]
@@ -435,9 +444,25 @@ def with_postprocessing(
       f"{loaded.source} is a SavedModel: its post-processing was fixed at export "
       "(choose it on the checkpoints, then export)"
     )
+  return _rebuilt(loaded, loaded.module.members, spec, threshold)
+
+
+def with_models(loaded: LoadedSegmenter, models: Sequence[tf.Module]) -> LoadedSegmenter:
+  """The same flips, tiling and post-processing around other models of the same input size
+  (e.g. the loaded ones with recomputed BatchNorm statistics)."""
+  old = loaded.module
+  return _rebuilt(loaded, models, old.postprocessing, old.threshold)
+
+
+def _rebuilt(
+  loaded: LoadedSegmenter,
+  models: Sequence[tf.Module],
+  spec: postprocess.PostProcessing,
+  threshold: float,
+) -> LoadedSegmenter:
   old = loaded.module
   segmenter = Segmenter(
-    old.members if len(old.members) > 1 else old.members[0],
+    list(models) if len(models) > 1 else models[0],
     old.height,
     old.width,
     old.preprocessing,

@@ -137,3 +137,20 @@ def test_a_folded_double_u_net_has_fewer_variables_and_scalars():
   assert len(folded.variables) == len(model.variables) - 4 * DOUBLE_U_NET_BATCH_NORMS + 2 * 5
   scalars = lambda m: sum(int(np.prod(v.shape)) for v in m.variables)  # noqa: E731
   assert scalars(folded) < scalars(model)
+
+
+def test_folded_dilated_convolutions_use_the_direct_kernel():
+  """Inference needs no gradient, so a folded ASPP never takes the space-to-batch detour (which
+  unfolded training uses where TF has no dilated-convolution gradient: CPUs without oneDNN,
+  float16)."""
+  aspp = ASPP(8, 8)
+  folded = folding.fold_batch_norms(aspp)
+  assert all(conv.inference_only for conv in folded.atrous_convs)
+  assert not any(conv.inference_only for conv in aspp.atrous_convs)
+  graph = (
+    tf.function(lambda x: folded(x, is_training=False))
+    .get_concrete_function(tf.TensorSpec([1, 32, 32, 8]))
+    .graph
+  )
+  op_types = {op.type for op in graph.get_operations()}
+  assert "SpaceToBatchND" not in op_types and "Conv2D" in op_types

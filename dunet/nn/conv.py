@@ -51,6 +51,9 @@ class Conv2D(tf.Module):
     self.dilation_rate = dilation_rate
     self.with_bias = with_bias
     self.compute_dtype = tf.as_dtype(compute_dtype)
+    # Set by dunet.folding on inference-only copies: no gradient is ever taken, so the direct
+    # dilated kernel can be used where only its gradient is missing.
+    self.inference_only = False
     shape = [kernel_size, kernel_size, input_channels, output_channels]
     with self.name_scope:
       self.kernel = tf.Variable(kernel_init(shape), name="kernel")
@@ -72,7 +75,7 @@ class Conv2D(tf.Module):
     dilations = [self.dilation_rate, self.dilation_rate]
     if self.dilation_rate > 1:
       kernel, dilations = _drop_taps_outside(kernel, dilations, inputs.shape[1:3])
-    if max(dilations) > 1 and needs_space_to_batch(self.compute_dtype):
+    if max(dilations) > 1 and not self.inference_only and needs_space_to_batch(self.compute_dtype):
       # Some CPU kernels have no dilated-convolution gradient: float16 ones, and all of them when
       # oneDNN is off (TF_ENABLE_ONEDNN_OPTS=0). The space-to-batch form (DeepLab's original
       # atrous trick) is exact and uses only undilated convolutions, but costs 2-4x the direct

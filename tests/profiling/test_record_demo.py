@@ -22,8 +22,20 @@ def test_runs_the_demo_config_and_appends_a_row(tmp_path):
     f"--data_dir={tmp_path / 'data'}",
     "--precision=float32",
   ]
+  # The training command trains TinyNet (tests/tiny_train.py): what is tested is the recording
+  # of its run, not DoubleU-Net (tracing it was most of the 100 s this took).
   completed = subprocess.run(
-    [sys.executable, *SCRIPT, "--record", f"--results_dir={tmp_path}", "--note=tiny", "--", *extra],
+    [
+      sys.executable,
+      "-m",
+      "tests.tiny_train",
+      *SCRIPT[1:],
+      "--record",
+      f"--results_dir={tmp_path}",
+      "--note=tiny",
+      "--",
+      *extra,
+    ],
     cwd=REPO,
     capture_output=True,
     text=True,

@@ -5,12 +5,14 @@ import pytest
 import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
+from dunet import folding
 from dunet import postprocess
 from dunet import serving
 from dunet.data import prepare, preprocess
 from dunet.errors import CheckpointError
 from dunet.errors import ConfigError
 from dunet.models import DoubleUNet
+from tests.test_folding import randomize_batch_norms
 
 SIZE = 64
 
@@ -55,6 +57,23 @@ def test_serve_at_the_model_size_is_the_model(model):
   np.testing.assert_allclose(
     result["probability_head1"].numpy(), tf.sigmoid(expected.logits1).numpy(), atol=1e-6
   )
+
+
+def test_the_segmenter_serves_a_folded_copy_that_computes_the_same():
+  tf.random.set_seed(5)
+  trained = DoubleUNet()
+  randomize_batch_norms(trained, seed=6)
+  pictures = np.random.RandomState(5).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+  folded = serving.Segmenter(trained, SIZE, SIZE, "unit")
+  unfolded = serving.Segmenter(trained, SIZE, SIZE, "unit", fold_batch_norm=False)
+  assert folded.model is not trained and folded.model.folded_batch_norms == 36
+  assert unfolded.model is trained and len(folding.remaining_batch_norms(trained)) == 36
+  served = folded(pictures)
+  for key, value in unfolded(pictures).items():
+    np.testing.assert_allclose(served[key].numpy(), value.numpy(), atol=1e-5)
+  # What an export holds: one kernel and bias per convolution, no BatchNorm statistics.
+  assert not [v.name for v in folded.variables if "moving_" in v.name or "gamma" in v.name]
+  assert [v.name for v in unfolded.variables if "moving_mean" in v.name]
 
 
 def test_serve_returns_masks_at_the_input_size(model, images):

@@ -24,7 +24,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 from absl import app
 from absl import flags
@@ -38,6 +38,8 @@ from dunet import precision
 from profiling.machine import machine_description
 
 FLAGS = flags.FLAGS
+# The optimizer the timed training step applies (its cost is in the step).
+OPTIMIZER, LEARNING_RATE = "nadam", 1e-5
 flags.DEFINE_integer("height", 128, "Input height (divisible by 16).")
 flags.DEFINE_integer("width", 128, "Input width (divisible by 16).")
 flags.DEFINE_integer(
@@ -91,25 +93,58 @@ def peak_conv_flops_per_second(dtype: tf.DType, jit_compile: bool) -> float:
   return conv_flops * count / seconds
 
 
+def make_bench_train_function(
+  parts: builder.TrainingParts,
+  batch_size: int,
+  jit_compile: bool,
+  strategy: Optional[tf.distribute.Strategy] = None,
+) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
+  """The training function this benchmark times: dunet.train's, with BCE on both heads.
+
+  Also used by profiling/bench_vs_reference.py, so both time the same step.
+
+  Args:
+    parts: from builder.build_training_parts.
+    batch_size: images per step (the loss divisor).
+    jit_compile: compile the step with XLA.
+    strategy: the strategy `parts` were built under (default: the current one).
+
+  Returns:
+    tf.function(batch) -> measurements ("loss/total", ...).
+  """
+  return builder.make_train_function(
+    parts,
+    loss_fn=losses.binary_cross_entropy,
+    head_weights=(1.0, 1.0),
+    global_batch_size=batch_size,
+    strategy=strategy,
+    jit_compile=jit_compile,
+  )
+
+
+def synthetic_batch(batch_size: int, height: int, width: int) -> Dict[str, tf.Tensor]:
+  """The fixed batch this benchmark trains on: uniform images, masks about 30% ones.
+
+  Drawn from TensorFlow's global random generator (seed it first for a repeatable batch).
+
+  Returns:
+    {"image": [B, H, W, 3] float32, "mask": [B, H, W, 1] float32 of 0 and 1}.
+  """
+  shape = [batch_size, height, width]
+  return {
+    "image": tf.random.uniform(shape + [3]),
+    "mask": tf.cast(tf.random.uniform(shape + [1]) > 0.7, tf.float32),
+  }
+
+
 def run_benchmark() -> Dict[str, object]:
   tf.random.set_seed(0)
   policy = precision.Policy(precision.resolve_policy_name(FLAGS.precision))
   strategy = tf.distribute.get_strategy()
-  parts = builder.build_training_parts(policy, "nadam", 1e-5, strategy=strategy)
+  parts = builder.build_training_parts(policy, OPTIMIZER, LEARNING_RATE, strategy=strategy)
   model = parts.model
-  train_function = builder.make_train_function(
-    parts,
-    loss_fn=losses.binary_cross_entropy,
-    head_weights=(1.0, 1.0),
-    global_batch_size=FLAGS.batch,
-    strategy=strategy,
-    jit_compile=FLAGS.jit_compile,
-  )
-  shape = [FLAGS.batch, FLAGS.height, FLAGS.width]
-  batch = {
-    "image": tf.random.uniform(shape + [3]),
-    "mask": tf.cast(tf.random.uniform(shape + [1]) > 0.7, tf.float32),
-  }
+  train_function = make_bench_train_function(parts, FLAGS.batch, FLAGS.jit_compile, strategy)
+  batch = synthetic_batch(FLAGS.batch, FLAGS.height, FLAGS.width)
 
   compile_start = time.perf_counter()
   for _ in range(FLAGS.warmup):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
+import functools
+import gc
 import importlib
 import logging as std_logging
 import os
@@ -85,28 +88,14 @@ def saved_model_to_onnx(
     An onnx.ModelProto.
 
   Raises:
-    ExportError: tf2onnx could not convert a node (its optimizer errors are raised, not skipped).
+    ExportError: tf2onnx is missing, the signature is missing, or tf2onnx could not convert a node
+      (its optimizer errors are raised, not skipped).
   """
-  tf2onnx = _import_quietly("tf2onnx")
-  tf_loader = _import_quietly("tf2onnx.tf_loader")
-  with _strict_tf2onnx():
-    graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
-      saved_model_dir,
-      None,
-      None,
-      tag="serve",
-      signatures=[signature],
-      return_tensors_to_rename=True,
-    )
-    proto, _ = tf2onnx.convert.from_graph_def(
-      graph_def,
-      name=f"dunet {signature}",
-      input_names=inputs,
-      output_names=outputs,
-      opset=opset,
-      tensors_to_rename=renames,
-    )
-  return proto
+  _import_quietly("tf2onnx")  # before the slow load, so a missing package is said first
+  loaded = tf.saved_model.load(saved_model_dir)  # kept alive: it owns the variables
+  if signature not in loaded.signatures:
+    raise ExportError(f"{saved_model_dir} has no {signature!r} signature")
+  return concrete_function_to_onnx(loaded.signatures[signature], opset, name=f"dunet {signature}")
 
 
 def function_to_onnx(function: Callable, input_spec: tf.TensorSpec, opset: int = DEFAULT_OPSET):
@@ -118,9 +107,173 @@ def function_to_onnx(function: Callable, input_spec: tf.TensorSpec, opset: int =
   Raises:
     ExportError: tf2onnx could not convert a node (its optimizer errors are raised, not skipped).
   """
-  tf2onnx = _import_quietly("tf2onnx")
-  with _strict_tf2onnx():
-    proto, _ = tf2onnx.convert.from_function(function, input_signature=[input_spec], opset=opset)
+  _import_quietly("tf2onnx")
+  concrete = function.get_concrete_function(input_spec)
+  return concrete_function_to_onnx(concrete, opset, name=concrete.name)
+
+
+def release_memory() -> None:
+  """Frees what the previous step dropped, so that the next step's peak does not stack on it.
+
+  tf2onnx's graphs are reference cycles (nodes and graph point at each other) that only the
+  cycle collector frees, and they hold ~100 MB of weights per copy: without `gc.collect()` several
+  copies stayed alive into the next conversion. glibc keeps freed heap pages (from TensorFlow's
+  freezing and Grappler, ~1.9 GB at 128x128) in the process unless asked: `malloc_trim(0)` hands
+  them back, where the C library has it.
+  """
+  gc.collect()
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (AttributeError, OSError):  # not glibc (macOS): nothing to trim
+    pass
+
+
+def _output_renames(function, input_names: List[str], output_names: List[str]) -> Dict[str, str]:
+  """Graph tensor name -> name in the ONNX graph: the input's TensorSpec name and the output
+  dict's keys (a concrete function's flat outputs follow `tf.nest.flatten` of its structured
+  outputs, which orders a dict by key; for a loaded signature those are TensorSpecs, not the
+  graph's tensors, so their names cannot be matched)."""
+  specs = [
+    spec
+    for spec in tf.nest.flatten(function.structured_input_signature)
+    if isinstance(spec, tf.TensorSpec)
+  ]
+  renames = {name: spec.name for name, spec in zip(input_names, specs) if spec.name}
+  structured = function.structured_outputs
+  if isinstance(structured, dict):
+    keys = sorted(structured)
+    if len(keys) != len(output_names):
+      raise ExportError(f"outputs {output_names} do not match the structured outputs {keys}")
+    renames.update(zip(output_names, keys))
+  return renames
+
+
+def _compact_node_protos(graph) -> None:
+  """Rebuilds each tf2onnx node's NodeProto (and its attribute protos) as a fresh message.
+
+  tf2onnx (1.17) ends every optimizer pass with `Node.update_proto`, which clears the node's
+  attributes and adds them again. Under the upb protobuf runtime a message's memory is an arena
+  freed only with the whole message, so each pass left one more copy of every constant in its
+  node: 36 passes on the 29 M-weight model held 3.9 GB (measured at 128x128, profiling/results/
+  export_trt.md). A fresh copy holds one. The graph is the same: the copies are equal messages.
+
+  This reads tf2onnx's private `_op` and `_attr`; where a tf2onnx lays its nodes out otherwise,
+  nothing is compacted (the conversion is the same, in more memory).
+  """
+  onnx = _import_quietly("onnx")
+  for node in graph.get_nodes():
+    old_proto, old_attributes = getattr(node, "_op", None), getattr(node, "_attr", None)
+    if not isinstance(old_proto, onnx.NodeProto) or not isinstance(old_attributes, dict):
+      return
+    proto = onnx.NodeProto()
+    proto.CopyFrom(old_proto)
+    written = {attribute.name: attribute for attribute in proto.attribute}
+    attributes = {}
+    for key, value in old_attributes.items():
+      if key in written and written[key] == value:
+        attributes[key] = written[key]  # shared with the node proto, as tf2onnx makes them
+      elif isinstance(value, onnx.AttributeProto):
+        attributes[key] = onnx.AttributeProto()
+        attributes[key].CopyFrom(value)
+      else:
+        attributes[key] = value
+    node._op, node._attr = proto, attributes  # private: see the docstring
+
+
+class _CompactingPass:
+  """A tf2onnx optimizer pass followed by `_compact_node_protos` (the factory interface
+  `tf2onnx.optimizer.optimize_graph` calls: `optimize(graph, iteration)`, `graph_been_opt`)."""
+
+  def __init__(self, factory: Callable):
+    self._optimizer = factory()
+
+  @property
+  def graph_been_opt(self) -> bool:
+    return self._optimizer.graph_been_opt
+
+  def optimize(self, graph, iteration: int):
+    graph = self._optimizer.optimize(graph, iteration)
+    _compact_node_protos(graph)
+    return graph
+
+
+def _frozen_graph_def(function, input_names: List[str], output_names: List[str], tf_loader):
+  """The function's graph with its variables as constants, after Grappler: the steps of
+  `tf2onnx.tf_loader.from_function`, with memory released between them.
+
+  Freezing left ~0.5 GB of freed heap behind that Grappler's ~1.6 GB (at 128x128) would have
+  stacked on; and the frozen graph is not imported into a TensorFlow graph first (tf2onnx does
+  that only to drop resource inputs, which `input_names` already excludes).
+  """
+  from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
+
+  try:
+    frozen = convert_to_constants.convert_variables_to_constants_v2(
+      function, lower_control_flow=False, aggressive_inlining=True
+    )
+  except ValueError:  # tf2onnx repairs some freezing failures: let it, in its own way
+    return tf_loader.from_function(function, input_names, output_names)
+  graph_def = frozen.graph.as_graph_def(add_shapes=True)
+  del frozen
+  release_memory()
+  graph_def = tf_loader.fix_freezing_errors_part2(graph_def)
+  with tf.Graph().as_default():  # an empty graph: no collections of another graph exported
+    return tf_loader.tf_optimize(input_names, output_names, graph_def)
+
+
+def concrete_function_to_onnx(function, opset: int = DEFAULT_OPSET, name: str = "dunet"):
+  """Converts a concrete function (one picture input, a dict of outputs) with tf2onnx.
+
+  The steps of `tf2onnx.convert.from_function` (freeze the variables, Grappler, TF -> ONNX ops,
+  tf2onnx's optimizers, the model proto), with the graph names of the function's signature and
+  memory released between the steps: each step's objects are dropped before the next, and every
+  optimizer pass is followed by `_compact_node_protos`. At 128x128 this conversion peaks ~2.2 GB
+  above the process's ~0.8 GB; tf2onnx's own route from the SavedModel reached 6-7 GB.
+
+  Args:
+    function: a tf ConcreteFunction, e.g. a loaded SavedModel's signature.
+    opset: the ONNX opset.
+    name: recorded in the model's doc string.
+
+  Returns:
+    An onnx.ModelProto.
+
+  Raises:
+    ExportError: tf2onnx is not installed or could not convert a node (its optimizer errors are
+      raised, not skipped).
+  """
+  _import_quietly("tf2onnx")
+  tf_loader = _import_quietly("tf2onnx.tf_loader")
+  tfonnx = _import_quietly("tf2onnx.tfonnx")
+  optimizer = _import_quietly("tf2onnx.optimizer")
+  input_names = [tensor.name for tensor in function.inputs if tensor.dtype != tf.resource]
+  output_names = [tensor.name for tensor in function.outputs if tensor.dtype != tf.resource]
+  renames = _output_renames(function, input_names, output_names)
+  # tf2onnx's default passes, each wrapped (its public optimize_graph takes the factories).
+  passes = {
+    key: functools.partial(_CompactingPass, factory)
+    for key, factory in optimizer._get_optimizers().items()
+  }
+  with _strict_tf2onnx(), tf.device("/cpu:0"):
+    graph_def = _frozen_graph_def(function, input_names, output_names, tf_loader)
+    release_memory()
+    with tf.Graph().as_default() as tf_graph:
+      tf.import_graph_def(graph_def, name="")
+      del graph_def
+      graph = tfonnx.process_tf_graph(
+        tf_graph,
+        continue_on_error=True,  # as tf2onnx.convert: check_deployable names foreign nodes
+        opset=opset,
+        input_names=input_names,
+        output_names=output_names,
+        tensors_to_rename=renames,
+      )
+    del tf_graph
+    release_memory()
+    graph = optimizer.optimize_graph(graph, catch_errors=False, optimizers=passes)
+    proto = graph.make_model(f"converted from {name}")
+    del graph
+  release_memory()
   return proto
 
 

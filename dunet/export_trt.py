@@ -31,6 +31,13 @@ Current TensorFlow wheels are built without TF-TRT (this program asks TensorFlow
   4. A latency table: median milliseconds per image, batch 1 and --latency_batch, for every
      format produced (TensorFlow SavedModel, ONNX fp32 and fp16 in onnxruntime, TensorRT).
 
+Every stage prints one line as it ends, "[stage NAME] what it did: S s (peak RSS so far P MiB,
+R MiB now)", and the report ends with their table (also in export_trt.json, "stages"). The
+stages run one after another and free what they made before the next starts: besides the loaded
+SavedModel, one TensorFlow graph, ONNX proto, onnxruntime session or engine at a time (each
+format is timed while its session exists). At 128x128 on a CPU the whole export peaks at about
+2.6 GB resident, set by the conversions (profiling/results/export_trt.md).
+
 Why the "model_size" signature and not "serving_default": serving_default accepts any picture
 size and resizes inside, with `tf.cond` (ONNX `If`) around the resizes; tf2onnx also maps
 TensorFlow's area resize to ONNX nearest-neighbour, which silently changes results for
@@ -49,7 +56,8 @@ or check failed. Errors are one line on stderr.
   <out_dir>/saved_model/      (with --checkpoint) the verified SavedModel
   <out_dir>/dunet_fp32.onnx, dunet_fp16.onnx
   <out_dir>/dunet_fp16.plan   where TensorRT built it
-  <out_dir>/export_trt.json   inputs, node types, parity, latency, TensorRT status, trtexec line
+  <out_dir>/export_trt.json   inputs, node types, parity, latency, TensorRT status, trtexec line,
+                              stage timings and memory
 
 Examples:
   dunet-export-trt --checkpoint=runs/cvc --out_dir=exports/cvc_trt

@@ -1,7 +1,7 @@
 """dunet/deploy/pipeline.py and its CLI (dunet/export_trt.py, run as `python tools/export_trt.py`):
 ONNX fp32/fp16 parity, deployability of the written graphs, the report, the missing-TensorRT
-message and trtexec command, the latency table, and the checks made before anything is
-converted."""
+message and trtexec command, the latency table, the stage timings, and the checks made before
+anything is converted."""
 
 import json
 import os
@@ -197,6 +197,88 @@ def test_tool_output_report_and_trtexec_line(tool_run):
   assert (
     latency.format_latency_table([latency.LatencyRow(**row) for row in report["latency"]]) in stdout
   )
+
+
+# The stages of tool_run's export (from a checkpoint, both graphs, latency, no TensorRT), in order.
+TOOL_RUN_STAGES = [
+  "saved_model",
+  "load",
+  "onnx_fp32_convert",
+  "onnx_fp32_check",
+  "onnx_fp32_parity",
+  "onnx_fp32_latency",
+  "onnx_fp16_convert",
+  "onnx_fp16_check",
+  "onnx_fp16_parity",
+  "onnx_fp16_latency",
+  "tf_latency",
+]
+
+
+@pytest.mark.slow
+def test_stage_timings_in_report_and_console(tool_run):
+  report, stdout = tool_run.report, tool_run.stdout
+  stages = report["stages"]
+  assert [entry["name"] for entry in stages] == TOOL_RUN_STAGES
+  peaks = [entry["peak_rss_mb"] for entry in stages]
+  # A real process: TensorFlow alone is resident in hundreds of MiB; the peak never decreases.
+  assert all(peak > 100 for peak in peaks) and peaks == sorted(peaks)
+  assert report["peak_rss_mb"] >= peaks[-1]
+  for entry in stages:
+    assert entry["seconds"] >= 0
+    assert 0 < entry["rss_mb"] <= entry["peak_rss_mb"] + 1  # resident now <= the peak so far
+  # The conversions are the slow stages, and the stages fit in the whole export.
+  assert stages[2]["seconds"] > 0.5 and stages[6]["seconds"] > 0.5
+  assert sum(entry["seconds"] for entry in stages) <= report["total_seconds"]
+  # One console line per stage, as it ends, in order, with the report's numbers.
+  lines = re.findall(
+    r"^\[stage (\S+)\] .+: ([0-9.]+) s \(peak RSS so far ([0-9]+) MiB, ([0-9]+) MiB now\)$",
+    stdout,
+    re.MULTILINE,
+  )
+  assert [line[0] for line in lines] == TOOL_RUN_STAGES
+  for (_, seconds, peak, now), entry in zip(lines, stages):
+    assert float(seconds) == pytest.approx(entry["seconds"], abs=0.051)
+    assert int(peak) == round(entry["peak_rss_mb"]) and int(now) == round(entry["rss_mb"])
+  # The stage line of a conversion comes before the lines about its graph.
+  assert stdout.index("[stage onnx_fp32_convert]") < stdout.index("ONNX fp32: ")
+  # The summary table at the end of the printed report.
+  table = pipeline.format_stage_table(
+    [pipeline.StageTime(**entry) for entry in stages], report["total_seconds"]
+  )
+  assert table in stdout and stdout.index(table) > stdout.index("Latency (median per image")
+  assert table.splitlines()[-1].split()[0] == "total"
+
+
+def test_stage_clock_lines_and_table():
+  ticks = iter([10.0, 11.0, 13.5, 14.0, 14.25])
+  lines, released = [], []
+  clock = pipeline.StageClock(
+    lines.append, clock=lambda: next(ticks), release=lambda: released.append(1)
+  )
+  with clock.stage("convert", "made a graph"):  # 11.0 -> 13.5
+    pass
+  with pytest.raises(ExportError):  # a failing stage is not recorded
+    with clock.stage("check", "checked it"):  # 14.0
+      raise ExportError("bad graph")
+  assert [entry.name for entry in clock.stages] == ["convert"] and len(released) == 1
+  entry = clock.stages[0]
+  assert entry.seconds == 2.5 and entry.peak_rss_mb > 100
+  assert entry.rss_mb is None or 0 < entry.rss_mb <= entry.peak_rss_mb + 1
+  assert lines == [
+    f"[stage convert] made a graph: 2.5 s (peak RSS so far {entry.peak_rss_mb:.0f} MiB, "
+    f"{entry.rss_mb:.0f} MiB now)"
+  ]
+  total = clock.total_seconds()
+  assert total == 4.25  # 10.0 -> 14.25
+  table = pipeline.format_stage_table(
+    [entry, pipeline.StageTime("parity", 0.04, 2500.4, 1200.0)], total
+  ).splitlines()
+  assert table[0].split() == ["stage", "seconds", "peak", "RSS", "MiB", "RSS", "after"]
+  assert set(table[1]) == {"-"}
+  assert table[3].split() == ["parity", "0.0", "2500", "1200"]
+  assert table[4].split() == ["total", "4.2", "2500"]
+  assert len({len(line.rstrip()) for line in table[:4]}) == 1
 
 
 def _error_line(result):

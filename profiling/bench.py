@@ -5,7 +5,10 @@
 
 Times the exact training function dunet.train runs (built by dunet.builder: dunet.runner over
 dunet.step.train_step) on a fixed synthetic batch, so the input pipeline is not measured
-(profiling/bench_input.py does that).
+(profiling/bench_input.py does that); with --steps_per_loop=N, the loop function
+dunet-train --steps_per_loop=N runs (N steps per call on the same batch repeated). Inference
+is timed as dunet serves it, with the BatchNorms folded into the convolutions
+(--nofold_batch_norm: the unfolded model).
 After warm-up, `--windows` windows of `--steps` steps are timed and the median reported.
 MFU = analytic training FLOPs per image (3 x the forward FLOPs of the traced convolutions) x
 images/s, over the peak convolution throughput measured in the same run with one large
@@ -32,6 +35,7 @@ import tensorflow as tf
 
 from dunet import builder
 from dunet import flops
+from dunet import folding
 from dunet import losses
 from dunet import precision
 
@@ -55,6 +59,19 @@ flags.DEFINE_enum(
   "Compute precision (auto: what dunet.train's --precision=auto picks here).",
 )
 flags.DEFINE_bool("jit_compile", False, "Compile the training step (and inference) with XLA.")
+flags.DEFINE_integer(
+  "steps_per_loop",
+  1,
+  "Training steps per tf.function call, as dunet-train --steps_per_loop: a window of --steps "
+  "steps is --steps / N calls of the loop function (N must divide --steps).",
+  lower_bound=1,
+)
+flags.DEFINE_bool(
+  "fold_batch_norm",
+  True,
+  "Time inference as dunet serves it, with the BatchNorms folded into the convolutions "
+  "(dunet/folding.py); --nofold_batch_norm times the unfolded model.",
+)
 flags.DEFINE_bool(
   "record",
   False,
@@ -122,6 +139,30 @@ def make_bench_train_function(
   )
 
 
+def loop_train_function(
+  parts: builder.TrainingParts,
+  batch: Dict[str, tf.Tensor],
+  steps_per_loop: int,
+  strategy: tf.distribute.Strategy,
+) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
+  """A stand-in for the training function that runs `steps_per_loop` steps per call on `batch`
+  repeated: dunet-train --steps_per_loop's loop function (dunet.builder), same step."""
+  loop = builder.make_train_loop_function(
+    parts,
+    loss_fn=losses.binary_cross_entropy,
+    head_weights=(1.0, 1.0),
+    global_batch_size=FLAGS.batch,
+    strategy=strategy,
+    jit_compile=FLAGS.jit_compile,
+  )
+  batches = iter(
+    strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat())
+  )
+  rates = tf.fill([steps_per_loop], float(parts.optimizer.learning_rate.numpy()))
+  count = tf.constant(steps_per_loop, tf.int32)
+  return lambda unused_batch: loop(batches, rates, count)[0]
+
+
 def synthetic_batch(batch_size: int, height: int, width: int) -> Dict[str, tf.Tensor]:
   """The fixed batch this benchmark trains on: uniform images, masks about 30% ones.
 
@@ -146,15 +187,19 @@ def run_benchmark() -> Dict[str, object]:
   train_function = make_bench_train_function(parts, FLAGS.batch, FLAGS.jit_compile, strategy)
   batch = synthetic_batch(FLAGS.batch, FLAGS.height, FLAGS.width)
 
+  calls_per_window = FLAGS.steps // FLAGS.steps_per_loop
+  if FLAGS.steps_per_loop > 1:
+    train_function = loop_train_function(parts, batch, FLAGS.steps_per_loop, strategy)
   compile_start = time.perf_counter()
   for _ in range(FLAGS.warmup):
     train_function(batch)["loss/total"].numpy()
   warmup_seconds = time.perf_counter() - compile_start
-  train_windows = timed_windows(lambda: train_function(batch), FLAGS.steps, FLAGS.windows)
+  train_windows = timed_windows(lambda: train_function(batch), calls_per_window, FLAGS.windows)
   train_images_per_s = FLAGS.batch * FLAGS.steps / statistics.median(train_windows)
 
+  served = folding.fold_batch_norms(model) if FLAGS.fold_batch_norm else model
   infer = tf.function(
-    lambda images: model(images, is_training=False).logits2, jit_compile=FLAGS.jit_compile
+    lambda images: served(images, is_training=False).logits2, jit_compile=FLAGS.jit_compile
   )
   infer(batch["image"]).numpy()
   infer_windows = timed_windows(lambda: infer(batch["image"]), FLAGS.steps, FLAGS.windows)
@@ -171,6 +216,8 @@ def run_benchmark() -> Dict[str, object]:
     "batch": FLAGS.batch,
     "precision": policy.name,
     "jit_compile": FLAGS.jit_compile,
+    "steps_per_loop": FLAGS.steps_per_loop,
+    "batch_norm_folded_for_inference": FLAGS.fold_batch_norm,
     "train_images_per_s": round(train_images_per_s, 3),
     "train_windows_s": [round(w, 3) for w in train_windows],
     "warmup_s": round(warmup_seconds, 2),
@@ -192,9 +239,13 @@ def record(result: Dict[str, object], results_dir: str) -> None:
   tag = (
     f"{result['height']}x{result['width']}-b{result['batch']}-{result['precision']}-"
     f"jit{int(result['jit_compile'])}"
-  )
+  ) + (f"-loop{result['steps_per_loop']}" if result["steps_per_loop"] > 1 else "")
+  note = (
+    f"{FLAGS.note} (steps_per_loop {result['steps_per_loop']}; inference "
+    f"{'folded' if result['batch_norm_folded_for_inference'] else 'unfolded'})"
+  ).strip()
   with open(os.path.join(results_dir, f"bench-{tag}.json"), "w") as handle:
-    json.dump(dict(result, note=FLAGS.note), handle, indent=2)
+    json.dump(dict(result, note=note), handle, indent=2)
   table = os.path.join(results_dir, "bench.md")
   if not os.path.exists(table):
     with open(table, "w") as handle:
@@ -211,7 +262,7 @@ def record(result: Dict[str, object], results_dir: str) -> None:
       f"{result['precision']} | {result['jit_compile']} | "
       f"{result['train_images_per_s']} | {result['infer_images_per_s']} | "
       f"{result['infer_latency_ms_batch1']} | {result['peak_rss_mb']} | "
-      f"{result['mfu']} | {result['load_average_1min']} | {FLAGS.note} | "
+      f"{result['mfu']} | {result['load_average_1min']} | {note} | "
       f"`{result['command']}` | {result['machine']} |\n"
     )
 
@@ -221,6 +272,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.height % 16 or FLAGS.width % 16:
     raise app.UsageError("--height and --width must be divisible by 16")
+  if FLAGS.steps % FLAGS.steps_per_loop:
+    raise app.UsageError(
+      f"--steps_per_loop={FLAGS.steps_per_loop} must divide --steps={FLAGS.steps}"
+    )
   result = run_benchmark()
   if FLAGS.record:
     record(result, FLAGS.results_dir)

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from dunet import checkpoint as checkpoint_lib
 from dunet import fileio
+from dunet import folding
 from dunet import serving
 from dunet.errors import ExportError
 from dunet.models import DoubleUNet
@@ -284,11 +285,19 @@ def float16_segmenter(
 
   The SavedModel's variables are a checkpoint whose root is the exported Segmenter, so its
   `model` child restores into a DoubleUNet built with compute_dtype=float16 (variables stay
-  float32; every one must match).
+  float32; every one must match). That model has its BatchNorms folded (dunet/folding.py), so
+  it restores into a folded float16 DoubleUNet; a SavedModel exported before dunet folded them
+  restores into an unfolded one, which the Segmenter then folds.
   """
+  variables = os.path.join(saved_model_dir, "variables", "variables")
   model = DoubleUNet(compute_dtype=tf.float16)
-  checkpoint_lib.restore_model(model, os.path.join(saved_model_dir, "variables", "variables"))
-  return serving.Segmenter(model, height, width, preprocessing)
+  folded = folding.fold_batch_norms(model)
+  try:
+    checkpoint_lib.restore_model(folded, variables)
+  except ValueError:  # unfolded weights: an older export
+    checkpoint_lib.restore_model(model, variables)
+    folded = model
+  return serving.Segmenter(folded, height, width, preprocessing)
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tf2onnx
 from tf2onnx.graph import GraphUtil
 
+from dunet import folding
 from dunet import serving
 from dunet.deploy import onnx as onnx_lib
 from dunet.errors import ExportError
@@ -86,9 +87,23 @@ def test_float16_segmenter_restores_the_saved_weights(tmp_path):
   tf.saved_model.save(segmenter, str(tmp_path / "sm"), signatures=segmenter.signatures())
   half = onnx_lib.float16_segmenter(str(tmp_path / "sm"), 32, 32, "unit")
   assert half.model.compute_dtype == tf.float16
-  for restored, original in zip(half.model.variables, model.variables):
+  # The SavedModel holds the folded model (no BatchNorm): the float16 one is folded the same way.
+  assert half.model.folded_batch_norms == 36 and not folding.remaining_batch_norms(half.model)
+  assert len(half.model.variables) == len(segmenter.model.variables)
+  for restored, original in zip(half.model.variables, segmenter.model.variables):
     np.testing.assert_array_equal(restored.numpy(), original.numpy())
   assert restored.dtype == tf.float32
+
+
+def test_float16_segmenter_reads_an_export_made_before_folding(tmp_path):
+  """A SavedModel's variables are a checkpoint of the Segmenter; older exports hold the
+  unfolded model (with its BatchNorms) under `model`."""
+  model = DoubleUNet()
+  model.head2.bias.assign(np.full([1], 0.25, np.float32))
+  tf.train.Checkpoint(model=model).write(str(tmp_path / "old" / "variables" / "variables"))
+  half = onnx_lib.float16_segmenter(str(tmp_path / "old"), 32, 32, "unit")
+  assert half.model.compute_dtype == tf.float16 and half.model.folded_batch_norms == 36
+  assert float(half.model.head2.bias.numpy()[0]) == 0.25
 
 
 def test_a_missing_onnx_package_names_the_extra(monkeypatch):

@@ -35,6 +35,10 @@ keras.mixed_precision.set_global_policy(precision), each dunet model with that c
                     Nadam, BCE on both sigmoid heads at once).
 
 --measures picks row groups (inference, latency, training; the outputs are always compared).
+On a GPU machine, float32, mixed_float16 and XLA side by side:
+  python -m profiling.bench_vs_reference --precisions=float32,mixed_float16 --record
+  python -m profiling.bench_vs_reference --precisions=float32,mixed_float16 --jit_compile --record
+(mixed_float16 is refused where TensorFlow sees no GPU: on a CPU it would time an emulation.)
 The XLA setting (--jit_compile) is applied to both sides (Keras' own default on a CPU is off).
 On a CPU without bfloat16 instructions (AVX2 only) mixed_bfloat16 is emulated and slow for both:
 its rows measure that emulation. Cost on the 2-core AVX2 EPYC, measured under a load average of
@@ -583,6 +587,13 @@ def main(argv):
   if unknown or not FLAGS.precisions:
     raise app.UsageError(
       f"--precisions: unknown {unknown}; choose from {', '.join(precision.POLICY_NAMES)}"
+    )
+  if "mixed_float16" in FLAGS.precisions and not tf.config.list_physical_devices("GPU"):
+    # TF's CPU kernels compute float16 convolutions through float32 conversions and have no
+    # float16 dilated-convolution gradient: such a row would time an emulation, not the GPU path.
+    raise app.UsageError(
+      "mixed_float16 is a GPU precision: no GPU is visible to TensorFlow here. On a GPU "
+      "machine: --precisions=float32,mixed_float16 (and once more with --jit_compile)"
     )
   if not set(FLAGS.measures) <= set(MEASURES):
     raise app.UsageError(f"--measures: choose from {', '.join(MEASURES)}")

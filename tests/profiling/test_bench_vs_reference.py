@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULE = "profiling.bench_vs_reference"
@@ -131,3 +132,10 @@ def test_rejects_profiling_bench_precision_flag():
   result = _run(["-m", MODULE, "--precision=float32"], timeout=300)
   assert result.returncode != 0
   assert "use --precisions" in result.stderr
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU takes float16")
+def test_refuses_mixed_float16_without_a_gpu():
+  result = _run(["-m", MODULE, "--precisions=float32,mixed_float16"], timeout=300)
+  assert result.returncode != 0
+  assert "mixed_float16 is a GPU precision: no GPU is visible" in result.stderr

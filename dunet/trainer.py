@@ -261,8 +261,8 @@ class Trainer:
       )
     loss_fn = losses.make_heads_loss(optimization.loss, optimization.loss_reduction)
     head_weights = list(optimization.head_weights)
-    self.train_function = builder.make_train_function(
-      self.parts,
+    # The step, called once per step; and (--steps_per_loop > 1) the same step in a loop.
+    step_arguments = dict(
       loss_fn=loss_fn,
       head_weights=head_weights,
       global_batch_size=optimization.batch_size,
@@ -270,17 +270,10 @@ class Trainer:
       jit_compile=config.runtime.jit_compile,
       global_step=self.global_step,
     )
+    self.train_function = builder.make_train_function(self.parts, **step_arguments)
     self.steps_per_loop = config.runtime.steps_per_loop
     self.train_loop_function = (
-      builder.make_train_loop_function(
-        self.parts,
-        loss_fn=loss_fn,
-        head_weights=head_weights,
-        global_batch_size=optimization.batch_size,
-        strategy=strategy,
-        jit_compile=config.runtime.jit_compile,
-        global_step=self.global_step,
-      )
+      builder.make_train_loop_function(self.parts, **step_arguments)
       if self.steps_per_loop > 1
       else None
     )

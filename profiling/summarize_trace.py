@@ -1,6 +1,6 @@
 """Summarises a captured TensorBoard profiler trace in the terminal.
 
-  python -m profiling.summarize_trace --logdir=runs/profile [--top=20]
+  python -m profiling.summarize_trace --logdir=runs/profile [--top=20] [--by_type]
 
 Reads the newest `<logdir>/plugins/profile/<run>/*.xplane.pb` with xprof's own converters (the
 tables TensorBoard's Profile tab shows; `pip install -e ".[profile]"`), then prints the top ops by
@@ -22,6 +22,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", None, "TensorBoard logdir holding plugins/profile/<run>/.")
 flags.DEFINE_string("run", "", "Which run folder under plugins/profile (default: the newest).")
 flags.DEFINE_integer("top", 15, "How many ops to list.")
+flags.DEFINE_bool(
+  "by_type",
+  False,
+  "Rank op types (all ops of a type summed) instead of single ops: where the time goes.",
+)
 flags.DEFINE_enum(
   "tool",
   "framework_op_stats",
@@ -66,12 +71,25 @@ def op_table(paths: List[str], tool: str = "framework_op_stats") -> List[Dict[st
   ]
 
 
-def summarize(rows: List[Dict[str, object]], top: int) -> Dict[str, object]:
-  """Top ops by self-time and the convolution share (IDLE excluded)."""
+def summarize(rows: List[Dict[str, object]], top: int, by_type: bool = False) -> Dict[str, object]:
+  """Top ops (or, by_type, op types, each type's ops summed) by self-time and the convolution
+  share (IDLE excluded)."""
   type_key = "type" if rows and "type" in rows[0] else "category"
   name_key = "operation" if rows and "operation" in rows[0] else "hlo_op_name"
   self_key = "total_self_time" if rows and "total_self_time" in rows[0] else "total_self_time_us"
   busy = [r for r in rows if str(r.get(type_key, "")).upper() != "IDLE"]
+  if by_type:
+    grouped: Dict[str, List[Dict[str, object]]] = {}
+    for row in busy:
+      grouped.setdefault(str(row.get(type_key)), []).append(row)
+    busy = [
+      {
+        type_key: name,
+        name_key: f"({len(group)} ops)",
+        self_key: sum(float(r.get(self_key) or 0) for r in group),
+      }
+      for name, group in grouped.items()
+    ]
   total = sum(float(r.get(self_key) or 0) for r in busy)
   conv = sum(
     float(r.get(self_key) or 0)
@@ -116,7 +134,7 @@ def main(argv):
     raise app.UsageError("--logdir is required")
   paths = find_trace_files(FLAGS.logdir, FLAGS.run)
   print(f"trace: {', '.join(paths)}")
-  print(format_summary(summarize(op_table(paths, FLAGS.tool), FLAGS.top)))
+  print(format_summary(summarize(op_table(paths, FLAGS.tool), FLAGS.top, FLAGS.by_type)))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,23 @@ def test_summary_shares_exclude_idle_and_rank_by_self_time():
   assert "convolutions 80.0%, everything else 20.0%" in text
 
 
+def test_by_type_sums_each_op_type():
+  rows = [
+    {"type": "IDLE", "operation": "IDLE", "total_self_time": 1000.0},
+    {"type": "Conv2DBackpropFilter", "operation": "a", "total_self_time": 20.0},
+    {"type": "Relu", "operation": "b", "total_self_time": 35.0},
+    {"type": "Conv2DBackpropFilter", "operation": "c", "total_self_time": 30.0},
+    {"type": "Relu", "operation": "d", "total_self_time": 15.0},
+  ]
+  summary = summarize_trace.summarize(rows, top=5, by_type=True)
+  assert summary["total_self_time_us"] == 100.0
+  assert summary["convolution_share"] == pytest.approx(0.5)
+  assert [(row["type"], row["name"], row["self_time_us"]) for row in summary["top"]] == [
+    ("Conv2DBackpropFilter", "(2 ops)", 50.0),
+    ("Relu", "(2 ops)", 50.0),
+  ]
+
+
 def test_hlo_tables_use_their_own_column_names():
   rows = [
     {"category": "convolution", "hlo_op_name": "conv.1", "total_self_time_us": 3.0},

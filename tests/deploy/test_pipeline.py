@@ -277,7 +277,9 @@ def test_stage_clock_lines_and_table():
   assert table[0].split() == ["stage", "seconds", "peak", "RSS", "MiB", "RSS", "after"]
   assert set(table[1]) == {"-"}
   assert table[3].split() == ["parity", "0.0", "2500", "1200"]
-  assert table[4].split() == ["total", "4.2", "2500"]
+  # The total's peak is the largest stage peak: the real stage's is this process's own peak,
+  # which can exceed 2500 MiB in a worker that ran other tests first (2646 seen in CI).
+  assert table[4].split() == ["total", "4.2", f"{max(entry.peak_rss_mb, 2500.4):.0f}"]
   assert len({len(line.rstrip()) for line in table[:4]}) == 1
 
 

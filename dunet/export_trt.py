@@ -12,9 +12,11 @@ Current TensorFlow wheels are built without TF-TRT (this program asks TensorFlow
        dunet_fp32.onnx  float32 arithmetic.
        dunet_fp16.onnx  float16 arithmetic: the same weights in a DoubleUNet built with
                         compute_dtype=float16 (TensorFlow's own mixed precision: float16
-                        convolutions, BatchNorm and squeeze-excite averages in float32, logits
-                        cast to float32), converted the same way. Inputs and outputs keep their
+                        convolutions, squeeze-excite averages in float32, logits cast to
+                        float32), converted the same way. Inputs and outputs keep their
                         types (uint8 in, float32 out).
+     Both hold the network with its BatchNorms folded into the convolutions (dunet/folding.py,
+     as every dunet SavedModel does): one convolution with its bias per layer, no BatchNorm.
      Both graphs are checked with the ONNX checker and must contain no control flow and no
      data-dependent shapes (If, Loop, Scan, Unique, Compress, NonZero): their node types are
      listed in the report. Then onnxruntime runs each on deterministic pictures and is compared
